@@ -1,0 +1,810 @@
+//! Reading Hugging Face safetensors checkpoints. All knowledge of HF tensor names lives here.
+//!
+//! A checkpoint directory holds `model.safetensors`, or `model.safetensors.index.json` plus the
+//! shards it lists (shared contracts §1). Files are memory-mapped; a tensor is converted to f32
+//! only when it is loaded, so reading a header (for `gemma4 inspect`) touches almost nothing.
+//!
+//! Tensor names (shared spec: text §3): the text weights are under `model.language_model.`
+//! (`Gemma4ForConditionalGeneration`) or `model.` (`Gemma4ForCausalLM`); the LM head is tied to
+//! `embed_tokens.weight` unless `tie_word_embeddings` is false; KV-shared layers have no
+//! `k_proj`/`v_proj`/`k_norm` (stray ones are ignored); K=V layers have no `v_proj`.
+//! Weights may be F32, BF16 or F16; the reference converts them all to f32.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use ndarray::{Array1, Array2, Array3, ArrayD, IxDyn};
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
+use serde_json::Value;
+
+use crate::config::{ModelConfig, TextConfig};
+use crate::error::{Error, Result};
+use crate::layer_plan::ModelPlan;
+
+/// The storage dtype of a weight. It matters beyond loading: the embedding scale `sqrt(D)` is
+/// rounded to the embedding table's dtype (shared spec: text §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum WeightDtype {
+    F32,
+    BF16,
+    F16,
+}
+
+impl WeightDtype {
+    /// Rounds an f32 value to this dtype and back (what `tensor.to(dtype)` does in torch).
+    pub fn round(self, value: f32) -> f32 {
+        match self {
+            WeightDtype::F32 => value,
+            WeightDtype::BF16 => half::bf16::from_f32(value).to_f32(),
+            WeightDtype::F16 => half::f16::from_f32(value).to_f32(),
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            WeightDtype::F32 => 4,
+            WeightDtype::BF16 | WeightDtype::F16 => 2,
+        }
+    }
+
+    fn from_safetensors(dtype: Dtype) -> Option<WeightDtype> {
+        match dtype {
+            Dtype::F32 => Some(WeightDtype::F32),
+            Dtype::BF16 => Some(WeightDtype::BF16),
+            Dtype::F16 => Some(WeightDtype::F16),
+            _ => None,
+        }
+    }
+}
+
+/// Where one tensor lives in a file: dtype, shape and byte range inside the data section.
+type TensorEntry = (Dtype, Vec<usize>, (usize, usize));
+
+/// One memory-mapped safetensors file whose header has been validated.
+pub struct SafetensorsFile {
+    pub path: PathBuf,
+    mmap: Mmap,
+    /// Byte offset of the data section (8 + header length).
+    data_start: usize,
+    tensors: HashMap<String, TensorEntry>,
+}
+
+impl SafetensorsFile {
+    /// Maps a file and validates its header: JSON, dtypes, shapes, and offsets that tile the data
+    /// section exactly. Any inconsistency is an error naming the file (and the tensor if one is
+    /// at fault).
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // SAFETY: the map is read-only; a file truncated by another process while mapped is
+        // outside what we defend against (as for every mmap-based loader).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| describe_safetensors_error(path, &mmap, e))?;
+        let mut tensors = HashMap::new();
+        for (name, info) in metadata.tensors() {
+            tensors.insert(name, (info.dtype, info.shape.clone(), info.data_offsets));
+        }
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            mmap,
+            data_start: 8 + header_len,
+            tensors,
+        })
+    }
+
+    /// Names of every tensor in the file.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// `(dtype, shape)` of a tensor, if present.
+    pub fn info(&self, name: &str) -> Option<(Dtype, &[usize])> {
+        self.tensors
+            .get(name)
+            .map(|(dtype, shape, _)| (*dtype, shape.as_slice()))
+    }
+
+    /// Raw little-endian bytes of a tensor.
+    pub fn bytes(&self, name: &str) -> Option<&[u8]> {
+        self.tensors
+            .get(name)
+            .map(|(_, _, (start, end))| &self.mmap[self.data_start + start..self.data_start + end])
+    }
+}
+
+/// Turns a safetensors parsing error into a message a user can act on.
+fn describe_safetensors_error(path: &Path, bytes: &[u8], error: SafeTensorError) -> Error {
+    let declared_header = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    let message = match error {
+        SafeTensorError::HeaderTooSmall => format!("file is {} bytes, too short for the 8-byte header length", bytes.len()),
+        SafeTensorError::HeaderTooLarge | SafeTensorError::InvalidHeaderLength => format!(
+            "header length field says {} bytes but the file has {} bytes (truncated or not a safetensors file)",
+            declared_header.unwrap_or(0),
+            bytes.len()
+        ),
+        SafeTensorError::InvalidHeader(e) => format!("header is not UTF-8: {e}"),
+        SafeTensorError::InvalidHeaderDeserialization(e) => format!("header is not valid safetensors JSON: {e}"),
+        SafeTensorError::InvalidOffset(name) => format!(
+            "tensor `{name}`: data_offsets do not follow the previous tensor (overlapping, gapped or reversed ranges)"
+        ),
+        SafeTensorError::TensorInvalidInfo => {
+            format!("a tensor's byte range does not match its shape and dtype{}", find_size_mismatch(bytes))
+        }
+        SafeTensorError::ValidationOverflow => "a declared shape is so large that its byte size overflows".to_string(),
+        SafeTensorError::MisalignedSlice => "a tensor's bit size is not a whole number of bytes".to_string(),
+        SafeTensorError::MetadataIncompleteBuffer => {
+            let header = declared_header.unwrap_or(0) as usize;
+            format!(
+                "the header's data_offsets end at {} bytes of data but the file holds {} bytes of data (truncated or padded)",
+                declared_data_end(bytes).map_or("?".to_string(), |n| n.to_string()),
+                bytes.len().saturating_sub(8 + header)
+            )
+        }
+        other => other.to_string(),
+    };
+    Error::Safetensors {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+fn header_json(bytes: &[u8]) -> Option<serde_json::Map<String, Value>> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header = bytes.get(8..8usize.checked_add(n)?)?;
+    match serde_json::from_slice::<Value>(header).ok()? {
+        Value::Object(map) => Some(map),
+        _ => None,
+    }
+}
+
+fn declared_data_end(bytes: &[u8]) -> Option<u64> {
+    header_json(bytes)?
+        .values()
+        .filter_map(|v| v.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+}
+
+/// Names the first tensor whose byte range disagrees with shape x dtype size.
+fn find_size_mismatch(bytes: &[u8]) -> String {
+    let Some(map) = header_json(bytes) else {
+        return String::new();
+    };
+    for (name, info) in &map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let (Some(dtype), Some(shape), Some(offsets)) = (
+            info.get("dtype").and_then(Value::as_str),
+            info.get("shape").and_then(Value::as_array),
+            info.get("data_offsets").and_then(Value::as_array),
+        ) else {
+            continue;
+        };
+        let bytes_per = match dtype {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            _ => 1,
+        };
+        let elements = shape
+            .iter()
+            .filter_map(Value::as_u64)
+            .try_fold(1u64, |a, b| a.checked_mul(b));
+        let (Some(start), Some(end)) = (
+            offsets.first().and_then(Value::as_u64),
+            offsets.get(1).and_then(Value::as_u64),
+        ) else {
+            continue;
+        };
+        if let Some(elements) = elements {
+            if end.checked_sub(start) != elements.checked_mul(bytes_per) {
+                return format!(
+                    " (tensor `{name}`: {dtype} {shape:?} needs {} bytes, data_offsets [{start}, {end}] give {})",
+                    elements.saturating_mul(bytes_per),
+                    end as i128 - start as i128,
+                    shape = shape.iter().filter_map(Value::as_u64).collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+    String::new()
+}
+
+/// A checkpoint directory: one or more safetensors files, indexed by tensor name.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub files: Vec<SafetensorsFile>,
+    /// tensor name -> index into `files`
+    index: BTreeMap<String, usize>,
+}
+
+impl Checkpoint {
+    /// Opens `dir/model.safetensors`, or the shards listed by `dir/model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let single_path = dir.join("model.safetensors");
+        let mut files = Vec::new();
+        let mut index = BTreeMap::new();
+        if index_path.exists() {
+            let text = std::fs::read(&index_path).map_err(|source| Error::Io {
+                path: index_path.clone(),
+                source,
+            })?;
+            let value: Value = serde_json::from_slice(&text).map_err(|e| Error::Json {
+                path: index_path.clone(),
+                message: e.to_string(),
+            })?;
+            let weight_map = value
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| {
+                    Error::config(
+                        &index_path,
+                        "weight_map",
+                        "missing, or not an object mapping tensor names to shard files",
+                    )
+                })?;
+            let mut shard_names: Vec<&str> = Vec::new();
+            for (tensor, shard) in weight_map {
+                let shard = shard.as_str().ok_or_else(|| {
+                    Error::config(
+                        &index_path,
+                        format!("weight_map.{tensor}"),
+                        "expected a shard file name",
+                    )
+                })?;
+                if shard.contains('/') || shard.contains('\\') || shard == ".." {
+                    return Err(Error::config(
+                        &index_path,
+                        format!("weight_map.{tensor}"),
+                        format!("shard name `{shard}` must be a plain file name inside the checkpoint directory"),
+                    ));
+                }
+                if !shard_names.contains(&shard) {
+                    shard_names.push(shard);
+                }
+            }
+            shard_names.sort_unstable();
+            for shard in &shard_names {
+                files.push(SafetensorsFile::open(&dir.join(shard))?);
+            }
+            for (file_index, file) in files.iter().enumerate() {
+                for name in file.names() {
+                    if let Some(previous) = index.insert(name.to_string(), file_index) {
+                        return Err(Error::tensor(
+                            &file.path,
+                            name,
+                            format!("also present in {}", files[previous].path.display()),
+                        ));
+                    }
+                }
+            }
+            for (tensor, shard) in weight_map {
+                let shard = shard.as_str().unwrap_or_default();
+                match index.get(tensor) {
+                    Some(&i)
+                        if files[i].path.file_name().and_then(|n| n.to_str()) == Some(shard) => {}
+                    _ => return Err(Error::tensor(
+                        &index_path,
+                        tensor,
+                        format!(
+                            "the index places it in `{shard}`, but that shard does not contain it"
+                        ),
+                    )),
+                }
+            }
+        } else if single_path.exists() {
+            let file = SafetensorsFile::open(&single_path)?;
+            for name in file.names() {
+                index.insert(name.to_string(), 0);
+            }
+            files.push(file);
+        } else {
+            return Err(Error::Io {
+                path: dir.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no model.safetensors or model.safetensors.index.json in this directory",
+                ),
+            });
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            files,
+            index,
+        })
+    }
+
+    /// Every tensor name in the checkpoint, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// The file holding a tensor.
+    pub fn file_of(&self, name: &str) -> Option<&SafetensorsFile> {
+        self.index.get(name).map(|&i| &self.files[i])
+    }
+
+    /// `(dtype, shape)` of a tensor, if present.
+    pub fn info(&self, name: &str) -> Option<(Dtype, &[usize])> {
+        self.file_of(name)?.info(name)
+    }
+
+    /// Checks that a tensor exists with exactly `shape` and a float dtype; returns its dtype.
+    pub fn check(&self, name: &str, shape: &[usize]) -> Result<WeightDtype> {
+        let Some(file) = self.file_of(name) else {
+            return Err(Error::tensor(
+                &self.dir,
+                name,
+                format!("missing from the checkpoint (expected shape {shape:?})"),
+            ));
+        };
+        let (dtype, found) = file.info(name).expect("indexed tensor exists");
+        let weight_dtype = WeightDtype::from_safetensors(dtype).ok_or_else(|| {
+            Error::tensor(
+                &file.path,
+                name,
+                format!("dtype {dtype:?} is not supported (expected F32, BF16 or F16)"),
+            )
+        })?;
+        if found != shape {
+            return Err(Error::tensor(
+                &file.path,
+                name,
+                format!("shape {found:?} does not match the config, which implies {shape:?}"),
+            ));
+        }
+        Ok(weight_dtype)
+    }
+
+    /// Loads a tensor as f32 after checking its shape; returns its storage dtype too.
+    pub fn load_f32(&self, name: &str, shape: &[usize]) -> Result<(ArrayD<f32>, WeightDtype)> {
+        let dtype = self.check(name, shape)?;
+        let bytes = self
+            .file_of(name)
+            .and_then(|f| f.bytes(name))
+            .expect("checked above");
+        let values: Vec<f32> = match dtype {
+            WeightDtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            WeightDtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+                .collect(),
+            WeightDtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+                .collect(),
+        };
+        let array = ArrayD::from_shape_vec(IxDyn(shape), values)
+            .expect("size checked by the header validation");
+        Ok((array, dtype))
+    }
+
+    fn load1(&self, name: &str, n: usize) -> Result<Array1<f32>> {
+        Ok(self
+            .load_f32(name, &[n])?
+            .0
+            .into_dimensionality()
+            .expect("1-D"))
+    }
+
+    fn load2(&self, name: &str, rows: usize, cols: usize) -> Result<Array2<f32>> {
+        Ok(self
+            .load_f32(name, &[rows, cols])?
+            .0
+            .into_dimensionality()
+            .expect("2-D"))
+    }
+
+    fn load3(&self, name: &str, shape: [usize; 3]) -> Result<Array3<f32>> {
+        Ok(self
+            .load_f32(name, &shape)?
+            .0
+            .into_dimensionality()
+            .expect("3-D"))
+    }
+
+    /// Finds the prefix of the text weights (`model.language_model.` or `model.`) by looking for
+    /// the embedding table under each known prefix.
+    pub fn text_prefix(&self) -> Result<&'static str> {
+        for prefix in TEXT_PREFIXES {
+            if self
+                .index
+                .contains_key(&format!("{prefix}embed_tokens.weight"))
+            {
+                return Ok(prefix);
+            }
+        }
+        Err(Error::tensor(
+            &self.dir,
+            "embed_tokens.weight",
+            format!(
+                "not found under any known prefix ({})",
+                TEXT_PREFIXES.join(", ")
+            ),
+        ))
+    }
+}
+
+/// Prefixes under which Gemma 4 text weights are stored, most specific first.
+pub const TEXT_PREFIXES: [&str; 3] = ["model.language_model.", "model.", ""];
+
+/// The role of a text tensor, so that a loader can find the HF name of every weight.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TensorSpec {
+    /// Name without the layout prefix, e.g. `layers.3.self_attn.q_proj.weight`
+    /// (`lm_head.weight` is the one name that never takes a prefix).
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+/// Names and shapes of every text tensor the config implies (shared spec: text §3), in the
+/// order of the architecture. Buffers (`layer_scalar`) are included; the tied LM head is not.
+pub fn text_tensor_specs(config: &TextConfig, plan: &ModelPlan) -> Vec<TensorSpec> {
+    let d = config.hidden_size;
+    let v = config.vocab_size;
+    let mut specs = Vec::new();
+    let mut push = |name: String, shape: &[usize]| {
+        specs.push(TensorSpec {
+            name,
+            shape: shape.to_vec(),
+        })
+    };
+    push("embed_tokens.weight".into(), &[v, d]);
+    let num_layers = config.num_hidden_layers;
+    let p = config.hidden_size_per_layer_input;
+    if p > 0 {
+        push(
+            "embed_tokens_per_layer.weight".into(),
+            &[config.vocab_size_per_layer_input, num_layers * p],
+        );
+        push(
+            "per_layer_model_projection.weight".into(),
+            &[num_layers * p, d],
+        );
+        push("per_layer_projection_norm.weight".into(), &[p]);
+    }
+    for layer in &plan.layers {
+        let i = layer.index;
+        let names = LayerNames::new(i);
+        let (h, k, hd) = (layer.num_query_heads, layer.num_kv_heads, layer.head_dim);
+        push(names.layer_scalar(), &[1]);
+        push(names.input_layernorm(), &[d]);
+        push(names.q_proj(), &[h * hd, d]);
+        push(names.q_norm(), &[hd]);
+        if layer.computes_own_kv() {
+            push(names.k_proj(), &[k * hd, d]);
+            if !layer.key_equals_value {
+                push(names.v_proj(), &[k * hd, d]);
+            }
+            push(names.k_norm(), &[hd]);
+        }
+        push(names.o_proj(), &[d, h * hd]);
+        push(names.post_attention_layernorm(), &[d]);
+        push(names.pre_feedforward_layernorm(), &[d]);
+        push(names.gate_proj(), &[layer.mlp_width, d]);
+        push(names.up_proj(), &[layer.mlp_width, d]);
+        push(names.down_proj(), &[d, layer.mlp_width]);
+        push(names.post_feedforward_layernorm(), &[d]);
+        if layer.has_per_layer_embedding {
+            push(names.per_layer_input_gate(), &[p, d]);
+            push(names.per_layer_projection(), &[d, p]);
+            push(names.post_per_layer_input_norm(), &[d]);
+        }
+        if let Some(moe) = &config.moe {
+            let (e, inner) = (moe.num_experts, moe.moe_intermediate_size);
+            push(names.router_proj(), &[e, d]);
+            push(names.router_scale(), &[d]);
+            push(names.router_per_expert_scale(), &[e]);
+            push(names.experts_gate_up_proj(), &[e, 2 * inner, d]);
+            push(names.experts_down_proj(), &[e, d, inner]);
+            push(names.pre_feedforward_layernorm_2(), &[d]);
+            push(names.post_feedforward_layernorm_1(), &[d]);
+            push(names.post_feedforward_layernorm_2(), &[d]);
+        }
+    }
+    push("norm.weight".into(), &[d]);
+    if !config.tie_word_embeddings {
+        push("lm_head.weight".into(), &[v, d]);
+    }
+    specs
+}
+
+/// HF names of one decoder layer's tensors (without the layout prefix).
+pub struct LayerNames {
+    base: String,
+}
+
+macro_rules! layer_tensor_names {
+    ($( $method:ident => $suffix:literal ),* $(,)?) => {
+        impl LayerNames {
+            $( pub fn $method(&self) -> String { format!("{}{}", self.base, $suffix) } )*
+        }
+    };
+}
+
+impl LayerNames {
+    pub fn new(layer: usize) -> Self {
+        LayerNames {
+            base: format!("layers.{layer}."),
+        }
+    }
+}
+
+layer_tensor_names! {
+    layer_scalar => "layer_scalar",
+    input_layernorm => "input_layernorm.weight",
+    q_proj => "self_attn.q_proj.weight",
+    q_norm => "self_attn.q_norm.weight",
+    k_proj => "self_attn.k_proj.weight",
+    v_proj => "self_attn.v_proj.weight",
+    k_norm => "self_attn.k_norm.weight",
+    o_proj => "self_attn.o_proj.weight",
+    post_attention_layernorm => "post_attention_layernorm.weight",
+    pre_feedforward_layernorm => "pre_feedforward_layernorm.weight",
+    gate_proj => "mlp.gate_proj.weight",
+    up_proj => "mlp.up_proj.weight",
+    down_proj => "mlp.down_proj.weight",
+    post_feedforward_layernorm => "post_feedforward_layernorm.weight",
+    per_layer_input_gate => "per_layer_input_gate.weight",
+    per_layer_projection => "per_layer_projection.weight",
+    post_per_layer_input_norm => "post_per_layer_input_norm.weight",
+    router_proj => "router.proj.weight",
+    router_scale => "router.scale",
+    router_per_expert_scale => "router.per_expert_scale",
+    experts_gate_up_proj => "experts.gate_up_proj",
+    experts_down_proj => "experts.down_proj",
+    pre_feedforward_layernorm_2 => "pre_feedforward_layernorm_2.weight",
+    post_feedforward_layernorm_1 => "post_feedforward_layernorm_1.weight",
+    post_feedforward_layernorm_2 => "post_feedforward_layernorm_2.weight",
+}
+
+/// The full HF name of a spec'd tensor under a layout prefix.
+pub fn full_name(prefix: &str, spec_name: &str) -> String {
+    if spec_name == "lm_head.weight" {
+        spec_name.to_string()
+    } else {
+        format!("{prefix}{spec_name}")
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The text weights, converted to f32
+// ------------------------------------------------------------------------------------------
+
+/// Weights of the dense GeGLU MLP (shared spec: text §8), HF layout `[out, in]`.
+pub struct MlpWeights {
+    /// `[F_l, D]`
+    pub gate_proj: Array2<f32>,
+    /// `[F_l, D]`
+    pub up_proj: Array2<f32>,
+    /// `[D, F_l]`
+    pub down_proj: Array2<f32>,
+}
+
+/// Weights of one layer's attention block (shared spec: text §5).
+pub struct AttentionWeights {
+    /// `[H*d, D]`
+    pub q_proj: Array2<f32>,
+    /// `[d]`
+    pub q_norm: Array1<f32>,
+    /// `[K*d, D]`, absent on KV-shared layers
+    pub k_proj: Option<Array2<f32>>,
+    /// `[K*d, D]`, absent on KV-shared and K=V layers
+    pub v_proj: Option<Array2<f32>>,
+    /// `[d]`, absent on KV-shared layers
+    pub k_norm: Option<Array1<f32>>,
+    /// `[D, H*d]`
+    pub o_proj: Array2<f32>,
+}
+
+/// Weights of one layer's Per-Layer Embedding branch (shared spec: text §10 step 6).
+pub struct LayerPleWeights {
+    /// `[P, D]`
+    pub input_gate: Array2<f32>,
+    /// `[D, P]`
+    pub projection: Array2<f32>,
+    /// `[D]`
+    pub post_norm: Array1<f32>,
+}
+
+/// Weights of one layer's mixture-of-experts block (shared spec: text §9).
+pub struct MoeWeights {
+    /// `[E, D]`
+    pub router_proj: Array2<f32>,
+    /// `[D]`
+    pub router_scale: Array1<f32>,
+    /// `[E]`
+    pub per_expert_scale: Array1<f32>,
+    /// `[E, 2I, D]`: rows `0..I` gate, `I..2I` up
+    pub gate_up_proj: Array3<f32>,
+    /// `[E, D, I]`
+    pub down_proj: Array3<f32>,
+    /// `[D]` the experts' pre-norm
+    pub pre_feedforward_layernorm_2: Array1<f32>,
+    /// `[D]` the dense branch's post-norm
+    pub post_feedforward_layernorm_1: Array1<f32>,
+    /// `[D]` the expert branch's post-norm
+    pub post_feedforward_layernorm_2: Array1<f32>,
+}
+
+/// All weights of one decoder layer.
+pub struct LayerWeights {
+    pub input_layernorm: Array1<f32>,
+    pub attention: AttentionWeights,
+    pub post_attention_layernorm: Array1<f32>,
+    pub pre_feedforward_layernorm: Array1<f32>,
+    pub mlp: MlpWeights,
+    pub post_feedforward_layernorm: Array1<f32>,
+    pub moe: Option<MoeWeights>,
+    pub per_layer_embedding: Option<LayerPleWeights>,
+    /// Multiplies the whole residual stream at the end of the layer (a trained buffer).
+    pub layer_scalar: f32,
+}
+
+/// Model-level Per-Layer Embedding weights (shared spec: text §4).
+pub struct PleWeights {
+    /// `[V_ple, L*P]`, layer-major columns
+    pub table: Array2<f32>,
+    pub table_dtype: WeightDtype,
+    /// `[L*P, D]`
+    pub model_projection: Array2<f32>,
+    /// `[P]`, shared by all layers
+    pub projection_norm: Array1<f32>,
+}
+
+/// Every weight of the text decoder, as f32.
+pub struct TextWeights {
+    /// `[V, D]`
+    pub embed_tokens: Array2<f32>,
+    pub embed_dtype: WeightDtype,
+    pub per_layer_embeddings: Option<PleWeights>,
+    pub layers: Vec<LayerWeights>,
+    /// `[D]`
+    pub final_norm: Array1<f32>,
+    /// `[V, D]` when the LM head is not tied to `embed_tokens`
+    pub lm_head: Option<Array2<f32>>,
+}
+
+impl TextWeights {
+    /// Loads and shape-checks every text weight the plan needs.
+    pub fn load(checkpoint: &Checkpoint, config: &ModelConfig, plan: &ModelPlan) -> Result<Self> {
+        let text = &config.text;
+        let prefix = checkpoint.text_prefix()?;
+        let name = |n: &str| full_name(prefix, n);
+        let d = text.hidden_size;
+        let v = text.vocab_size;
+
+        let (embed_tokens, embed_dtype) =
+            checkpoint.load_f32(&name("embed_tokens.weight"), &[v, d])?;
+        let embed_tokens = embed_tokens.into_dimensionality().expect("2-D");
+
+        let p = text.hidden_size_per_layer_input;
+        let num_layers = text.num_hidden_layers;
+        let per_layer_embeddings = if p > 0 {
+            let (table, table_dtype) = checkpoint.load_f32(
+                &name("embed_tokens_per_layer.weight"),
+                &[text.vocab_size_per_layer_input, num_layers * p],
+            )?;
+            Some(PleWeights {
+                table: table.into_dimensionality().expect("2-D"),
+                table_dtype,
+                model_projection: checkpoint.load2(
+                    &name("per_layer_model_projection.weight"),
+                    num_layers * p,
+                    d,
+                )?,
+                projection_norm: checkpoint.load1(&name("per_layer_projection_norm.weight"), p)?,
+            })
+        } else {
+            None
+        };
+
+        let mut layers = Vec::with_capacity(num_layers);
+        for layer in &plan.layers {
+            let names = LayerNames::new(layer.index);
+            let (h, k, hd, f) = (
+                layer.num_query_heads,
+                layer.num_kv_heads,
+                layer.head_dim,
+                layer.mlp_width,
+            );
+            let own_kv = layer.computes_own_kv();
+            let attention = AttentionWeights {
+                q_proj: checkpoint.load2(&name(&names.q_proj()), h * hd, d)?,
+                q_norm: checkpoint.load1(&name(&names.q_norm()), hd)?,
+                k_proj: own_kv
+                    .then(|| checkpoint.load2(&name(&names.k_proj()), k * hd, d))
+                    .transpose()?,
+                v_proj: (own_kv && !layer.key_equals_value)
+                    .then(|| checkpoint.load2(&name(&names.v_proj()), k * hd, d))
+                    .transpose()?,
+                k_norm: own_kv
+                    .then(|| checkpoint.load1(&name(&names.k_norm()), hd))
+                    .transpose()?,
+                o_proj: checkpoint.load2(&name(&names.o_proj()), d, h * hd)?,
+            };
+            let mlp = MlpWeights {
+                gate_proj: checkpoint.load2(&name(&names.gate_proj()), f, d)?,
+                up_proj: checkpoint.load2(&name(&names.up_proj()), f, d)?,
+                down_proj: checkpoint.load2(&name(&names.down_proj()), d, f)?,
+            };
+            let per_layer_embedding = layer
+                .has_per_layer_embedding
+                .then(|| -> Result<LayerPleWeights> {
+                    Ok(LayerPleWeights {
+                        input_gate: checkpoint.load2(&name(&names.per_layer_input_gate()), p, d)?,
+                        projection: checkpoint.load2(&name(&names.per_layer_projection()), d, p)?,
+                        post_norm: checkpoint
+                            .load1(&name(&names.post_per_layer_input_norm()), d)?,
+                    })
+                })
+                .transpose()?;
+            let moe = match (&text.moe, layer.has_moe) {
+                (Some(moe), true) => {
+                    let (e, inner) = (moe.num_experts, moe.moe_intermediate_size);
+                    Some(MoeWeights {
+                        router_proj: checkpoint.load2(&name(&names.router_proj()), e, d)?,
+                        router_scale: checkpoint.load1(&name(&names.router_scale()), d)?,
+                        per_expert_scale: checkpoint
+                            .load1(&name(&names.router_per_expert_scale()), e)?,
+                        gate_up_proj: checkpoint
+                            .load3(&name(&names.experts_gate_up_proj()), [e, 2 * inner, d])?,
+                        down_proj: checkpoint
+                            .load3(&name(&names.experts_down_proj()), [e, d, inner])?,
+                        pre_feedforward_layernorm_2: checkpoint
+                            .load1(&name(&names.pre_feedforward_layernorm_2()), d)?,
+                        post_feedforward_layernorm_1: checkpoint
+                            .load1(&name(&names.post_feedforward_layernorm_1()), d)?,
+                        post_feedforward_layernorm_2: checkpoint
+                            .load1(&name(&names.post_feedforward_layernorm_2()), d)?,
+                    })
+                }
+                _ => None,
+            };
+            layers.push(LayerWeights {
+                input_layernorm: checkpoint.load1(&name(&names.input_layernorm()), d)?,
+                attention,
+                post_attention_layernorm: checkpoint
+                    .load1(&name(&names.post_attention_layernorm()), d)?,
+                pre_feedforward_layernorm: checkpoint
+                    .load1(&name(&names.pre_feedforward_layernorm()), d)?,
+                mlp,
+                post_feedforward_layernorm: checkpoint
+                    .load1(&name(&names.post_feedforward_layernorm()), d)?,
+                moe,
+                per_layer_embedding,
+                layer_scalar: checkpoint.load1(&name(&names.layer_scalar()), 1)?[0],
+            });
+        }
+
+        let final_norm = checkpoint.load1(&name("norm.weight"), d)?;
+        let lm_head = if text.tie_word_embeddings {
+            None
+        } else {
+            Some(checkpoint.load2("lm_head.weight", v, d)?)
+        };
+        Ok(TextWeights {
+            embed_tokens,
+            embed_dtype,
+            per_layer_embeddings,
+            layers,
+            final_norm,
+            lm_head,
+        })
+    }
+}

@@ -1,0 +1,363 @@
+//! The activation dump (shared contracts §2): named intermediate tensors of one run, stored as a
+//! safetensors file. Float tensors are F32 and index tensors I64, with no batch axis.
+//!
+//! The forward pass reports every intermediate through a [`Recorder`], which also checks it for
+//! NaN and infinity, so a non-finite value is reported at the first tensor where it appears.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::Path;
+
+use ndarray::{ArrayD, ArrayViewD, Dimension, IxDyn};
+use safetensors::tensor::View;
+use safetensors::Dtype;
+
+use crate::checkpoint::SafetensorsFile;
+use crate::error::{Error, Result};
+
+/// One tensor of a dump.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DumpTensor {
+    F32(ArrayD<f32>),
+    I64(ArrayD<i64>),
+}
+
+impl DumpTensor {
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            DumpTensor::F32(a) => a.shape(),
+            DumpTensor::I64(a) => a.shape(),
+        }
+    }
+
+    /// The values as f64, whatever the dtype (for comparisons).
+    pub fn to_f64(&self) -> ArrayD<f64> {
+        match self {
+            DumpTensor::F32(a) => a.mapv(f64::from),
+            DumpTensor::I64(a) => a.mapv(|v| v as f64),
+        }
+    }
+
+    pub fn as_f32(&self) -> Option<&ArrayD<f32>> {
+        match self {
+            DumpTensor::F32(a) => Some(a),
+            DumpTensor::I64(_) => None,
+        }
+    }
+
+    pub fn as_i64(&self) -> Option<&ArrayD<i64>> {
+        match self {
+            DumpTensor::I64(a) => Some(a),
+            DumpTensor::F32(_) => None,
+        }
+    }
+}
+
+/// A set of named tensors, kept in the order they were recorded.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ActivationDump {
+    entries: Vec<(String, DumpTensor)>,
+    /// Dtype of each tensor as it was stored on disk (for dumps read from a file).
+    stored_dtypes: HashMap<String, Dtype>,
+}
+
+impl ActivationDump {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) a tensor.
+    pub fn insert(&mut self, name: impl Into<String>, tensor: DumpTensor) {
+        let name = name.into();
+        match self.entries.iter_mut().find(|(n, _)| *n == name) {
+            Some(entry) => entry.1 = tensor,
+            None => self.entries.push((name, tensor)),
+        }
+    }
+
+    pub fn insert_f32(&mut self, name: impl Into<String>, tensor: ArrayD<f32>) {
+        self.insert(name, DumpTensor::F32(tensor));
+    }
+
+    pub fn insert_i64(&mut self, name: impl Into<String>, tensor: ArrayD<i64>) {
+        self.insert(name, DumpTensor::I64(tensor));
+    }
+
+    pub fn get(&self, name: &str) -> Option<&DumpTensor> {
+        self.entries.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+
+    /// Removes and returns a tensor.
+    pub fn remove(&mut self, name: &str) -> Option<DumpTensor> {
+        let index = self.entries.iter().position(|(n, _)| n == name)?;
+        Some(self.entries.remove(index).1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Names in model order (see [`model_order_key`]).
+    pub fn names_in_model_order(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.entries.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort_by_key(|n| model_order_key(n));
+        names
+    }
+
+    /// The dtype a tensor had in the file it was read from (F32/I64 for dumps made in memory).
+    pub fn stored_dtype(&self, name: &str) -> Option<Dtype> {
+        self.stored_dtypes.get(name).copied().or_else(|| {
+            self.get(name).map(|t| match t {
+                DumpTensor::F32(_) => Dtype::F32,
+                DumpTensor::I64(_) => Dtype::I64,
+            })
+        })
+    }
+
+    /// Writes the dump as safetensors, atomically: a temporary file next to `path` is written,
+    /// flushed and renamed, so an interrupted run never leaves a half-written dump.
+    pub fn write(&self, path: &Path, metadata: &[(&str, &str)]) -> Result<()> {
+        let views: Vec<(String, TensorBytes)> = self
+            .entries
+            .iter()
+            .map(|(name, tensor)| (name.clone(), TensorBytes::from(tensor)))
+            .collect();
+        let mut info: HashMap<String, String> = metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        info.entry("format".into())
+            .or_insert_with(|| "gemma4-activation-dump".into());
+        let bytes = safetensors::serialize(views, Some(info)).map_err(|e| Error::Safetensors {
+            path: path.to_path_buf(),
+            message: format!("cannot serialise the dump: {e}"),
+        })?;
+        write_atomically(path, &bytes)
+    }
+
+    /// Reads a dump. Float tensors stored as F32, BF16, F16 or F64 are widened (or narrowed) to
+    /// f32, integer tensors (I64, I32, U32, ...) become i64; other dtypes are an error naming the
+    /// tensor.
+    pub fn read(path: &Path) -> Result<Self> {
+        let file = SafetensorsFile::open(path)?;
+        let mut names: Vec<&str> = file.names().collect();
+        names.sort_by_key(|n| model_order_key(n));
+        let mut dump = ActivationDump::new();
+        for name in names {
+            let (dtype, shape) = file.info(name).expect("listed");
+            let shape = shape.to_vec();
+            let bytes = file.bytes(name).expect("listed");
+            let tensor = match dtype {
+                Dtype::F32 => DumpTensor::F32(to_array(&shape, bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4")))) ),
+                Dtype::F64 => DumpTensor::F32(to_array(&shape, bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8")) as f32))),
+                Dtype::BF16 => DumpTensor::F32(to_array(&shape, bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()))),
+                Dtype::F16 => DumpTensor::F32(to_array(&shape, bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()))),
+                Dtype::I64 => DumpTensor::I64(to_array(&shape, bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8"))))),
+                Dtype::I32 => DumpTensor::I64(to_array(&shape, bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4")) as i64))),
+                Dtype::U32 => DumpTensor::I64(to_array(&shape, bytes.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4")) as i64))),
+                Dtype::I16 => DumpTensor::I64(to_array(&shape, bytes.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]]) as i64))),
+                Dtype::U8 => DumpTensor::I64(to_array(&shape, bytes.iter().map(|&b| b as i64))),
+                other => {
+                    return Err(Error::tensor(
+                        path,
+                        name,
+                        format!("dtype {other:?} is not a dump dtype (use F32, BF16, F16 for values, I64 for indices)"),
+                    ))
+                }
+            };
+            dump.stored_dtypes.insert(name.to_string(), dtype);
+            dump.insert(name, tensor);
+        }
+        Ok(dump)
+    }
+}
+
+fn to_array<T>(shape: &[usize], values: impl Iterator<Item = T>) -> ArrayD<T> {
+    ArrayD::from_shape_vec(IxDyn(shape), values.collect())
+        .expect("header validation checked the byte size")
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let io_error = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let directory = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("dump");
+    let temporary = directory.join(format!(".{file_name}.{}.partial", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&temporary)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    result.map_err(io_error)
+}
+
+/// Sort key putting dump names in model order: inputs, vision, audio, embeddings, PLE, then each
+/// layer (q, k, v, attention output, MLP, router, MoE, layer output), final norm, logits, decode.
+pub fn model_order_key(name: &str) -> (u32, u64, u32, String) {
+    const LAYER_PARTS: [&str; 9] = [
+        "attn.q",
+        "attn.k",
+        "attn.v",
+        "attn.output",
+        "mlp.output",
+        "router.top_k_index",
+        "router.top_k_weights",
+        "moe.output",
+        "output",
+    ];
+    let part_rank = |part: &str| {
+        LAYER_PARTS
+            .iter()
+            .position(|p| *p == part)
+            .map_or(99, |i| i as u32)
+    };
+    // `<tower>.<clip>.layers.<i>.<part>` or `<tower>.layers.<i>.<part>`
+    let layered = |rest: &str| -> Option<(u64, String)> {
+        let rest = rest.strip_prefix("layers.")?;
+        let (index, part) = rest.split_once('.')?;
+        Some((index.parse().ok()?, part.to_string()))
+    };
+    let group = |tower_rank: u32, rest: &str| -> (u32, u64, u32, String) {
+        // Sub-order inside a tower: inputs, embeddings, layers, soft tokens.
+        let (clip, rest) = match rest.split_once('.') {
+            Some((clip, tail)) if clip.parse::<u64>().is_ok() => {
+                (clip.parse::<u64>().unwrap_or(0), tail)
+            }
+            _ => (0, rest),
+        };
+        let inner = match rest {
+            "pixel_values" | "features" => (0, 0),
+            "patch_embeddings" | "subsample" => (1, 0),
+            "soft_tokens" => (3, 0),
+            other => match layered(other) {
+                Some((i, _)) => (2, i),
+                None => (4, 0),
+            },
+        };
+        (
+            tower_rank,
+            clip * 1_000_000 + inner.0 * 100_000 + inner.1,
+            0,
+            rest.to_string(),
+        )
+    };
+    match name {
+        "input_ids" => (0, 0, 0, String::new()),
+        "embeddings" => (3, 0, 0, String::new()),
+        "per_layer_inputs" => (4, 0, 0, String::new()),
+        "final_norm" => (6, 0, 0, String::new()),
+        "logits" => (7, 0, 0, String::new()),
+        "decode_logits" => (8, 0, 0, String::new()),
+        "greedy_continuation" => (9, 0, 0, String::new()),
+        _ => {
+            if let Some(rest) = name.strip_prefix("vision.") {
+                group(1, rest)
+            } else if let Some(rest) = name.strip_prefix("audio.") {
+                group(2, rest)
+            } else if let Some((index, part)) = layered(name) {
+                (5, index, part_rank(&part), part)
+            } else {
+                (10, 0, 0, name.to_string())
+            }
+        }
+    }
+}
+
+/// Receives every intermediate tensor of a forward pass: checks it is finite and, when a dump is
+/// attached, stores it under its contract name.
+pub struct Recorder<'a> {
+    dump: Option<&'a mut ActivationDump>,
+}
+
+impl<'a> Recorder<'a> {
+    /// A recorder that stores into `dump`.
+    pub fn new(dump: &'a mut ActivationDump) -> Self {
+        Recorder { dump: Some(dump) }
+    }
+
+    /// A recorder that only checks finiteness.
+    pub fn checking_only() -> Self {
+        Recorder { dump: None }
+    }
+
+    /// Is a dump attached (i.e. is it worth building tensors only the dump needs)?
+    pub fn is_recording(&self) -> bool {
+        self.dump.is_some()
+    }
+
+    /// Checks `tensor` for NaN/inf (an error naming it and the first bad index) and stores it.
+    pub fn record(&mut self, name: &str, tensor: ArrayViewD<f32>) -> Result<()> {
+        if let Some((index, &value)) = tensor.indexed_iter().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                tensor: name.to_string(),
+                index: index.as_array_view().to_vec(),
+                value,
+            });
+        }
+        if let Some(dump) = self.dump.as_deref_mut() {
+            dump.insert_f32(name, tensor.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Stores an index tensor (no finiteness to check).
+    pub fn record_indices(&mut self, name: &str, tensor: ArrayD<i64>) {
+        if let Some(dump) = self.dump.as_deref_mut() {
+            dump.insert_i64(name, tensor);
+        }
+    }
+}
+
+/// Little-endian bytes of a dump tensor, for the safetensors writer.
+struct TensorBytes {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl From<&DumpTensor> for TensorBytes {
+    fn from(tensor: &DumpTensor) -> Self {
+        match tensor {
+            DumpTensor::F32(a) => TensorBytes {
+                dtype: Dtype::F32,
+                shape: a.shape().to_vec(),
+                bytes: a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            },
+            DumpTensor::I64(a) => TensorBytes {
+                dtype: Dtype::I64,
+                shape: a.shape().to_vec(),
+                bytes: a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            },
+        }
+    }
+}
+
+impl View for TensorBytes {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}

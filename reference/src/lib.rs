@@ -1,0 +1,45 @@
+//! # gemma4-reference: the Gemma 4 text decoder, written to be read
+//!
+//! A plain-`ndarray`, float32 implementation of Google DeepMind's Gemma 4 language model
+//! (E2B, E4B, 31B, 26B-A4B), checked layer by layer against Hugging Face `transformers`.
+//! Clarity beats speed: every function is one part of the architecture, with its equation and
+//! the section of the shared spec (`../shared/spec/text.md`) it implements.
+//!
+//! Reading order, following the data:
+//! 1. [`config`]: `config.json` in both layouts and both spellings;
+//! 2. [`layer_plan`]: the per-layer decisions (sliding/full, head dims, KV sharing, MLP width);
+//! 3. [`checkpoint`]: safetensors loading — the only module that knows HF tensor names;
+//! 4. [`embedding`] and [`ple`]: scaled embeddings and Per-Layer Embeddings;
+//! 5. [`decoder_layer`]: one layer, built from [`rms_norm`], [`attention`] (with [`rope`],
+//!    [`mask`], [`kv_cache`]), [`mlp`] (with [`gelu`]) and [`moe`];
+//! 6. [`model`]: the whole forward pass, logits, softcapping and greedy decoding;
+//! 7. [`dump`]: the activation dump format other ports compare against;
+//! 8. [`faults`]: known porting bugs, switchable for diagnosis and mutation testing;
+//! 9. [`parameter_count`]: exact parameter counts from a config alone.
+
+pub mod attention;
+pub mod checkpoint;
+pub mod config;
+pub mod decoder_layer;
+pub mod dump;
+pub mod embedding;
+pub mod error;
+pub mod faults;
+pub mod gelu;
+pub mod kv_cache;
+pub mod layer_plan;
+pub mod linear;
+pub mod mask;
+pub mod mlp;
+pub mod model;
+pub mod moe;
+pub mod parameter_count;
+pub mod ple;
+pub mod rms_norm;
+pub mod rope;
+
+pub use config::ModelConfig;
+pub use dump::ActivationDump;
+pub use error::{Error, Result};
+pub use layer_plan::{LayerPlan, ModelPlan};
+pub use model::Gemma4TextModel;

@@ -1,0 +1,291 @@
+//! The Gemma 4 text decoder, top to bottom (shared spec: text §4, §10, §11, §12).
+//!
+//! ```text
+//! ids ──► scaled embedding x⁰ ──► PLE tensor ple [T, L, P]      (E2B / E4B)
+//!      ──► L decoder layers (layer plan: sliding/full, KV sharing, MoE, PLE)
+//!      ──► RMSNorm_{norm} ──► logits = h · embed_tokensᵀ ──► c·tanh(logits / c)
+//! ```
+//!
+//! Positions continue from the cache: a forward pass over `T` new tokens after `S` cached ones
+//! uses positions `S..S+T`, so a prefill followed by single-token steps equals one full pass.
+
+use std::path::Path;
+
+use ndarray::{s, Array1, Array2, ArrayD, IxDyn};
+
+use crate::checkpoint::{Checkpoint, TextWeights};
+use crate::config::{AttentionType, CheckpointLayout, ModelConfig, RopeParameters};
+use crate::decoder_layer::decoder_layer;
+use crate::dump::{ActivationDump, Recorder};
+use crate::embedding::{embedding_scale, scaled_embedding};
+use crate::error::{Error, Result};
+use crate::faults::{fault_active, Fault};
+use crate::kv_cache::KvCache;
+use crate::layer_plan::ModelPlan;
+use crate::linear::linear;
+use crate::ple::per_layer_inputs;
+use crate::rms_norm::rms_norm;
+use crate::rope::inverse_frequencies;
+
+/// A loaded Gemma 4 text model: config, layer plan and f32 weights.
+pub struct Gemma4TextModel {
+    pub config: ModelConfig,
+    pub plan: ModelPlan,
+    pub weights: TextWeights,
+}
+
+impl Gemma4TextModel {
+    /// Loads `dir/config.json` and the checkpoint's text weights.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let config = ModelConfig::from_dir(dir)?;
+        let plan = ModelPlan::from_config(&config.text);
+        let checkpoint = Checkpoint::open(dir)?;
+        let weights = TextWeights::load(&checkpoint, &config, &plan)?;
+        Ok(Gemma4TextModel {
+            config,
+            plan,
+            weights,
+        })
+    }
+
+    /// An empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.text.num_hidden_layers)
+    }
+
+    /// Checks token ids against the vocabularies: non-empty, every id `< vocab_size` (and
+    /// `< vocab_size_per_layer_input` where the PLE table is read).
+    pub fn validate_token_ids(&self, token_ids: &[usize]) -> Result<()> {
+        let text = &self.config.text;
+        if token_ids.is_empty() {
+            return Err(Error::input(
+                "the token list is empty; at least one token id is needed",
+            ));
+        }
+        // Placeholders are looked up as the pad token, so only the ids actually read count.
+        for (position, &id) in self.embedding_token_ids(token_ids).iter().enumerate() {
+            if id >= text.vocab_size {
+                return Err(Error::input(format!(
+                    "token id {id} at position {position} is outside the vocabulary (vocab_size = {})",
+                    text.vocab_size
+                )));
+            }
+        }
+        if text.hidden_size_per_layer_input > 0 {
+            for (position, &id) in self.ple_token_ids(token_ids).iter().enumerate() {
+                if id >= text.vocab_size_per_layer_input {
+                    return Err(Error::input(format!(
+                        "token id {id} at position {position} has no Per-Layer Embedding row (vocab_size_per_layer_input = {})",
+                        text.vocab_size_per_layer_input
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Is `id` a multimodal soft-token placeholder (image, video or audio)? Only the
+    /// conditional-generation model treats them specially (multimodal spec §3.2).
+    fn is_placeholder(&self, id: usize) -> bool {
+        let tokens = &self.config.special_tokens;
+        self.config.layout == CheckpointLayout::ConditionalGeneration
+            && [
+                tokens.image_token_id,
+                tokens.video_token_id,
+                tokens.audio_token_id,
+            ]
+            .contains(&Some(id))
+    }
+
+    /// Ids for the embedding lookups: placeholders read the pad row (multimodal spec §3.2).
+    fn embedding_token_ids(&self, token_ids: &[usize]) -> Vec<usize> {
+        let pad = self.config.text.pad_token_id;
+        token_ids
+            .iter()
+            .map(|&id| if self.is_placeholder(id) { pad } else { id })
+            .collect()
+    }
+
+    /// Ids for the PLE table: placeholders use the pad row (text §4).
+    fn ple_token_ids(&self, token_ids: &[usize]) -> Vec<usize> {
+        if fault_active(Fault::PlePlaceholderNotPad) {
+            return token_ids.to_vec();
+        }
+        self.embedding_token_ids(token_ids)
+    }
+
+    /// The scaled main embedding `x⁰` `[T, D]` (text §4).
+    pub fn embed(&self, token_ids: &[usize]) -> Array2<f32> {
+        let scale = embedding_scale(self.config.text.hidden_size, self.weights.embed_dtype);
+        scaled_embedding(
+            &self.weights.embed_tokens,
+            &self.embedding_token_ids(token_ids),
+            scale,
+        )
+    }
+
+    /// RoPE parameters of a layer type (with the `rope_theta_swapped` fault applied if on).
+    fn rope_of(&self, kind: AttentionType) -> RopeParameters {
+        let text = &self.config.text;
+        let (own, other) = match kind {
+            AttentionType::Sliding => (&text.rope_sliding, &text.rope_full),
+            AttentionType::Full => (&text.rope_full, &text.rope_sliding),
+        };
+        let mut rope = own.clone();
+        if fault_active(Fault::RopeThetaSwapped) {
+            rope.theta = other.theta;
+        }
+        rope
+    }
+
+    /// Runs `token_ids` (new tokens, after whatever `cache` holds) through the decoder and
+    /// returns the logits `[T, V]`. Every intermediate goes to `recorder`.
+    pub fn forward(
+        &self,
+        token_ids: &[usize],
+        cache: &mut KvCache,
+        recorder: &mut Recorder,
+    ) -> Result<Array2<f32>> {
+        self.validate_token_ids(token_ids)?;
+        let embeddings = self.embed(token_ids);
+        recorder.record("embeddings", embeddings.view().into_dyn())?;
+        self.forward_from_embeddings(embeddings, token_ids, cache, recorder)
+    }
+
+    /// The decoder after the embedding: `embeddings` `[T, D]` (soft tokens already merged in) and
+    /// the token ids they came from (for the PLE table).
+    pub fn forward_from_embeddings(
+        &self,
+        embeddings: Array2<f32>,
+        token_ids: &[usize],
+        cache: &mut KvCache,
+        recorder: &mut Recorder,
+    ) -> Result<Array2<f32>> {
+        let text = &self.config.text;
+        let tokens = embeddings.nrows();
+        let first_position = cache.tokens_seen();
+        let positions: Vec<usize> = (first_position..first_position + tokens).collect();
+
+        // Per-Layer Embeddings, computed once for all layers.
+        let ple = match &self.weights.per_layer_embeddings {
+            Some(ple_weights) if !fault_active(Fault::PleMissing) => {
+                let ple = per_layer_inputs(
+                    &self.ple_token_ids(token_ids),
+                    &embeddings,
+                    ple_weights,
+                    text.num_hidden_layers,
+                    text.rms_norm_eps,
+                );
+                recorder.record("per_layer_inputs", ple.view().into_dyn())?;
+                Some(ple)
+            }
+            _ => None,
+        };
+
+        let rope_tables: Vec<Vec<f32>> = self
+            .plan
+            .layers
+            .iter()
+            .map(|layer| inverse_frequencies(&self.rope_of(layer.attention_type), layer.head_dim))
+            .collect();
+
+        let mut hidden = embeddings;
+        for (layer, weights) in self.plan.layers.iter().zip(&self.weights.layers) {
+            let layer_input = ple.as_ref().map(|p| p.slice(s![.., layer.index, ..]));
+            hidden = decoder_layer(
+                layer,
+                weights,
+                text,
+                &hidden,
+                layer_input,
+                &positions,
+                &rope_tables[layer.index],
+                cache,
+                recorder,
+            )?;
+        }
+        cache.advance(tokens);
+
+        let normed = rms_norm(&hidden, &self.weights.final_norm, text.rms_norm_eps);
+        recorder.record("final_norm", normed.view().into_dyn())?;
+        // Tied LM head: the embedding table, without the √D scale (text §11).
+        let head = self
+            .weights
+            .lm_head
+            .as_ref()
+            .unwrap_or(&self.weights.embed_tokens);
+        let mut logits = linear(normed.view(), head);
+        if let (Some(cap), false) = (
+            text.final_logit_softcapping,
+            fault_active(Fault::SoftcapMissing),
+        ) {
+            let cap = cap as f32;
+            logits.mapv_inplace(|z| cap * (z / cap).tanh());
+        }
+        recorder.record("logits", logits.view().into_dyn())?;
+        Ok(logits)
+    }
+
+    /// The full activation dump of shared contracts §2 for `token_ids`, plus, when
+    /// `decode_steps > 0`, greedy decoding through the KV cache:
+    ///
+    /// after the prefill, `f₀ = argmax(logits[T−1])`; step `s` feeds the single token `f_s` at
+    /// position `T + s`, `decode_logits[s]` is its logits row and
+    /// `greedy_continuation[s] = f_{s+1} = argmax(decode_logits[s])`.
+    pub fn dump(&self, token_ids: &[usize], decode_steps: usize) -> Result<ActivationDump> {
+        let mut dump = ActivationDump::new();
+        self.validate_token_ids(token_ids)?;
+        dump.insert_i64(
+            "input_ids",
+            ArrayD::from_shape_vec(
+                IxDyn(&[token_ids.len()]),
+                token_ids.iter().map(|&t| t as i64).collect(),
+            )
+            .expect("1-D"),
+        );
+        let mut cache = self.new_cache();
+        let logits = self.forward(token_ids, &mut cache, &mut Recorder::new(&mut dump))?;
+        if decode_steps > 0 {
+            let (decode_logits, continuation) =
+                self.greedy_decode(&logits, &mut cache, decode_steps)?;
+            dump.insert_f32("decode_logits", decode_logits.into_dyn());
+            dump.insert_i64(
+                "greedy_continuation",
+                continuation.mapv(|t| t as i64).into_dyn(),
+            );
+        }
+        Ok(dump)
+    }
+
+    /// Greedy decoding after a prefill whose logits are `prefill_logits` and whose keys and
+    /// values are in `cache`. Returns `decode_logits` `[N, V]` and `greedy_continuation` `[N]`.
+    pub fn greedy_decode(
+        &self,
+        prefill_logits: &Array2<f32>,
+        cache: &mut KvCache,
+        steps: usize,
+    ) -> Result<(Array2<f32>, Array1<usize>)> {
+        let vocab = self.config.text.vocab_size;
+        let mut decode_logits = Array2::<f32>::zeros((steps, vocab));
+        let mut continuation = Array1::<usize>::zeros(steps);
+        let mut next = argmax(prefill_logits.row(prefill_logits.nrows() - 1));
+        for step in 0..steps {
+            let logits = self.forward(&[next], cache, &mut Recorder::checking_only())?;
+            decode_logits.row_mut(step).assign(&logits.row(0));
+            next = argmax(logits.row(0));
+            continuation[step] = next;
+        }
+        Ok((decode_logits, continuation))
+    }
+}
+
+/// Index of the largest value (the first one on ties, as `torch.argmax`).
+pub fn argmax(values: ndarray::ArrayView1<f32>) -> usize {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best
+}

@@ -1,0 +1,129 @@
+//! The bundled golden fixtures (`golden/`, shared contracts §3): cases made by the Hugging Face
+//! oracle, each a tiny checkpoint, its token ids and the oracle's activation dump.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// One golden case, as described by its `case.json`.
+#[derive(Clone, Debug)]
+pub struct GoldenCase {
+    pub name: String,
+    /// `golden/<case>/`
+    pub dir: PathBuf,
+    /// Variant family: `e2b`, `e4b`, `31b` or `26b-a4b`.
+    pub family: String,
+    /// `causal_lm` or `conditional_generation`.
+    pub layout: String,
+    /// `released` or `per_layer_config`.
+    pub config_spelling: String,
+    /// `float32` or `bfloat16`: the oracle's compute dtype.
+    pub dtype: String,
+    pub tokens: Vec<usize>,
+    pub decode_steps: usize,
+    pub exercises: Vec<String>,
+}
+
+impl GoldenCase {
+    pub fn model_dir(&self) -> PathBuf {
+        self.dir.join("model")
+    }
+
+    pub fn expected_path(&self) -> PathBuf {
+        self.dir.join("expected.safetensors")
+    }
+}
+
+/// The golden directory: `$GEMMA4_GOLDEN`, else `./golden` if it has a manifest, else the one
+/// next to this crate's sources.
+pub fn golden_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("GEMMA4_GOLDEN") {
+        return PathBuf::from(dir);
+    }
+    let local = PathBuf::from("golden");
+    if local.join("manifest.json").exists() {
+        return local;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden")
+}
+
+fn read_json(path: &Path) -> Result<Value, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{}: invalid JSON: {e}", path.display()))
+}
+
+/// Reads `manifest.json`, checks the sha256 of every listed file, and returns the cases.
+pub fn load_cases(golden: &Path) -> Result<Vec<GoldenCase>, String> {
+    let manifest_path = golden.join("manifest.json");
+    let manifest = read_json(&manifest_path)?;
+    let cases = manifest
+        .get("cases")
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("{}: no `cases` list", manifest_path.display()))?;
+    let mut result = Vec::new();
+    for case in cases {
+        let name = case
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("{}: a case without a name", manifest_path.display()))?;
+        if let Some(files) = case.get("files").and_then(Value::as_object) {
+            for (relative, sha) in files {
+                let path = golden.join(relative);
+                let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let digest = format!("{:x}", Sha256::digest(&bytes));
+                if Some(digest.as_str()) != sha.as_str() {
+                    return Err(format!(
+                        "{}: sha256 {digest} does not match the manifest ({}); fixtures are only written by `cargo xtask golden`",
+                        path.display(),
+                        sha
+                    ));
+                }
+            }
+        }
+        let dir = golden.join(name);
+        let description = read_json(&dir.join("case.json"))?;
+        let text = |key: &str| {
+            description
+                .get(key)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        let tokens = description
+            .get("tokens")
+            .and_then(Value::as_array)
+            .ok_or_else(|| format!("{}: no `tokens`", dir.join("case.json").display()))?
+            .iter()
+            .map(|t| {
+                t.as_u64()
+                    .map(|t| t as usize)
+                    .ok_or_else(|| format!("{name}: bad token {t}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        result.push(GoldenCase {
+            name: name.to_string(),
+            dir,
+            family: text("family"),
+            layout: text("layout"),
+            config_spelling: text("config_spelling"),
+            dtype: text("dtype"),
+            tokens,
+            decode_steps: description
+                .get("decode_steps")
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as usize,
+            exercises: description
+                .get("exercises")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default(),
+        });
+    }
+    Ok(result)
+}

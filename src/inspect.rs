@@ -1,0 +1,190 @@
+//! `gemma4 inspect`: the derived layer plan, exact parameter counts and KV-cache sizes of a
+//! checkpoint, from `config.json` alone; weights, when present, are checked against the plan.
+
+use std::path::Path;
+
+use gemma4_reference::checkpoint::{full_name, text_tensor_specs, Checkpoint};
+use gemma4_reference::config::{AttentionType, RopeKind};
+use gemma4_reference::kv_cache::{cache_footprint, CacheFootprint};
+use gemma4_reference::layer_plan::KvSource;
+use gemma4_reference::parameter_count::{count_parameters, ParameterCounts};
+use gemma4_reference::{Error, ModelConfig, ModelPlan};
+
+/// Everything `inspect` reports.
+#[derive(Debug, serde::Serialize)]
+pub struct Inspection {
+    pub config: ModelConfig,
+    pub plan: ModelPlan,
+    pub parameters: ParameterCounts,
+    /// KV cache with bf16 entries.
+    pub kv_cache_bf16: CacheFootprint,
+    /// KV cache with f32 entries.
+    pub kv_cache_f32: CacheFootprint,
+    /// `None` when the directory has no weights; otherwise the number of text tensors checked.
+    pub weights_checked: Option<usize>,
+    /// Checkpoint tensors that are not text tensors of the plan (towers, stray KV of shared layers).
+    pub tensors_not_used_by_text_model: usize,
+}
+
+/// Inspects a model directory. Weights are optional; if present, every text tensor the plan
+/// needs must exist with the right shape and a float dtype.
+pub fn inspect(dir: &Path) -> Result<Inspection, Error> {
+    let config = ModelConfig::from_dir(dir)?;
+    let plan = ModelPlan::from_config(&config.text);
+    let parameters = count_parameters(&config);
+    let window = config.text.sliding_window;
+    let has_weights =
+        dir.join("model.safetensors").exists() || dir.join("model.safetensors.index.json").exists();
+    let (weights_checked, unused) = if has_weights {
+        let checkpoint = Checkpoint::open(dir)?;
+        let prefix = checkpoint.text_prefix()?;
+        let specs = text_tensor_specs(&config.text, &plan);
+        let mut used = std::collections::BTreeSet::new();
+        for spec in &specs {
+            let name = full_name(prefix, &spec.name);
+            checkpoint.check(&name, &spec.shape)?;
+            used.insert(name);
+        }
+        let unused = checkpoint.names().filter(|n| !used.contains(*n)).count();
+        (Some(specs.len()), unused)
+    } else {
+        (None, 0)
+    };
+    Ok(Inspection {
+        kv_cache_bf16: cache_footprint(&plan, window, 2),
+        kv_cache_f32: cache_footprint(&plan, window, 4),
+        config,
+        plan,
+        parameters,
+        weights_checked,
+        tensors_not_used_by_text_model: unused,
+    })
+}
+
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The human-readable report.
+pub fn format_inspection(inspection: &Inspection) -> String {
+    let text = &inspection.config.text;
+    let plan = &inspection.plan;
+    let mut out = String::new();
+    out.push_str(&format!(
+        "layout {:?}; D={} L={} H={} V={} W={} P={} softcap={}\n",
+        inspection.config.layout,
+        text.hidden_size,
+        text.num_hidden_layers,
+        text.num_attention_heads,
+        text.vocab_size,
+        text.sliding_window,
+        text.hidden_size_per_layer_input,
+        text.final_logit_softcapping
+            .map_or("none".to_string(), |c| c.to_string()),
+    ));
+    out.push_str(&format!("pattern: {}\n\n", plan.pattern()));
+    out.push_str(&format!(
+        "{:>5}  {:<7} {:>8} {:>8} {:>8} {:>4}  {:<22} {:>7} {:<26} {:>9} {:>4} {:>4}\n",
+        "layer",
+        "type",
+        "head_dim",
+        "q_heads",
+        "kv_heads",
+        "K=V",
+        "kv source",
+        "window",
+        "rope",
+        "mlp_width",
+        "ple",
+        "moe"
+    ));
+    for layer in &plan.layers {
+        let kv = match layer.kv_source {
+            KvSource::Own {
+                shared_with_consumers: true,
+            } => "own (shared onward)".to_string(),
+            KvSource::Own { .. } => "own".to_string(),
+            KvSource::SharedFrom { producer } => format!("shared from {producer}"),
+        };
+        let rope = match layer.rope.kind {
+            RopeKind::Default => format!("default θ={}", layer.rope.theta),
+            RopeKind::Proportional {
+                partial_rotary_factor,
+            } => {
+                format!(
+                    "proportional ρ={partial_rotary_factor} θ={}",
+                    layer.rope.theta
+                )
+            }
+        };
+        out.push_str(&format!(
+            "{:>5}  {:<7} {:>8} {:>8} {:>8} {:>4}  {:<22} {:>7} {:<26} {:>9} {:>4} {:>4}\n",
+            layer.index,
+            match layer.attention_type {
+                AttentionType::Sliding => "sliding",
+                AttentionType::Full => "full",
+            },
+            layer.head_dim,
+            layer.num_query_heads,
+            layer.num_kv_heads,
+            if layer.key_equals_value { "yes" } else { "no" },
+            kv,
+            layer
+                .sliding_window
+                .map_or("-".to_string(), |w| w.to_string()),
+            rope,
+            layer.mlp_width,
+            if layer.has_per_layer_embedding {
+                "yes"
+            } else {
+                "no"
+            },
+            if layer.has_moe { "yes" } else { "no" },
+        ));
+    }
+    let p = &inspection.parameters;
+    out.push_str("\nparameters (exact; tied LM head counted once)\n");
+    for (label, value) in [
+        ("total", p.total),
+        ("text", p.text),
+        ("  embeddings (embed_tokens)", p.embeddings),
+        ("  PLE table", p.per_layer_embedding_table),
+        ("vision (tower + embed_vision)", p.vision),
+        ("audio (tower + embed_audio)", p.audio),
+        ("active per token (text)", p.active_per_token),
+        ("persistent buffers (not parameters)", p.buffers),
+    ] {
+        out.push_str(&format!("  {label:<38} {:>17}\n", thousands(value)));
+    }
+    for (label, kv) in [
+        ("bf16", &inspection.kv_cache_bf16),
+        ("f32", &inspection.kv_cache_f32),
+    ] {
+        out.push_str(&format!(
+            "\nKV cache ({label}): {} sliding + {} full layers own a cache\n  full layers:    {} bytes per token ({} with one tensor on K=V layers)\n  sliding layers: {} bytes per token, at most {} bytes once the window of {} is full\n",
+            kv.sliding_layers_with_cache,
+            kv.full_layers_with_cache,
+            thousands(kv.full_bytes_per_token),
+            thousands(kv.full_bytes_per_token_single_tensor_k_eq_v),
+            thousands(kv.sliding_bytes_per_token),
+            thousands(kv.sliding_bytes_at_full_window),
+            text.sliding_window,
+        ));
+    }
+    match inspection.weights_checked {
+        Some(n) => out.push_str(&format!(
+            "\nweights: all {n} text tensors present with the planned shapes ({} other tensors not used by the text model)\n",
+            inspection.tensors_not_used_by_text_model
+        )),
+        None => out.push_str("\nweights: none in this directory (config only)\n"),
+    }
+    out
+}

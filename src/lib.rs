@@ -1,0 +1,15 @@
+//! # gemma4: conformance tooling for Gemma 4 ports
+//!
+//! The library behind the `gemma4` command (shared contracts §1): run the bundled golden
+//! cases (`conform`), write activation dumps (`dump`), compare a port's dump with ours
+//! (`compare`) and describe a checkpoint (`inspect`). The model itself lives in
+//! `gemma4-reference` (readable) and `gemma4-optimized` (fast).
+
+pub mod comparison;
+pub mod conform;
+pub mod engine;
+pub mod golden;
+pub mod inspect;
+pub mod tokens;
+
+pub use gemma4_reference as reference;

@@ -1,0 +1,280 @@
+//! The `gemma4` command (shared contracts §1).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use gemma4::comparison::{
+    compare_dumps, depth_of, layers_in_dump, tolerance_for, Precision, Status,
+};
+use gemma4::conform::{format_table, run_case};
+use gemma4::engine::Engine;
+use gemma4::golden::{golden_dir, load_cases};
+use gemma4::inspect::{format_inspection, inspect};
+use gemma4::tokens::parse_token_list;
+use gemma4_reference::ActivationDump;
+
+#[derive(Parser)]
+#[command(
+    name = "gemma4",
+    version,
+    about = "Gemma 4 reference implementation and conformance suite"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every bundled golden case through the engines and print one table; exit 0 only if all pass.
+    Conform(ConformArgs),
+    /// Write the activation dump of a checkpoint for some token ids.
+    Dump(DumpArgs),
+    /// Compare a candidate dump with an expected one and report the first divergence.
+    Compare(CompareArgs),
+    /// Print the layer plan, parameter counts and KV-cache sizes of a checkpoint (config.json suffices).
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+struct ConformArgs {
+    /// Golden directory (default: ./golden, or the one next to the sources).
+    #[arg(long)]
+    golden: Option<PathBuf>,
+    /// Engines to run (repeatable; default: reference and optimized).
+    #[arg(long, value_enum)]
+    engine: Vec<Engine>,
+    /// Only the cases whose name contains this string.
+    #[arg(long)]
+    case: Option<String>,
+}
+
+#[derive(Args)]
+struct DumpArgs {
+    /// Checkpoint directory (config.json + safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// Comma-separated token ids, e.g. 2,17,301.
+    #[arg(long)]
+    tokens: String,
+    /// Output safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "reference")]
+    engine: Engine,
+    /// Also decode N tokens greedily through the KV cache after the prefill.
+    #[arg(long, default_value_t = 0)]
+    decode: usize,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// The expected dump.
+    #[arg(long, conflicts_with_all = ["model", "tokens"])]
+    expected: Option<PathBuf>,
+    /// Compute the expected dump with the reference from this checkpoint...
+    #[arg(long, requires = "tokens")]
+    model: Option<PathBuf>,
+    /// ...for these token ids.
+    #[arg(long, requires = "model")]
+    tokens: Option<String>,
+    /// The candidate dump (a port's), F32, BF16 or F16.
+    #[arg(long)]
+    candidate: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Checkpoint directory; only config.json is required.
+    #[arg(long)]
+    model: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Conform(args) => conform(args),
+        Command::Dump(args) => dump(args),
+        Command::Compare(args) => compare(args),
+        Command::Inspect(args) => inspect_command(args),
+    }
+}
+
+fn conform(args: ConformArgs) -> ExitCode {
+    let golden = args.golden.unwrap_or_else(golden_dir);
+    let cases = match load_cases(&golden) {
+        Ok(cases) => cases,
+        Err(e) => {
+            eprintln!("gemma4 conform: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let engines = if args.engine.is_empty() {
+        vec![Engine::Reference, Engine::Optimized]
+    } else {
+        args.engine
+    };
+    let mut outcomes = Vec::new();
+    for case in cases.iter().filter(|c| {
+        args.case
+            .as_ref()
+            .is_none_or(|f| c.name.contains(f.as_str()))
+    }) {
+        for &engine in &engines {
+            outcomes.push(run_case(case, engine));
+        }
+    }
+    if outcomes.is_empty() {
+        eprintln!(
+            "gemma4 conform: no golden case selected in {}",
+            golden.display()
+        );
+        return ExitCode::from(2);
+    }
+    print!("{}", format_table(&outcomes));
+    let failed = outcomes.iter().filter(|o| !o.passed()).count();
+    if failed == 0 {
+        println!("\nall {} case x engine runs conform", outcomes.len());
+        ExitCode::SUCCESS
+    } else {
+        println!(
+            "\n{failed} of {} case x engine runs do NOT conform",
+            outcomes.len()
+        );
+        ExitCode::from(1)
+    }
+}
+
+fn dump(args: DumpArgs) -> ExitCode {
+    let tokens = match parse_token_list(&args.tokens) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("gemma4 dump: --tokens: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = args
+        .engine
+        .dump(&args.model, &tokens, args.decode)
+        .and_then(|dump| {
+            dump.write(&args.out, &[("engine", args.engine.name())])
+                .map(|()| dump.len())
+        });
+    match result {
+        Ok(n) => {
+            eprintln!("wrote {n} tensors to {}", args.out.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gemma4 dump: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn compare(args: CompareArgs) -> ExitCode {
+    let candidate = match ActivationDump::read(&args.candidate) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("gemma4 compare: candidate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let expected = match (&args.expected, &args.model, &args.tokens) {
+        (Some(path), _, _) => ActivationDump::read(path),
+        (None, Some(model), Some(tokens)) => match parse_token_list(tokens) {
+            Ok(tokens) => {
+                let decode = candidate
+                    .get("decode_logits")
+                    .map_or(0, |t| t.shape().first().copied().unwrap_or(0));
+                Engine::Reference.dump(model, &tokens, decode)
+            }
+            Err(e) => {
+                eprintln!("gemma4 compare: --tokens: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => {
+            eprintln!("gemma4 compare: give --expected FILE, or --model DIR with --tokens LIST");
+            return ExitCode::from(2);
+        }
+    };
+    let expected = match expected {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("gemma4 compare: expected: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let num_layers = layers_in_dump(&expected).unwrap_or(0);
+    let reports = compare_dumps(&expected, &candidate, |name| {
+        tolerance_for(name, Precision::Float32, depth_of(name, num_layers))
+    });
+    let compared = reports
+        .iter()
+        .filter(|r| r.status != Status::Missing)
+        .count();
+    let first = reports
+        .iter()
+        .find(|r| !matches!(r.status, Status::Pass | Status::Missing));
+    let conformant = compared > 0 && first.is_none();
+    if args.json {
+        let object = serde_json::json!({
+            "conformant": conformant,
+            "first_divergence": first.map(|r| r.name.clone()),
+            "diagnosis": serde_json::Value::Null,
+            "tensors": reports,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&object).expect("serialisable")
+        );
+    } else {
+        for report in &reports {
+            println!(
+                "{:<10} {}",
+                format!("{:?}", report.status),
+                report.describe()
+            );
+        }
+        match first {
+            None if conformant => println!("\nconformant: {compared} tensors within tolerance"),
+            None => println!("\nnot conformant: the candidate holds none of the expected tensors"),
+            Some(r) => println!("\nnot conformant; first divergence: {}", r.describe()),
+        }
+    }
+    if conformant {
+        ExitCode::SUCCESS
+    } else if compared == 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn inspect_command(args: InspectArgs) -> ExitCode {
+    match inspect(&args.model) {
+        Ok(inspection) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&inspection).expect("serialisable")
+                );
+            } else {
+                print!("{}", format_inspection(&inspection));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gemma4 inspect: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

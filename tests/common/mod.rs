@@ -1,0 +1,146 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+/// `golden/` next to the sources.
+pub fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden")
+}
+
+/// `tests/data/` next to the sources.
+pub fn test_data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("data")
+}
+
+/// The model directory of a golden case.
+pub fn golden_model(case: &str) -> PathBuf {
+    golden_dir().join(case).join("model")
+}
+
+/// Copies a golden model directory into a fresh temporary directory.
+pub fn copy_golden_model(case: &str) -> tempfile::TempDir {
+    let temporary = tempfile::tempdir().expect("temporary directory");
+    for entry in std::fs::read_dir(golden_model(case)).expect("golden model exists") {
+        let entry = entry.expect("directory entry");
+        std::fs::copy(entry.path(), temporary.path().join(entry.file_name())).expect("copy");
+    }
+    temporary
+}
+
+/// Reads a JSON file.
+pub fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).expect("readable")).expect("valid JSON")
+}
+
+/// Writes a JSON value.
+pub fn write_json(path: &Path, value: &Value) {
+    std::fs::write(
+        path,
+        serde_json::to_vec_pretty(value).expect("serialisable"),
+    )
+    .expect("writable");
+}
+
+/// A safetensors file taken apart: its header JSON and its data section, to be damaged on purpose.
+pub struct RawSafetensors {
+    pub header: Map<String, Value>,
+    pub data: Vec<u8>,
+}
+
+impl RawSafetensors {
+    pub fn read(path: &Path) -> Self {
+        let bytes = std::fs::read(path).expect("readable");
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: Value = serde_json::from_slice(&bytes[8..8 + n]).expect("valid header");
+        RawSafetensors {
+            header: header.as_object().expect("object").clone(),
+            data: bytes[8 + n..].to_vec(),
+        }
+    }
+
+    /// The bytes of the file (header padded with spaces to a multiple of 8, like the writer).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut header =
+            serde_json::to_vec(&Value::Object(self.header.clone())).expect("serialisable");
+        while !header.len().is_multiple_of(8) {
+            header.push(b' ');
+        }
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&header);
+        bytes.extend_from_slice(&self.data);
+        bytes
+    }
+
+    pub fn write(&self, path: &Path) {
+        std::fs::write(path, self.to_bytes()).expect("writable");
+    }
+
+    pub fn tensor_names(&self) -> Vec<String> {
+        self.header
+            .keys()
+            .filter(|k| *k != "__metadata__")
+            .cloned()
+            .collect()
+    }
+
+    /// The first tensor name ending with `suffix`.
+    pub fn find(&self, suffix: &str) -> String {
+        self.tensor_names()
+            .into_iter()
+            .find(|n| n.ends_with(suffix))
+            .unwrap_or_else(|| panic!("no tensor ending with {suffix}"))
+    }
+
+    pub fn offsets(&self, name: &str) -> (usize, usize) {
+        let offsets = self.header[name]["data_offsets"].as_array().unwrap();
+        (
+            offsets[0].as_u64().unwrap() as usize,
+            offsets[1].as_u64().unwrap() as usize,
+        )
+    }
+
+    /// Removes a tensor and its bytes, shifting later offsets (a well-formed file without it).
+    pub fn remove(&mut self, name: &str) {
+        let (start, end) = self.offsets(name);
+        self.header.remove(name);
+        self.data.drain(start..end);
+        let removed = end - start;
+        for (key, info) in self.header.iter_mut() {
+            if key == "__metadata__" {
+                continue;
+            }
+            let offsets = info["data_offsets"].as_array_mut().unwrap();
+            for offset in offsets.iter_mut() {
+                let value = offset.as_u64().unwrap() as usize;
+                if value >= end {
+                    *offset = Value::from(value - removed);
+                }
+            }
+        }
+    }
+
+    /// Replaces a tensor's shape, dtype and bytes (a well-formed file with a different tensor).
+    pub fn replace(&mut self, name: &str, dtype: &str, shape: &[usize], bytes: Vec<u8>) {
+        self.remove(name);
+        let start = self.data.len();
+        self.data.extend_from_slice(&bytes);
+        self.header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, start + bytes.len()]}),
+        );
+    }
+
+    pub fn shape(&self, name: &str) -> Vec<usize> {
+        self.header[name]["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect()
+    }
+}

@@ -1,0 +1,221 @@
+//! Conformance: the reference engine against the Hugging Face oracle's golden dumps, tensor by
+//! tensor, for every bundled case. One test per case and part of the model, so a failure says
+//! where the reference went wrong (and `cargo xtask mutants` can say which test caught a fault).
+//!
+//! Tolerances come from `gemma4::comparison::tolerance_for` (justified there): 3e-5 of each
+//! tensor's largest element for float32 cases, exact equality for index tensors.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use gemma4::comparison::{Status, TensorReport};
+use gemma4::conform::compare_with_case;
+use gemma4::engine::Engine;
+use gemma4::golden::{load_cases, GoldenCase};
+use gemma4_reference::ActivationDump;
+
+fn golden_case(name: &str) -> GoldenCase {
+    load_cases(&common::golden_dir())
+        .expect("golden manifest and fixtures are intact")
+        .into_iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no golden case {name}"))
+}
+
+/// Per-tensor reports of the reference engine on a case (computed once per case).
+fn reports(case_name: &str, engine: Engine) -> Vec<TensorReport> {
+    type Cache = Mutex<HashMap<(String, &'static str), Vec<TensorReport>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let key = (case_name.to_string(), engine.name());
+    if let Some(hit) = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap()
+        .get(&key)
+    {
+        return hit.clone();
+    }
+    let case = golden_case(case_name);
+    let expected = ActivationDump::read(&case.expected_path()).expect("expected dump readable");
+    let candidate = engine
+        .dump(&case.model_dir(), &case.tokens, case.decode_steps)
+        .unwrap_or_else(|e| panic!("{case_name}: the {} engine failed: {e}", engine.name()));
+    let result = compare_with_case(&case, &expected, &candidate);
+    CACHE
+        .get()
+        .unwrap()
+        .lock()
+        .unwrap()
+        .insert(key, result.clone());
+    result
+}
+
+/// Asserts that every expected tensor selected by `select` matches; lists every failure.
+fn assert_conforms(case_name: &str, engine: Engine, select: impl Fn(&str) -> bool, what: &str) {
+    let reports = reports(case_name, engine);
+    let selected: Vec<&TensorReport> = reports.iter().filter(|r| select(&r.name)).collect();
+    assert!(
+        !selected.is_empty(),
+        "{case_name}: the golden dump has no {what} tensors"
+    );
+    let failures: Vec<String> = selected
+        .iter()
+        .filter(|r| r.status != Status::Pass)
+        .map(|r| format!("  {:?} {}", r.status, r.describe()))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{case_name} ({} engine): {} of {} {what} tensors do not match the oracle:\n{}",
+        engine.name(),
+        failures.len(),
+        selected.len(),
+        failures.join("\n")
+    );
+}
+
+fn is_attention(name: &str) -> bool {
+    name.contains(".attn.")
+}
+
+fn is_router_or_moe(name: &str) -> bool {
+    name.contains(".router.") || name.ends_with(".moe.output")
+}
+
+/// `layers.{i}.output` (not `attn.output`, `mlp.output` or `moe.output`).
+fn is_layer_output(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.len() == 3 && parts[0] == "layers" && parts[2] == "output"
+}
+
+macro_rules! conformance_tests {
+    ($module:ident, $case:literal, ple: $ple:literal, moe: $moe:literal) => {
+        mod $module {
+            use super::*;
+
+            #[test]
+            fn embeddings_match_oracle() {
+                assert_conforms(
+                    $case,
+                    Engine::Reference,
+                    |n| n == "embeddings" || n == "input_ids",
+                    "embedding",
+                );
+            }
+
+            #[test]
+            fn per_layer_inputs_match_oracle() {
+                if $ple {
+                    assert_conforms($case, Engine::Reference, |n| n == "per_layer_inputs", "PLE");
+                } else {
+                    let reports = reports($case, Engine::Reference);
+                    assert!(
+                        reports.iter().all(|r| r.name != "per_layer_inputs"),
+                        "{}: no PLE expected",
+                        $case
+                    );
+                }
+            }
+
+            #[test]
+            fn attention_matches_oracle() {
+                assert_conforms(
+                    $case,
+                    Engine::Reference,
+                    is_attention,
+                    "attention (q, k, v, output)",
+                );
+            }
+
+            #[test]
+            fn mlp_matches_oracle() {
+                assert_conforms(
+                    $case,
+                    Engine::Reference,
+                    |n| n.ends_with(".mlp.output"),
+                    "dense MLP",
+                );
+            }
+
+            #[test]
+            fn router_and_experts_match_oracle() {
+                if $moe {
+                    assert_conforms($case, Engine::Reference, is_router_or_moe, "router / MoE");
+                }
+            }
+
+            #[test]
+            fn layer_outputs_match_oracle() {
+                assert_conforms($case, Engine::Reference, is_layer_output, "layer output");
+            }
+
+            #[test]
+            fn final_norm_and_logits_match_oracle() {
+                assert_conforms(
+                    $case,
+                    Engine::Reference,
+                    |n| n == "final_norm" || n == "logits",
+                    "final norm / logits",
+                );
+            }
+
+            #[test]
+            fn decode_matches_oracle() {
+                assert_conforms(
+                    $case,
+                    Engine::Reference,
+                    |n| n == "decode_logits" || n == "greedy_continuation",
+                    "decode",
+                );
+            }
+
+            #[test]
+            fn dump_has_exactly_the_oracle_tensor_names() {
+                let case = golden_case($case);
+                let expected = ActivationDump::read(&case.expected_path()).unwrap();
+                let ours = Engine::Reference
+                    .dump(&case.model_dir(), &case.tokens, case.decode_steps)
+                    .unwrap();
+                let mut expected_names: Vec<&str> = expected.names_in_model_order();
+                let mut our_names: Vec<&str> = ours.names_in_model_order();
+                expected_names.sort_unstable();
+                our_names.sort_unstable();
+                assert_eq!(
+                    our_names, expected_names,
+                    "{}: tensor names differ from the oracle's dump",
+                    $case
+                );
+            }
+        }
+    };
+}
+
+conformance_tests!(e2b_like, "e2b_like", ple: true, moe: false);
+conformance_tests!(e4b_like, "e4b_like", ple: true, moe: false);
+conformance_tests!(case_31b_like, "31b_like", ple: false, moe: false);
+conformance_tests!(case_26b_a4b_like, "26b_a4b_like", ple: false, moe: true);
+conformance_tests!(e2b_bf16, "e2b_bf16", ple: true, moe: false);
+
+#[test]
+fn golden_cases_cover_every_variant_family() {
+    let cases = load_cases(&common::golden_dir()).unwrap();
+    for family in ["e2b", "e4b", "31b", "26b-a4b"] {
+        assert!(
+            cases.iter().any(|c| c.family == family),
+            "no golden case of family {family}"
+        );
+    }
+    for case in &cases {
+        let window = gemma4_reference::ModelConfig::from_dir(&case.model_dir())
+            .unwrap()
+            .text
+            .sliding_window;
+        assert!(
+            case.tokens.len() > 2 * window,
+            "{}: {} tokens do not cross the sliding window ({window}) twice",
+            case.name,
+            case.tokens.len()
+        );
+    }
+}

@@ -1,0 +1,432 @@
+//! `cargo xtask golden [--venv DIR] [--check]`: the golden fixtures and released-config facts.
+//!
+//! 1. Makes sure the oracle virtualenv exists and holds the versions pinned in
+//!    `golden/requirements.txt` (creating it with `python3 -m venv` and installing with pip
+//!    only when it is missing or differs).
+//! 2. Runs `golden/generate.py` (the fixtures, `golden/<case>/`, `golden/manifest.json`) and
+//!    `golden/released_configs.py` (`tests/data/released/`) from the repository root.
+//! 3. With `--check`, writes both into a temporary directory instead and fails, naming the
+//!    file, unless every generated file is byte-identical to the committed one and no
+//!    committed file is missing from the regenerated set.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+/// Arguments of `cargo xtask golden`.
+#[derive(Debug, clap::Args)]
+pub struct GoldenArgs {
+    /// The oracle virtualenv [default: $GEMMA4_ORACLE_VENV, else ~/.cache/gemma4/oracle-venv].
+    #[arg(long, value_name = "DIR")]
+    venv: Option<PathBuf>,
+
+    /// Regenerate into a temporary directory and verify that every file is byte-identical
+    /// to the committed one (exit non-zero naming the first file that differs).
+    #[arg(long)]
+    check: bool,
+}
+
+/// What can go wrong in `cargo xtask golden`.
+#[derive(Debug)]
+pub enum GoldenError {
+    /// A file-system operation failed.
+    Io { what: String, source: io::Error },
+    /// A program could not be started or exited unsuccessfully.
+    Command { command: String, detail: String },
+    /// `golden/requirements.txt` is malformed.
+    Requirements(String),
+    /// The virtualenv still lacks the pinned versions after `pip install`.
+    Venv {
+        venv: PathBuf,
+        problems: Vec<String>,
+    },
+    /// `--check` found files that differ from the committed ones.
+    Mismatch { problems: Vec<String> },
+}
+
+impl fmt::Display for GoldenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Io { what, source } => write!(f, "{what}: {source}"),
+            Self::Command { command, detail } => write!(f, "`{command}` {detail}"),
+            Self::Requirements(msg) => write!(f, "golden/requirements.txt: {msg}"),
+            Self::Venv { venv, problems } => write!(
+                f,
+                "the oracle virtualenv {} does not hold the pinned versions: {}",
+                venv.display(),
+                problems.join("; ")
+            ),
+            Self::Mismatch { problems } => write!(
+                f,
+                "{} file(s) differ from the regenerated fixtures, first: {}",
+                problems.len(),
+                problems.first().map(String::as_str).unwrap_or("?")
+            ),
+        }
+    }
+}
+
+impl std::error::Error for GoldenError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, GoldenError>;
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> GoldenError {
+    let what = what.into();
+    move |source| GoldenError::Io { what, source }
+}
+
+/// Files in `golden/` that are sources, not generator output.
+const GOLDEN_SOURCES: &[&str] = &[
+    "generate.py",
+    "released_configs.py",
+    "requirements.txt",
+    "README.md",
+];
+
+/// Entry point of `cargo xtask golden`.
+pub fn run(args: &GoldenArgs) -> Result<()> {
+    let repo = repo_root();
+    let venv = venv_dir(args.venv.as_deref());
+    let python = ensure_venv(&repo, &venv)?;
+
+    if !args.check {
+        run_generators(
+            &repo,
+            &python,
+            &repo.join("golden"),
+            &repo.join("tests/data/released"),
+        )?;
+        eprintln!("xtask: golden fixtures and tests/data/released regenerated");
+        return Ok(());
+    }
+
+    let scratch = std::env::temp_dir().join(format!("gemma4-golden-check-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(scratch.clone());
+    let (golden_out, released_out) = (scratch.join("golden"), scratch.join("released"));
+    run_generators(&repo, &python, &golden_out, &released_out)?;
+
+    let mut problems = compare_golden(&repo.join("golden"), &golden_out)?;
+    problems.extend(compare_tree(
+        &repo.join("tests/data/released"),
+        &released_out,
+        "tests/data/released",
+    )?);
+    if problems.is_empty() {
+        eprintln!(
+            "xtask: golden fixtures and tests/data/released are byte-identical to a fresh run"
+        );
+        Ok(())
+    } else {
+        for problem in &problems {
+            eprintln!("xtask: {problem}");
+        }
+        Err(GoldenError::Mismatch { problems })
+    }
+}
+
+/// The workspace root (the parent of this crate's directory).
+fn repo_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
+/// `--venv`, else `$GEMMA4_ORACLE_VENV`, else `~/.cache/gemma4/oracle-venv`.
+fn venv_dir(flag: Option<&Path>) -> PathBuf {
+    if let Some(dir) = flag {
+        return dir.to_path_buf();
+    }
+    if let Some(dir) = std::env::var_os("GEMMA4_ORACLE_VENV").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".cache/gemma4/oracle-venv")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The oracle virtualenv
+// ---------------------------------------------------------------------------------------------
+
+/// The `name==version` pins of `golden/requirements.txt`.
+fn read_pins(requirements: &Path) -> Result<Vec<(String, String)>> {
+    let text = fs::read_to_string(requirements)
+        .map_err(io_err(format!("reading {}", requirements.display())))?;
+    let mut pins = Vec::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (name, version) = line.split_once("==").ok_or_else(|| {
+            GoldenError::Requirements(format!("`{line}` is not an exact `name==version` pin"))
+        })?;
+        pins.push((name.trim().to_string(), version.trim().to_string()));
+    }
+    if pins.is_empty() {
+        return Err(GoldenError::Requirements("no pins".into()));
+    }
+    Ok(pins)
+}
+
+/// Ensures `venv` exists with the pinned versions; returns its Python interpreter.
+fn ensure_venv(repo: &Path, venv: &Path) -> Result<PathBuf> {
+    let requirements = repo.join("golden/requirements.txt");
+    let pins = read_pins(&requirements)?;
+    let python = venv.join("bin/python");
+
+    if !python.exists() {
+        eprintln!("xtask: creating the oracle virtualenv {}", venv.display());
+        run_command(Command::new("python3").arg("-m").arg("venv").arg(venv))?;
+    }
+    let problems = version_problems(&python, &pins)?;
+    if problems.is_empty() {
+        return Ok(python);
+    }
+    eprintln!(
+        "xtask: installing golden/requirements.txt into {} ({})",
+        venv.display(),
+        problems.join("; ")
+    );
+    run_command(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "-r"])
+            .arg(&requirements),
+    )?;
+    let problems = version_problems(&python, &pins)?;
+    if problems.is_empty() {
+        Ok(python)
+    } else {
+        Err(GoldenError::Venv {
+            venv: venv.to_path_buf(),
+            problems,
+        })
+    }
+}
+
+/// Installed-version mismatches against `pins` (a local label such as `+cpu` is ignored).
+fn version_problems(python: &Path, pins: &[(String, String)]) -> Result<Vec<String>> {
+    const PROBE: &str = "import importlib.metadata as m, sys\n\
+        for name in sys.argv[1:]:\n\
+        \x20   try:\n\
+        \x20       print(name, m.version(name))\n\
+        \x20   except m.PackageNotFoundError:\n\
+        \x20       print(name, '-')\n";
+    let output = Command::new(python)
+        .arg("-c")
+        .arg(PROBE)
+        .args(pins.iter().map(|(name, _)| name))
+        .output()
+        .map_err(|e| GoldenError::Command {
+            command: format!("{} -c <version probe>", python.display()),
+            detail: format!("could not start: {e}"),
+        })?;
+    if !output.status.success() {
+        return Err(GoldenError::Command {
+            command: format!("{} -c <version probe>", python.display()),
+            detail: format!("failed: {}", String::from_utf8_lossy(&output.stderr).trim()),
+        });
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let installed: Vec<(&str, &str)> = stdout.lines().filter_map(|l| l.split_once(' ')).collect();
+    let mut problems = Vec::new();
+    for (name, pinned) in pins {
+        let found = installed.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+        match found {
+            Some("-") | None => problems.push(format!("{name} not installed")),
+            Some(version) if version.split('+').next() != Some(pinned.as_str()) => {
+                problems.push(format!("{name} {version} installed, {pinned} pinned"));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(problems)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running the generators
+// ---------------------------------------------------------------------------------------------
+
+fn run_generators(
+    repo: &Path,
+    python: &Path,
+    golden_out: &Path,
+    released_out: &Path,
+) -> Result<()> {
+    for (script, out) in [
+        ("golden/generate.py", golden_out),
+        ("golden/released_configs.py", released_out),
+    ] {
+        eprintln!("xtask: running {script} --out {}", out.display());
+        run_command(
+            Command::new(python)
+                .arg(script)
+                .arg("--out")
+                .arg(out)
+                .current_dir(repo)
+                .env("HF_HUB_OFFLINE", "1")
+                .env("TRANSFORMERS_OFFLINE", "1")
+                .env("PYTHONDONTWRITEBYTECODE", "1")
+                .env("PYTHONHASHSEED", "0"),
+        )?;
+    }
+    print_manifest_summary(golden_out);
+    Ok(())
+}
+
+/// Runs `command` with inherited stdio; an unsuccessful exit is an error.
+fn run_command(command: &mut Command) -> Result<()> {
+    let shown = format!("{command:?}");
+    let status = command.status().map_err(|e| GoldenError::Command {
+        command: shown.clone(),
+        detail: format!("could not start: {e}"),
+    })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(GoldenError::Command {
+            command: shown,
+            detail: format!("failed ({status})"),
+        })
+    }
+}
+
+/// One line per case of the generated manifest: name, file count, bytes.
+fn print_manifest_summary(golden_out: &Path) {
+    let Ok(text) = fs::read_to_string(golden_out.join("manifest.json")) else {
+        return;
+    };
+    let Ok(manifest) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return;
+    };
+    for case in manifest["cases"].as_array().into_iter().flatten() {
+        let files = case["files"].as_object();
+        let bytes: u64 = files
+            .into_iter()
+            .flat_map(|f| f.keys())
+            .filter_map(|rel| fs::metadata(golden_out.join(rel)).ok())
+            .map(|m| m.len())
+            .sum();
+        eprintln!(
+            "xtask:   {:<14} {:>2} files {:>9} bytes",
+            case["name"].as_str().unwrap_or("?"),
+            files.map_or(0, |f| f.len()),
+            bytes
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// --check: byte-for-byte comparison
+// ---------------------------------------------------------------------------------------------
+
+/// Compares the generated part of `golden/` (manifest.json and every case directory) with a
+/// fresh run in `fresh`.
+fn compare_golden(committed: &Path, fresh: &Path) -> Result<Vec<String>> {
+    let mut committed_files = BTreeSet::new();
+    for entry in
+        fs::read_dir(committed).map_err(io_err(format!("listing {}", committed.display())))?
+    {
+        let entry = entry.map_err(io_err(format!("listing {}", committed.display())))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if path.is_dir() {
+            if name != "__pycache__" {
+                walk(&path, committed, &mut committed_files)?;
+            }
+        } else if !GOLDEN_SOURCES.contains(&name.as_str()) {
+            committed_files.insert(name);
+        }
+    }
+    compare_sets(committed, fresh, &committed_files, "golden")
+}
+
+/// Compares every file under `committed` with the tree under `fresh`.
+fn compare_tree(committed: &Path, fresh: &Path, label: &str) -> Result<Vec<String>> {
+    let mut committed_files = BTreeSet::new();
+    if committed.exists() {
+        walk(committed, committed, &mut committed_files)?;
+    }
+    compare_sets(committed, fresh, &committed_files, label)
+}
+
+fn compare_sets(
+    committed: &Path,
+    fresh: &Path,
+    committed_files: &BTreeSet<String>,
+    label: &str,
+) -> Result<Vec<String>> {
+    let mut fresh_files = BTreeSet::new();
+    walk(fresh, fresh, &mut fresh_files)?;
+    let mut problems = Vec::new();
+    for rel in fresh_files.union(committed_files) {
+        let shown = format!("{label}/{rel}");
+        match (committed_files.contains(rel), fresh_files.contains(rel)) {
+            (false, _) => problems.push(format!("{shown}: generated but not in the repository")),
+            (_, false) => problems.push(format!("{shown}: in the repository but not generated")),
+            (true, true) => {
+                let old = read(&committed.join(rel))?;
+                let new = read(&fresh.join(rel))?;
+                if old != new {
+                    problems.push(format!(
+                        "{shown}: differs (committed sha256 {}, regenerated {})",
+                        sha256_hex(&old),
+                        sha256_hex(&new)
+                    ));
+                }
+            }
+        }
+    }
+    Ok(problems)
+}
+
+/// Adds every file below `dir` to `out`, as a `/`-separated path relative to `root`.
+fn walk(dir: &Path, root: &Path, out: &mut BTreeSet<String>) -> Result<()> {
+    let entries = fs::read_dir(dir).map_err(io_err(format!("listing {}", dir.display())))?;
+    for entry in entries {
+        let path = entry
+            .map_err(io_err(format!("listing {}", dir.display())))?
+            .path();
+        if path.is_dir() {
+            walk(&path, root, out)?;
+        } else {
+            let rel = path.strip_prefix(root).unwrap_or(&path);
+            let parts: Vec<_> = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect();
+            out.insert(parts.join("/"));
+        }
+    }
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    fs::read(path).map_err(io_err(format!("reading {}", path.display())))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Removes a scratch directory when dropped (also on early return with an error).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}

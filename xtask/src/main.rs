@@ -1,0 +1,41 @@
+//! Developer tasks for the gemma4 workspace, run as `cargo xtask <task>`
+//! (the alias lives in `.cargo/config.toml`).
+//!
+//! Each task lives in its own module with its own argument struct; add a variant to
+//! [`Task`] and a module file to add a task.
+
+mod golden;
+
+use std::error::Error;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Developer tasks for the gemma4 workspace.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Regenerate the golden fixtures (golden/) and the released-config facts
+    /// (tests/data/released/) with the pinned Hugging Face oracle, or verify them with --check.
+    Golden(golden::GoldenArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result: Result<(), Box<dyn Error>> = match cli.task {
+        Task::Golden(args) => golden::run(&args).map_err(Into::into),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
