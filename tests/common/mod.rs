@@ -124,9 +124,11 @@ impl RawSafetensors {
         }
     }
 
-    /// Replaces a tensor's shape, dtype and bytes (a well-formed file with a different tensor).
+    /// Replaces (or adds) a tensor with this dtype, shape and bytes, keeping the file well formed.
     pub fn replace(&mut self, name: &str, dtype: &str, shape: &[usize], bytes: Vec<u8>) {
-        self.remove(name);
+        if self.header.contains_key(name) {
+            self.remove(name);
+        }
         let start = self.data.len();
         self.data.extend_from_slice(&bytes);
         self.header.insert(
