@@ -8,6 +8,7 @@
 pub mod comparison;
 pub mod conform;
 pub mod engine;
+pub mod generate;
 pub mod golden;
 pub mod inspect;
 pub mod tokens;

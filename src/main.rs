@@ -35,6 +35,21 @@ enum Command {
     Compare(CompareArgs),
     /// Print the layer plan, parameter counts and KV-cache sizes of a checkpoint (config.json suffices).
     Inspect(InspectArgs),
+    /// Tokenize a prompt, generate greedily with the KV cache and stream the text.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Checkpoint directory with tokenizer.json.
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt text (sent as is: apply a chat template yourself if the model needs one).
+    #[arg(long)]
+    prompt: String,
+    /// At most this many new tokens (fewer if an end-of-sequence id comes first).
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
 }
 
 #[derive(Args)]
@@ -104,6 +119,7 @@ fn main() -> ExitCode {
         Command::Dump(args) => dump(args),
         Command::Compare(args) => compare(args),
         Command::Inspect(args) => inspect_command(args),
+        Command::Generate(args) => generate_command(args),
     }
 }
 
@@ -274,6 +290,30 @@ fn inspect_command(args: InspectArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("gemma4 inspect: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn generate_command(args: GenerateArgs) -> ExitCode {
+    use std::io::Write;
+    let result =
+        gemma4::generate::generate(&args.model, &args.prompt, args.max_new_tokens, |piece| {
+            print!("{piece}");
+            let _ = std::io::stdout().flush();
+        });
+    match result {
+        Ok(generation) => {
+            println!();
+            eprintln!(
+                "{} prompt tokens, {} generated",
+                generation.prompt_ids.len(),
+                generation.generated_ids.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gemma4 generate: {e}");
             ExitCode::from(2)
         }
     }

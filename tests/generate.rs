@@ -1,0 +1,99 @@
+//! `gemma4 generate`: tokenizer in, greedy KV-cache decoding, text out. A word-level tokenizer
+//! (`w0` … `w511`) stands in for the real Gemma tokenizer on a golden model, so the expected text
+//! follows from the reference's greedy continuation.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use gemma4_reference::model::argmax;
+use gemma4_reference::Gemma4TextModel;
+use ndarray::s;
+use tokenizers::models::wordlevel::WordLevel;
+use tokenizers::pre_tokenizers::whitespace::Whitespace;
+use tokenizers::Tokenizer;
+
+fn word_level_tokenizer(vocab_size: u32) -> Tokenizer {
+    let vocab: HashMap<String, u32> = (0..vocab_size).map(|i| (format!("w{i}"), i)).collect();
+    let model = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("w3".into())
+        .build()
+        .unwrap();
+    let mut tokenizer = Tokenizer::new(model);
+    tokenizer.with_pre_tokenizer(Some(Whitespace {}));
+    tokenizer
+}
+
+#[test]
+fn generate_streams_the_greedy_continuation_e2b_like() {
+    let dir = common::copy_golden_model("e2b_like");
+    word_level_tokenizer(512)
+        .save(dir.path().join("tokenizer.json"), false)
+        .unwrap();
+
+    // Expected: BOS (2) + the prompt's ids, then greedy argmax steps.
+    let model = Gemma4TextModel::load(dir.path()).unwrap();
+    let prompt = [2usize, 5, 9, 12, 100, 7];
+    let dump = model.dump(&prompt, 4).unwrap();
+    let logits = dump.get("logits").unwrap().as_f32().unwrap();
+    let first = argmax(logits.slice(s![prompt.len() - 1, ..]).view());
+    let mut expected: Vec<usize> = vec![first];
+    expected.extend(
+        dump.get("greedy_continuation")
+            .unwrap()
+            .as_i64()
+            .unwrap()
+            .iter()
+            .map(|&t| t as usize),
+    );
+    let eos = &model.config.special_tokens.eos_token_ids;
+    let expected_words: Vec<String> = expected
+        .iter()
+        .take(5)
+        .take_while(|id| !eos.contains(id))
+        .map(|id| format!("w{id}"))
+        .collect();
+
+    let output = Command::new(env!("CARGO_BIN_EXE_gemma4"))
+        .args([
+            "generate",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--prompt",
+            "w5 w9 w12 w100 w7",
+        ])
+        .args(["--max-new-tokens", "5"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "generate failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        stdout.split_whitespace().collect::<Vec<_>>(),
+        expected_words,
+        "stderr: {stderr}"
+    );
+    assert!(stderr.contains("6 prompt tokens"), "{stderr}");
+}
+
+#[test]
+fn generate_without_tokenizer_names_the_missing_file() {
+    let output = Command::new(env!("CARGO_BIN_EXE_gemma4"))
+        .args([
+            "generate",
+            "--model",
+            common::golden_model("e2b_like").to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("tokenizer.json") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
