@@ -106,6 +106,10 @@ pub struct CompareReport {
     pub diagnosis_details: Option<Diagnosis>,
     /// Remarks on how the comparison was made.
     pub notes: Vec<String>,
+    /// Where the expected dump came from (a file, or the reference on a model).
+    pub expected_source: String,
+    /// The candidate dump's file.
+    pub candidate_source: String,
 }
 
 /// Errors that make the inputs unusable (exit code 2).
@@ -165,6 +169,7 @@ pub fn run_compare(
                 source,
             })?;
             let mut report = compare(&expected, &candidate, &ModelFacts::default());
+            report.expected_source = path.display().to_string();
             if !report.conformant {
                 report
                     .notes
@@ -184,6 +189,11 @@ pub fn run_compare(
                 with_faults(&[], || loaded.dump(tokens, decode_steps)).map_err(model_error)?;
             let facts = ModelFacts::of_model(&loaded);
             let mut report = compare(&expected, &candidate, &facts);
+            report.expected_source = format!(
+                "the reference on {} ({} tokens, {decode_steps} decode steps)",
+                model.display(),
+                tokens.len()
+            );
             if decode_steps > 0 {
                 report.notes.push(format!(
                     "the reference decoded {decode_steps} greedy steps, as many as the candidate's decode_logits rows"
@@ -196,6 +206,8 @@ pub fn run_compare(
             report
         }
     };
+    let mut report = report;
+    report.candidate_source = candidate_path.display().to_string();
     if report.compared == 0 {
         return Err(CompareError::NothingInCommon {
             path: candidate_path.to_path_buf(),
@@ -205,9 +217,14 @@ pub fn run_compare(
     Ok(report)
 }
 
-/// Is there a divergence for the diagnosis to explain?
+/// Is there a divergence for the diagnosis to explain? (Not when the dumps are of different
+/// token sequences: no fault changes `input_ids`.)
 pub fn needs_diagnosis(report: &CompareReport) -> bool {
-    !report.conformant && report.first_divergence.is_some()
+    !report.conformant
+        && report
+            .first_divergence
+            .as_deref()
+            .is_some_and(|first| first != "input_ids")
 }
 
 /// [`compare`], then, if the candidate diverges, [`attach_diagnosis`] with `library` (whose
@@ -402,13 +419,10 @@ pub fn compare(
         let (e, c) = (expected.get(&r.name)?, candidate.get(&r.name)?);
         Some(error_structure(&r.name, e, c, r.tolerance, facts))
     });
-    let mut error_structure = error_structure;
-    if let (Some(structure), Some(first)) = (error_structure.as_mut(), first) {
-        if first.name == "input_ids" {
-            structure
-                .hints
-                .push("the candidate was computed for other token ids (check --tokens)".into());
-        }
+    if first.is_some_and(|r| r.name == "input_ids") {
+        notes.push(
+            "the candidate's input_ids differ from the expected ones: the dumps are of different token sequences (check --tokens, BOS handling, multimodal expansion), so later tensors are not comparable".to_string(),
+        );
     }
     if let Some(first) = first {
         let prefill_conforms = tensors
@@ -440,12 +454,20 @@ pub fn compare(
         diagnosis_details: None,
         notes,
         tensors,
+        expected_source: String::new(),
+        candidate_source: String::new(),
     }
 }
 
 /// The human-readable report.
 pub fn format_report(report: &CompareReport) -> String {
     let mut out = String::new();
+    if !report.expected_source.is_empty() {
+        out.push_str(&format!("expected:  {}\n", report.expected_source));
+    }
+    if !report.candidate_source.is_empty() {
+        out.push_str(&format!("candidate: {}\n", report.candidate_source));
+    }
     out.push_str(&format!(
         "precision: {} (expected {}, candidate {}); depth-aware tolerances with L = {} ({})\n\n",
         report.precision.applied,

@@ -259,9 +259,11 @@ fn channel_summary(
     let is_rotated = |c: usize| (c % half) < rotated_pairs;
     let all_rotated = channels.iter().all(|&c| is_rotated(c));
     let all_pass_through = channels.iter().all(|&c| !is_rotated(c));
+    let pair_zero_matches = !channels.contains(&0) && !channels.contains(&half);
     if part == "attn.v" {
         return (base, None);
     }
+    let layer_name = format!("layer {} ({part})", layer_plan.index);
     if rotated_pairs < half && all_pass_through {
         (
             format!(
@@ -269,17 +271,21 @@ fn channel_summary(
                 half - 1
             ),
             Some(format!(
-                "layer {} ({}): only channels that p-RoPE leaves unrotated diverge; the port rotates pairs it must pass through (rope_full_on_global?)",
-                layer_plan.index,
-                part
+                "{layer_name}: only channels that p-RoPE leaves unrotated diverge: the port rotates pairs it must pass through (as the fault rope_full_on_global does)"
+            )),
+        )
+    } else if all_rotated && pair_zero_matches {
+        (
+            format!("{base}: rotated channels only, pair 0 (channels 0 and {half}) matches"),
+            Some(format!(
+                "{layer_name}: rotated pairs diverge except pair 0, whose frequency is 1 for every theta and exponent: the RoPE frequencies differ (theta, exponent denominator)"
             )),
         )
     } else if all_rotated && rotated_pairs < half {
         (
             format!("{base}: only rotated channels (the first {rotated_pairs} pairs of each half)"),
             Some(format!(
-                "layer {} ({}): only the rotated channels diverge: RoPE frequencies (theta, exponent denominator) or positions",
-                layer_plan.index, part
+                "{layer_name}: only the rotated channels diverge: RoPE pairing or positions"
             )),
         )
     } else {

@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use gemma4::compare::{compare, compare_and_diagnose, CompareReport, ModelFacts};
 use gemma4::compare_diagnosis::{perturb_weights, FaultLibrary, FaultRun};
+use gemma4::compare_structure::ErrorStructure;
 use gemma4::comparison::Status;
 use gemma4::golden::{load_cases, GoldenCase};
 use gemma4_reference::faults::{with_faults, Fault};
@@ -449,4 +450,204 @@ fn diagnosis_out_of_catalogue_bugs_not_named_every_case() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Error structure of the first divergence
+// ---------------------------------------------------------------------------------------------
+
+/// The report of the exact dump of `faults` on `case`, with its error structure.
+fn structure_of(case: &str, faults: &[Fault]) -> (CompareReport, ErrorStructure) {
+    let fixture = fixture(case);
+    let report = compare(
+        &fixture.clean,
+        &candidate(fixture, faults, 0.0, |_| {}),
+        &fixture.facts,
+    );
+    let structure = report
+        .error_structure
+        .clone()
+        .unwrap_or_else(|| panic!("{case} {faults:?}: no error structure in {report:#?}"));
+    (report, structure)
+}
+
+#[test]
+fn structure_p_rope_pass_through_channels_e2b_like() {
+    let (report, s) = structure_of("e2b_like", &[Fault::RopeFullOnGlobal]);
+    assert_eq!(report.first_divergence.as_deref(), Some("layers.4.attn.q"));
+    let channels = s.channels.expect("q has channels");
+    // d_g = 32, p-RoPE rotates pairs 0..3 of each half: channels 0..3 and 16..19.
+    let rotated: Vec<usize> = channels
+        .diverging
+        .iter()
+        .copied()
+        .filter(|c| c % 16 < 4)
+        .collect();
+    assert!(
+        rotated.is_empty() && !channels.diverging.is_empty(),
+        "diverging channels {:?} should all be pass-through ({})",
+        channels.diverging,
+        channels.summary
+    );
+    assert!(
+        s.hints.iter().any(|h| h.contains("unrotated")),
+        "hints: {:?}",
+        s.hints
+    );
+    let rows = s.rows.expect("rows");
+    assert!(
+        !rows.diverging.contains(&0),
+        "position 0 is never rotated, yet diverges: {}",
+        rows.summary
+    );
+}
+
+#[test]
+fn structure_rope_frequencies_rotated_channels_e2b_like() {
+    let (report, s) = structure_of("e2b_like", &[Fault::RopeExponentOverRotatedWidth]);
+    assert_eq!(report.first_divergence.as_deref(), Some("layers.4.attn.q"));
+    let channels = s.channels.expect("q has channels");
+    assert!(
+        channels.diverging.iter().all(|c| c % 16 < 4) && !channels.diverging.contains(&0),
+        "diverging channels {:?} should be rotated ones other than pair 0 ({})",
+        channels.diverging,
+        channels.summary
+    );
+    assert!(
+        s.hints.iter().any(|h| h.contains("frequencies differ")),
+        "hints: {:?}",
+        s.hints
+    );
+}
+
+#[test]
+fn structure_sliding_window_positions_e2b_like() {
+    let window = fixture("e2b_like").facts.sliding_window.expect("W");
+    for (fault, from) in [
+        (Fault::SlidingWindowPlusOne, window),
+        (Fault::SlidingWindowMinusOne, window - 1),
+    ] {
+        let (report, s) = structure_of("e2b_like", &[fault]);
+        assert_eq!(
+            report.first_divergence.as_deref(),
+            Some("layers.0.attn.output")
+        );
+        let rows = s.rows.expect("rows");
+        let want: Vec<usize> = (from..rows.of).collect();
+        assert_eq!(rows.diverging, want, "{}: {}", fault.id(), rows.summary);
+        assert!(
+            s.hints.iter().any(|h| h.contains("sliding window")),
+            "{}: hints {:?}",
+            fault.id(),
+            s.hints
+        );
+    }
+}
+
+#[test]
+fn structure_constant_factor_sqrt_two_e4b_like() {
+    let (report, s) = structure_of("e4b_like", &[Fault::PleNoInputScale]);
+    assert_eq!(report.first_divergence.as_deref(), Some("per_layer_inputs"));
+    let factor = s.scale_factor.expect("a pure rescaling");
+    assert!(
+        (factor - std::f64::consts::SQRT_2).abs() < 1e-5,
+        "factor {factor}, want sqrt(2)"
+    );
+}
+
+#[test]
+fn structure_single_head_31b_like() {
+    // Query head 2 of layer 0 projects to zero: only that head of layers.0.attn.q diverges.
+    let fixture = fixture("31b_like");
+    let d = fixture.facts.plan.as_ref().unwrap().layers[0].head_dim;
+    let dump = candidate(fixture, &[], 0.0, |m| {
+        m.weights.layers[0]
+            .attention
+            .q_proj
+            .slice_mut(ndarray::s![2 * d..3 * d, ..])
+            .fill(0.0);
+    });
+    let report = judge(fixture, &dump);
+    assert_eq!(report.first_divergence.as_deref(), Some("layers.0.attn.q"));
+    let heads = report.error_structure.unwrap().heads.expect("heads");
+    assert_eq!(heads.diverging, vec![2], "{}", heads.summary);
+    assert_eq!(
+        report.diagnosis, None,
+        "a zeroed head is not in the catalogue"
+    );
+}
+
+#[test]
+fn structure_decode_steps_only_26b_a4b_like() {
+    // The prompt's tensors are right; decode_logits rows 3.. are off (a cache bug's signature).
+    let fixture = fixture("26b_a4b_like");
+    let mut dump = fixture.clean.clone();
+    let decode = dump.get("decode_logits").unwrap().as_f32().unwrap().clone();
+    let mut moved = decode.clone();
+    moved
+        .slice_mut(ndarray::s![3.., ..])
+        .mapv_inplace(|v| v + 0.05);
+    dump.insert_f32("decode_logits", moved);
+    let report = judge(fixture, &dump);
+    assert_eq!(report.first_divergence.as_deref(), Some("decode_logits"));
+    let rows = report
+        .error_structure
+        .as_ref()
+        .unwrap()
+        .rows
+        .clone()
+        .unwrap();
+    assert_eq!(rows.axis, "decode_steps");
+    assert_eq!(rows.diverging, (3..decode.shape()[0]).collect::<Vec<_>>());
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("only the decode steps")),
+        "notes: {:?}",
+        report.notes
+    );
+    assert_eq!(report.diagnosis, None);
+}
+
+#[test]
+fn compare_non_finite_candidate_not_conformant_e2b_like() {
+    let fixture = fixture("e2b_like");
+    let mut dump = fixture.clean.clone();
+    let mut logits = dump.get("logits").unwrap().as_f32().unwrap().clone();
+    logits[[3, 7]] = f32::NAN;
+    dump.insert_f32("logits", logits);
+    let report = judge(fixture, &dump);
+    assert!(!report.conformant);
+    assert_eq!(report.first_divergence.as_deref(), Some("logits"));
+    assert_eq!(report.non_finite, vec!["logits".to_string()]);
+    let logits_report = report.tensors.iter().find(|r| r.name == "logits").unwrap();
+    assert_eq!(logits_report.status, Status::NonFinite);
+    assert_eq!(logits_report.worst_index, vec![3, 7]);
+    assert_eq!(report.diagnosis, None, "{}", verdict(&report));
+}
+
+#[test]
+fn compare_bf16_candidate_uses_bf16_policy_e2b_like() {
+    // Our clean dump rounded to bf16 (what a port storing bf16 gives): recognised as bfloat16
+    // from its values alone, judged by the bfloat16 policy, conformant.
+    let fixture = fixture("e2b_like");
+    let mut rounded = ActivationDump::new();
+    for name in fixture.clean.names_in_model_order() {
+        let tensor = fixture.clean.get(name).unwrap().clone();
+        match tensor {
+            gemma4_reference::dump::DumpTensor::F32(a) => {
+                rounded.insert_f32(name, gemma4::comparison::round_to_bf16(&a))
+            }
+            other => rounded.insert(name, other),
+        }
+    }
+    let report = judge(fixture, &rounded);
+    assert_eq!(report.precision.candidate, "bfloat16");
+    assert_eq!(report.precision.applied, "bfloat16");
+    assert!(
+        report.conformant,
+        "first divergence {:?}",
+        report.first_divergence
+    );
 }
