@@ -22,7 +22,9 @@ use gemma4_reference::faults::with_faults;
 use gemma4_reference::{Gemma4TextModel, ModelPlan};
 use safetensors::Dtype;
 
-use crate::compare_diagnosis::{diagnose, Diagnosis, FaultLibrary, ScoredTensor};
+use crate::compare_diagnosis::{
+    comparable_decode_rows, diagnose, Diagnosis, FaultLibrary, ScoredTensor,
+};
 use crate::compare_structure::{error_structure, ErrorStructure};
 use crate::comparison::{
     compare_dumps, depth_of, is_index_tensor, layers_in_dump, round_to_bf16, tolerance_for,
@@ -423,6 +425,20 @@ pub fn compare(
         notes.push(
             "the candidate's input_ids differ from the expected ones: the dumps are of different token sequences (check --tokens, BOS handling, multimodal expansion), so later tensors are not comparable".to_string(),
         );
+    }
+    if let (Some(_), Some(rows)) = (
+        candidate.get("decode_logits"),
+        comparable_decode_rows(expected, candidate),
+    ) {
+        notes.push(if rows == 0 {
+            "the candidate's first greedy token (argmax of the last prompt logits) differs from the expected one: its decode steps run on another token sequence".to_string()
+        } else {
+            format!(
+                "the candidate's greedy choice after decode step {} differs from the expected one: decode_logits rows after {} are on another token sequence",
+                rows - 1,
+                rows - 1
+            )
+        });
     }
     if let Some(first) = first {
         let prefill_conforms = tensors
