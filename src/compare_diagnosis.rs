@@ -16,8 +16,11 @@
 //!    only faults whose first changed tensor is at or before the candidate's first divergence
 //!    are candidates (an MoE fault cannot explain `layers.0.attn.q`).
 //! 3. Fit. For each hypothesis, the *misfit* is the largest, over the float tensors the
-//!    candidate and the expected dump share, of `max_rel(candidate, hypothesis) / tolerance`:
-//!    the candidate's error against that hypothesis in units of the tensor's tolerance. The
+//!    candidate and the expected dump share, of `max_rel(candidate, hypothesis) / allowance`:
+//!    the candidate's error against that hypothesis in units of the tensor's tolerance —
+//!    widened to the hypothesis' own noise envelope where that is larger (a faulty model can
+//!    amplify float noise more than the correct one; [`Hypothesis::envelope`]). Decode rows
+//!    count only while the two greedy continuations agree ([`comparable_decode_rows`]). The
 //!    clean dump's misfit is above 1 (the candidate does not conform); the right fault brings
 //!    it down to float noise, about what a correct port shows against the clean dump.
 //! 4. Verdict. The best fault is named only if it reproduces the candidate closely
@@ -142,10 +145,11 @@ pub enum FaultRun {
 
 impl FaultLibrary {
     /// Runs the reference once per fault of the catalogue on `tokens` with `decode_steps`
-    /// greedy steps, plus a noise probe of each run. `model` was loaded from `model_dir`
+    /// greedy steps, plus the noise probes of each run. `model` was loaded from `model_dir`
     /// without faults and `clean` is its dump. Faults that change the layer plan reload the
-    /// checkpoint with the fault on. Runs in parallel (each run is single-threaded and switches
-    /// its fault on in its own thread).
+    /// checkpoint with the fault on. The runs of one stage go in parallel (each run is
+    /// single-threaded and switches its fault on in its own thread); the probes load one
+    /// perturbed copy of the weights at a time, so memory peaks at about twice the model.
     pub fn build(
         model: &Gemma4TextModel,
         model_dir: &Path,
@@ -153,34 +157,75 @@ impl FaultLibrary {
         decode_steps: usize,
         clean: ActivationDump,
     ) -> FaultLibrary {
-        // Loaded with no fault on, whatever GEMMA4_FAULTS says: the layer plan is derived at
-        // load time, and these models serve every fault that keeps the clean plan.
-        let probe_models: Vec<Gemma4TextModel> = PROBE_SEEDS
-            .iter()
-            .filter_map(|&seed| with_faults(&[], || probe_model(model_dir, seed)))
-            .collect();
-        let clean_probes = probe_models
-            .iter()
-            .filter_map(|p| with_faults(&[], || p.dump(tokens, decode_steps)).ok())
-            .collect();
-        let clean = Hypothesis::new(clean, clean_probes);
-        let entries = Fault::ALL
+        // 1. One exact run per applicable fault.
+        let exact: Vec<Result<ExactRun, String>> = Fault::ALL
             .par_iter()
-            .map(|&fault| LibraryEntry {
+            .map(|&fault| exact_run(model, model_dir, tokens, decode_steps, fault, &clean))
+            .collect();
+
+        // 2. The noise probes, one perturbed copy of the weights at a time. The copy is loaded
+        //    with no fault on, whatever GEMMA4_FAULTS says: the layer plan is derived at load
+        //    time, and it serves the clean run and every fault that keeps the clean plan.
+        let mut clean_probes = Vec::new();
+        let mut probes: Vec<Vec<ActivationDump>> = vec![Vec::new(); Fault::ALL.len()];
+        for &seed in &PROBE_SEEDS {
+            let Some(probe) = with_faults(&[], || probe_model(model_dir, seed)) else {
+                continue;
+            };
+            if let Ok(dump) = with_faults(&[], || probe.dump(tokens, decode_steps)) {
+                clean_probes.push(dump);
+            }
+            let runs: Vec<Option<ActivationDump>> = Fault::ALL
+                .par_iter()
+                .zip(&exact)
+                .map(|(&fault, run)| {
+                    let run = run.as_ref().ok()?;
+                    with_faults(&[fault], || {
+                        if run.plan_changed {
+                            probe_model(model_dir, seed)?
+                                .dump(tokens, decode_steps)
+                                .ok()
+                        } else {
+                            probe.dump(tokens, decode_steps).ok()
+                        }
+                    })
+                })
+                .collect();
+            for (slot, run) in probes.iter_mut().zip(runs) {
+                slot.extend(run);
+            }
+        }
+
+        // 3. The hypotheses.
+        let entries = Fault::ALL
+            .iter()
+            .zip(exact)
+            .zip(probes)
+            .map(|((&fault, run), probes)| LibraryEntry {
                 fault,
-                run: run_fault(
-                    model,
-                    &probe_models,
-                    model_dir,
-                    tokens,
-                    decode_steps,
-                    fault,
-                    &clean.dump,
-                ),
+                run: match run {
+                    Ok(run) => FaultRun::Dump {
+                        hypothesis: Hypothesis::new(run.dump, probes),
+                        first_changed: run.first_changed,
+                    },
+                    Err(reason) => FaultRun::NotApplicable(reason),
+                },
             })
             .collect();
-        FaultLibrary { clean, entries }
+        FaultLibrary {
+            clean: Hypothesis::new(clean, clean_probes),
+            entries,
+        }
     }
+}
+
+/// A fault's exact run.
+struct ExactRun {
+    dump: ActivationDump,
+    /// The first tensor (model order) that differs from the clean dump.
+    first_changed: String,
+    /// The fault changes the layer plan (the model had to be reloaded with it on).
+    plan_changed: bool,
 }
 
 /// The model of `model_dir` with its weights perturbed for a noise probe (loaded with the
@@ -191,59 +236,44 @@ fn probe_model(model_dir: &Path, seed: u64) -> Option<Gemma4TextModel> {
     Some(model)
 }
 
-fn run_fault(
+/// Runs `fault` on the clean model (or on a reload, if it changes the layer plan); `Err` says
+/// why the fault cannot apply here.
+fn exact_run(
     model: &Gemma4TextModel,
-    probe_models: &[Gemma4TextModel],
     model_dir: &Path,
     tokens: &[usize],
     decode_steps: usize,
     fault: Fault,
     clean: &ActivationDump,
-) -> FaultRun {
+) -> Result<ExactRun, String> {
     if let Some(reason) = not_applicable(fault, model, tokens) {
-        return FaultRun::NotApplicable(reason);
+        return Err(reason);
     }
-    let result = with_faults(&[fault], || {
+    let (dump, plan_changed) = with_faults(&[fault], || {
         let plan = ModelPlan::from_config(&model.config.text);
         if plan == model.plan {
-            let dump = model
+            return model
                 .dump(tokens, decode_steps)
-                .map_err(|e| e.to_string())?;
-            let probes = probe_models
-                .iter()
-                .filter_map(|p| p.dump(tokens, decode_steps).ok())
-                .collect();
-            return Ok((dump, probes));
+                .map(|d| (d, false))
+                .map_err(|e| e.to_string());
         }
         if let Some(reason) = kv_geometry_mismatch(&plan) {
             return Err(reason);
         }
-        let dump = Gemma4TextModel::load(model_dir)
+        Gemma4TextModel::load(model_dir)
             .and_then(|faulty| faulty.dump(tokens, decode_steps))
-            .map_err(|e| e.to_string())?;
-        let probes = PROBE_SEEDS
-            .iter()
-            .filter_map(|&seed| {
-                probe_model(model_dir, seed)?
-                    .dump(tokens, decode_steps)
-                    .ok()
-            })
-            .collect();
-        Ok((dump, probes))
-    });
-    match result {
-        Err(reason) => FaultRun::NotApplicable(format!("the reference cannot run it: {reason}")),
-        Ok((dump, probes)) => match first_difference(clean, &dump) {
-            Some(first_changed) => FaultRun::Dump {
-                hypothesis: Hypothesis::new(dump, probes),
-                first_changed,
-            },
-            None => FaultRun::NotApplicable(
-                "no effect on this model and these tokens (its dump equals the clean one)"
-                    .to_string(),
-            ),
-        },
-    }
+            .map(|d| (d, true))
+            .map_err(|e| e.to_string())
+    })
+    .map_err(|reason| format!("the reference cannot run it: {reason}"))?;
+    let first_changed = first_difference(clean, &dump).ok_or_else(|| {
+        "no effect on this model and these tokens (its dump equals the clean one)".to_string()
+    })?;
+    Ok(ExactRun {
+        dump,
+        first_changed,
+        plan_changed,
+    })
 }
 
 /// A deterministic uniform generator (SplitMix64) with zero mean and unit variance.

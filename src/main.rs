@@ -204,14 +204,13 @@ fn compare(args: CompareArgs) -> ExitCode {
             ExitCode::from(2)
         }
         Ok(report) => {
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("serialisable")
-                );
+            let text = if args.json {
+                serde_json::to_string_pretty(&report).expect("serialisable") + "\n"
             } else {
-                print!("{}", format_report(&report));
-            }
+                format_report(&report)
+            };
+            // A closed pipe (`| head`) is not an error of the comparison.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
             if report.conformant {
                 ExitCode::SUCCESS
             } else {
