@@ -198,7 +198,7 @@ pub fn run_compare(
             );
             if decode_steps > 0 {
                 report.notes.push(format!(
-                    "the reference decoded {decode_steps} greedy steps, as many as the candidate's decode_logits rows"
+                    "the reference decoded {decode_steps} greedy steps, as many as the candidate has"
                 ));
             }
             if diagnose_faults && needs_diagnosis(&report) {
@@ -271,11 +271,12 @@ pub fn attach_diagnosis(
     report.diagnosis_details = Some(diagnosis);
 }
 
-/// Rows of the candidate's `decode_logits` (0 without it).
+/// Decode steps in the candidate: rows of its `decode_logits`, else the length of its
+/// `greedy_continuation`, else 0.
 pub fn decode_rows(candidate: &ActivationDump) -> usize {
-    candidate
-        .get("decode_logits")
-        .and_then(|t| t.shape().first().copied())
+    ["decode_logits", "greedy_continuation"]
+        .iter()
+        .find_map(|name| candidate.get(name).and_then(|t| t.shape().first().copied()))
         .unwrap_or(0)
 }
 
