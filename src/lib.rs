@@ -5,6 +5,9 @@
 //! (`compare`) and describe a checkpoint (`inspect`). The model itself lives in
 //! `gemma4-reference` (readable) and `gemma4-optimized` (fast).
 
+pub mod compare;
+pub mod compare_diagnosis;
+pub mod compare_structure;
 pub mod comparison;
 pub mod conform;
 pub mod engine;

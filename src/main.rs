@@ -4,15 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use gemma4::comparison::{
-    compare_dumps, depth_of, layers_in_dump, tolerance_for, Precision, Status,
-};
+use gemma4::compare::{format_report, run_compare, ExpectedSource};
 use gemma4::conform::{format_table, run_case};
 use gemma4::engine::Engine;
 use gemma4::golden::{golden_dir, load_cases};
 use gemma4::inspect::{format_inspection, inspect};
 use gemma4::tokens::parse_token_list;
-use gemma4_reference::ActivationDump;
 
 #[derive(Parser)]
 #[command(
@@ -100,6 +97,9 @@ struct CompareArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Skip the diagnosis (re-running the reference once per known fault) with --model.
+    #[arg(long)]
+    no_diagnosis: bool,
 }
 
 #[derive(Args)]
@@ -196,82 +196,43 @@ fn dump(args: DumpArgs) -> ExitCode {
 }
 
 fn compare(args: CompareArgs) -> ExitCode {
-    let candidate = match ActivationDump::read(&args.candidate) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("gemma4 compare: candidate: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let expected = match (&args.expected, &args.model, &args.tokens) {
-        (Some(path), _, _) => ActivationDump::read(path),
-        (None, Some(model), Some(tokens)) => match parse_token_list(tokens) {
-            Ok(tokens) => {
-                let decode = candidate
-                    .get("decode_logits")
-                    .map_or(0, |t| t.shape().first().copied().unwrap_or(0));
-                Engine::Reference.dump(model, &tokens, decode)
-            }
+    let tokens = match &args.tokens {
+        Some(text) => match parse_token_list(text) {
+            Ok(tokens) => Some(tokens),
             Err(e) => {
                 eprintln!("gemma4 compare: --tokens: {e}");
                 return ExitCode::from(2);
             }
         },
+        None => None,
+    };
+    let source = match (&args.expected, &args.model, &tokens) {
+        (Some(path), _, _) => ExpectedSource::File(path),
+        (None, Some(model), Some(tokens)) => ExpectedSource::Reference { model, tokens },
         _ => {
             eprintln!("gemma4 compare: give --expected FILE, or --model DIR with --tokens LIST");
             return ExitCode::from(2);
         }
     };
-    let expected = match expected {
-        Ok(d) => d,
+    match run_compare(source, &args.candidate, !args.no_diagnosis) {
         Err(e) => {
-            eprintln!("gemma4 compare: expected: {e}");
-            return ExitCode::from(2);
+            eprintln!("gemma4 compare: {e}");
+            ExitCode::from(2)
         }
-    };
-    let num_layers = layers_in_dump(&expected).unwrap_or(0);
-    let reports = compare_dumps(&expected, &candidate, |name| {
-        tolerance_for(name, Precision::Float32, depth_of(name, num_layers))
-    });
-    let compared = reports
-        .iter()
-        .filter(|r| r.status != Status::Missing)
-        .count();
-    let first = reports
-        .iter()
-        .find(|r| !matches!(r.status, Status::Pass | Status::Missing));
-    let conformant = compared > 0 && first.is_none();
-    if args.json {
-        let object = serde_json::json!({
-            "conformant": conformant,
-            "first_divergence": first.map(|r| r.name.clone()),
-            "diagnosis": serde_json::Value::Null,
-            "tensors": reports,
-        });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&object).expect("serialisable")
-        );
-    } else {
-        for report in &reports {
-            println!(
-                "{:<10} {}",
-                format!("{:?}", report.status),
-                report.describe()
-            );
+        Ok(report) => {
+            let text = if args.json {
+                serde_json::to_string_pretty(&report).expect("serialisable") + "\n"
+            } else {
+                format_report(&report)
+            };
+            // A closed pipe (`| head`) is not an error of the comparison.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+            if report.conformant {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
         }
-        match first {
-            None if conformant => println!("\nconformant: {compared} tensors within tolerance"),
-            None => println!("\nnot conformant: the candidate holds none of the expected tensors"),
-            Some(r) => println!("\nnot conformant; first divergence: {}", r.describe()),
-        }
-    }
-    if conformant {
-        ExitCode::SUCCESS
-    } else if compared == 0 {
-        ExitCode::from(2)
-    } else {
-        ExitCode::from(1)
     }
 }
 

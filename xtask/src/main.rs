@@ -5,6 +5,7 @@
 //! [`Task`] and a module file to add a task.
 
 mod golden;
+mod mutants;
 
 use std::error::Error;
 use std::process::ExitCode;
@@ -24,12 +25,16 @@ enum Task {
     /// Regenerate the golden fixtures (golden/) and the released-config facts
     /// (tests/data/released/) with the pinned Hugging Face oracle, or verify them with --check.
     Golden(golden::GoldenArgs),
+    /// Run the test suite once per fault of the reference's catalogue and report which tests
+    /// catch each (docs/mutation-score.md); fail if a fault survives.
+    Mutants(mutants::MutantsArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: Result<(), Box<dyn Error>> = match cli.task {
         Task::Golden(args) => golden::run(&args).map_err(Into::into),
+        Task::Mutants(args) => mutants::run(&args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,843 @@
+//! Diagnosis: which known porting bug (a fault of `reference/src/faults.rs`, shared contracts §4)
+//! explains a diverging candidate dump.
+//!
+//! The method is to *reproduce* the candidate. The reference is re-run once per fault of the
+//! catalogue, with that fault switched on ([`with_faults`]), on the same model, tokens and
+//! number of decode steps; each of these faulty dumps is a hypothesis, as is the clean dump.
+//!
+//! 1. Applicability. A fault is not run when its nature rules it out on this model (a PLE fault
+//!    on a model without PLE, a router fault without MoE, a KV-sharing fault without shared
+//!    layers, a K=V fault without K=V layers, ...), or when the reference cannot run it (a
+//!    KV-sharing fault that makes a layer read K/V of another head dim: a port with it fails
+//!    outright). A fault whose dump equals the clean dump bit for bit has no effect on this
+//!    model and these tokens and cannot explain anything.
+//! 2. Position. A fault first changes some tensor (in model order); everything before it is
+//!    bit-identical to the clean run. It cannot explain a divergence that starts earlier, so
+//!    only faults whose first changed tensor is at or before the candidate's first divergence
+//!    are candidates (an MoE fault cannot explain `layers.0.attn.q`).
+//! 3. Fit. For each hypothesis, the *misfit* is the largest, over the float tensors the
+//!    candidate and the expected dump share, of `max_rel(candidate, hypothesis) / allowance`:
+//!    the candidate's error against that hypothesis in units of the tensor's tolerance —
+//!    widened to the hypothesis' own noise envelope where that is larger (a faulty model can
+//!    amplify float noise more than the correct one; [`Hypothesis::envelope`]). Decode rows
+//!    count only while the two greedy continuations agree ([`comparable_decode_rows`]). The
+//!    clean dump's misfit is above 1 (the candidate does not conform); the right fault brings
+//!    it down to float noise, about what a correct port shows against the clean dump.
+//! 4. Verdict. The best fault is named only if it reproduces the candidate closely
+//!    (misfit ≤ [`CLOSE`]) and every alternative — the clean reference and every other fault —
+//!    fits at least [`SEPARATION`] times worse (with the best misfit counted as at least
+//!    [`NOISE_FLOOR`], so that two faults both within noise of the candidate are a tie, not a
+//!    win). Otherwise the answer is "no known fault explains this", with the ranking shown.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use gemma4_reference::config::{AttentionType, CheckpointLayout, RopeKind};
+use gemma4_reference::dump::{model_order_key, ActivationDump, DumpTensor};
+use gemma4_reference::faults::{with_faults, Fault};
+use gemma4_reference::layer_plan::KvSource;
+use gemma4_reference::{Gemma4TextModel, ModelPlan};
+use rayon::prelude::*;
+
+use crate::comparison::round_to_bf16;
+
+/// A fault is named only if its dump reproduces the candidate within this many allowances
+/// (tolerance, or the fault's noise envelope where larger; see [`Hypothesis::envelope`]) on
+/// every compared tensor. An independent implementation of a bug differs from our faulty run
+/// by its own float32 rounding, which a faulty model may amplify more than the correct one,
+/// and by the order of its arithmetic. Measured on every fault of every golden model
+/// (`tests/compare.rs`, `diagnosis_calibration_table`), with candidates made from weights
+/// perturbed by 1e-7 relative (the level at which the clean model lands as far from ours as
+/// Hugging Face's float32 run does) the right fault's misfit is at most 1.35, and at 3e-7 at
+/// most 3.4 (`post_norm_after_residual` on `26b_a4b_like`). 4 covers the latter; a bug outside
+/// the catalogue that leaves more than 4 allowances unexplained somewhere is not named.
+pub const CLOSE: f64 = 4.0;
+
+/// Every alternative explanation — the clean reference and every other fault — must misfit at
+/// least this many times more than the named fault. Between faults of the catalogue the gap is
+/// orders of magnitude on the golden models; it is smallest against the clean reference for
+/// the subtlest fault, `ple_no_projection_scale` on `e2b_like`, whose clean misfit is about
+/// 3.2 against 0.56–0.63 for the fault itself under 1e-7–3e-7 weight noise (a factor 5.3).
+/// 3 keeps margin for noisier ports while a factor below 3 — two explanations of about equal
+/// merit — is refused.
+pub const SEPARATION: f64 = 3.0;
+
+/// The best misfit is counted as at least this much when comparing it with the alternatives:
+/// misfits below it are float noise (a correct port reaches 0.1–0.3 against the clean
+/// reference on the golden models), so two hypotheses both under it cannot be told apart.
+pub const NOISE_FLOOR: f64 = 0.25;
+
+/// Relative weight perturbation of the noise probe (see [`Hypothesis::envelope`]). Perturbing
+/// every weight by 1e-7 to 3e-7 relative moves the clean golden dumps as far from ours as
+/// Hugging Face's float32 run is (misfit 0.1–0.3 tolerances; `tests/compare.rs`,
+/// `diagnosis_noise_calibration`), so 3e-7 is an upper estimate of an independent float32
+/// implementation's rounding noise.
+pub const PROBE_NOISE: f32 = 3e-7;
+
+/// Seeds of the noise probes: two draws, and the envelope takes the larger deviation of the two
+/// per tensor (with one draw, the golden models' worst case under 3e-7 noise was 3.7
+/// tolerances; one draw can be quiet exactly where another is loud).
+const PROBE_SEEDS: [u64; 2] = [0x6e6f_6973_6520_7072, 0x7072_6f62_6520_3262];
+
+/// One hypothesis about the candidate: the reference's dump with some fault (or none) on.
+pub struct Hypothesis {
+    pub dump: ActivationDump,
+    /// Per float tensor, how far float noise moves it under this hypothesis: `max_rel` between
+    /// this dump and the same run on weights perturbed by [`PROBE_NOISE`]. A faulty model can
+    /// amplify rounding differences much more than the correct one (a norm after the residual
+    /// add, a `1 + w` norm: up to 12x on the golden models), so an independent implementation
+    /// of the same bug lands farther from our faulty dump than a correct port lands from the
+    /// clean one. The fit allows `max(tolerance, envelope)` per tensor.
+    pub envelope: HashMap<String, f64>,
+}
+
+impl Hypothesis {
+    /// The envelope is the probe's `max_rel` per tensor, made non-decreasing along model order
+    /// (noise never shrinks with depth): one probe is one random draw, and at a single tensor
+    /// — an attention output near a softmax tie — another draw can land several times farther,
+    /// while the running maximum over everything before it bounds such draws (the golden
+    /// models' worst case under 3e-7 noise goes from 4.6 to 1.8 tolerances).
+    fn new(dump: ActivationDump, probes: Vec<ActivationDump>) -> Self {
+        let mut envelope = HashMap::new();
+        let mut running = 0.0f64;
+        for name in dump.names_in_model_order() {
+            let Some(exact @ DumpTensor::F32(_)) = dump.get(name) else {
+                continue;
+            };
+            let deviation = probes
+                .iter()
+                .filter_map(|probe| probe.get(name))
+                .filter_map(|noisy| relative_error(exact, noisy))
+                .filter(|d| d.is_finite())
+                .fold(None, |m: Option<f64>, d| Some(m.map_or(d, |m| m.max(d))));
+            if let Some(deviation) = deviation {
+                running = running.max(deviation);
+                envelope.insert(name.to_string(), running);
+            }
+        }
+        Hypothesis { dump, envelope }
+    }
+}
+
+/// The hypotheses the diagnosis compares a candidate with: the clean reference and one per
+/// applicable fault.
+pub struct FaultLibrary {
+    pub clean: Hypothesis,
+    pub entries: Vec<LibraryEntry>,
+}
+
+/// One fault's hypothesis, or why there is none.
+pub struct LibraryEntry {
+    pub fault: Fault,
+    pub run: FaultRun,
+}
+
+pub enum FaultRun {
+    /// The fault's dump; `first_changed` is the first tensor (model order) that differs from
+    /// the clean dump.
+    Dump {
+        hypothesis: Hypothesis,
+        first_changed: String,
+    },
+    /// The fault cannot apply here (the reason says why).
+    NotApplicable(String),
+}
+
+impl FaultLibrary {
+    /// Runs the reference once per fault of the catalogue on `tokens` with `decode_steps`
+    /// greedy steps, plus the noise probes of each run. `model` was loaded from `model_dir`
+    /// without faults and `clean` is its dump. Faults that change the layer plan reload the
+    /// checkpoint with the fault on. The runs of one stage go in parallel (each run is
+    /// single-threaded and switches its fault on in its own thread); the probes load one
+    /// perturbed copy of the weights at a time, so memory peaks at about twice the model.
+    pub fn build(
+        model: &Gemma4TextModel,
+        model_dir: &Path,
+        tokens: &[usize],
+        decode_steps: usize,
+        clean: ActivationDump,
+    ) -> FaultLibrary {
+        // 1. One exact run per applicable fault.
+        let exact: Vec<Result<ExactRun, String>> = Fault::ALL
+            .par_iter()
+            .map(|&fault| exact_run(model, model_dir, tokens, decode_steps, fault, &clean))
+            .collect();
+
+        // 2. The noise probes, one perturbed copy of the weights at a time. The copy is loaded
+        //    with no fault on, whatever GEMMA4_FAULTS says: the layer plan is derived at load
+        //    time, and it serves the clean run and every fault that keeps the clean plan.
+        let mut clean_probes = Vec::new();
+        let mut probes: Vec<Vec<ActivationDump>> = vec![Vec::new(); Fault::ALL.len()];
+        for &seed in &PROBE_SEEDS {
+            let Some(probe) = with_faults(&[], || probe_model(model_dir, seed)) else {
+                continue;
+            };
+            if let Ok(dump) = with_faults(&[], || probe.dump(tokens, decode_steps)) {
+                clean_probes.push(dump);
+            }
+            let runs: Vec<Option<ActivationDump>> = Fault::ALL
+                .par_iter()
+                .zip(&exact)
+                .map(|(&fault, run)| {
+                    let run = run.as_ref().ok()?;
+                    with_faults(&[fault], || {
+                        if run.plan_changed {
+                            probe_model(model_dir, seed)?
+                                .dump(tokens, decode_steps)
+                                .ok()
+                        } else {
+                            probe.dump(tokens, decode_steps).ok()
+                        }
+                    })
+                })
+                .collect();
+            for (slot, run) in probes.iter_mut().zip(runs) {
+                slot.extend(run);
+            }
+        }
+
+        // 3. The hypotheses.
+        let entries = Fault::ALL
+            .iter()
+            .zip(exact)
+            .zip(probes)
+            .map(|((&fault, run), probes)| LibraryEntry {
+                fault,
+                run: match run {
+                    Ok(run) => FaultRun::Dump {
+                        hypothesis: Hypothesis::new(run.dump, probes),
+                        first_changed: run.first_changed,
+                    },
+                    Err(reason) => FaultRun::NotApplicable(reason),
+                },
+            })
+            .collect();
+        FaultLibrary {
+            clean: Hypothesis::new(clean, clean_probes),
+            entries,
+        }
+    }
+}
+
+/// A fault's exact run.
+struct ExactRun {
+    dump: ActivationDump,
+    /// The first tensor (model order) that differs from the clean dump.
+    first_changed: String,
+    /// The fault changes the layer plan (the model had to be reloaded with it on).
+    plan_changed: bool,
+}
+
+/// The model of `model_dir` with its weights perturbed for a noise probe (loaded with the
+/// faults currently on in this thread, so that a fault changing the layer plan is in it).
+fn probe_model(model_dir: &Path, seed: u64) -> Option<Gemma4TextModel> {
+    let mut model = Gemma4TextModel::load(model_dir).ok()?;
+    perturb_weights(&mut model, PROBE_NOISE, seed);
+    Some(model)
+}
+
+/// Runs `fault` on the clean model (or on a reload, if it changes the layer plan); `Err` says
+/// why the fault cannot apply here.
+fn exact_run(
+    model: &Gemma4TextModel,
+    model_dir: &Path,
+    tokens: &[usize],
+    decode_steps: usize,
+    fault: Fault,
+    clean: &ActivationDump,
+) -> Result<ExactRun, String> {
+    if let Some(reason) = not_applicable(fault, model, tokens) {
+        return Err(reason);
+    }
+    let (dump, plan_changed) = with_faults(&[fault], || {
+        let plan = ModelPlan::from_config(&model.config.text);
+        if plan == model.plan {
+            return model
+                .dump(tokens, decode_steps)
+                .map(|d| (d, false))
+                .map_err(|e| e.to_string());
+        }
+        if let Some(reason) = kv_geometry_mismatch(&plan) {
+            return Err(reason);
+        }
+        Gemma4TextModel::load(model_dir)
+            .and_then(|faulty| faulty.dump(tokens, decode_steps))
+            .map(|d| (d, true))
+            .map_err(|e| e.to_string())
+    })
+    .map_err(|reason| format!("the reference cannot run it: {reason}"))?;
+    let first_changed = first_difference(clean, &dump).ok_or_else(|| {
+        "no effect on this model and these tokens (its dump equals the clean one)".to_string()
+    })?;
+    Ok(ExactRun {
+        dump,
+        first_changed,
+        plan_changed,
+    })
+}
+
+/// A deterministic uniform generator (SplitMix64) with zero mean and unit variance.
+struct ProbeNoise(u64);
+
+impl ProbeNoise {
+    fn next(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let unit = (z >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+        (2.0 * unit - 1.0) * 3f32.sqrt()
+    }
+
+    fn perturb<D: ndarray::Dimension>(&mut self, a: &mut ndarray::Array<f32, D>, relative: f32) {
+        a.mapv_inplace(|v| v * (1.0 + relative * self.next()));
+    }
+}
+
+/// Multiplies every weight of `model` except the embedding lookup tables (token and PLE; they
+/// are read, not computed with) by `1 + relative · u`, `u` uniform with unit variance from
+/// `seed`: a stand-in for an independent implementation's float32 rounding noise, which, like
+/// this, enters every matrix product and norm and then propagates through the layers.
+pub fn perturb_weights(model: &mut Gemma4TextModel, relative: f32, seed: u64) {
+    let mut noise = ProbeNoise(seed);
+    let weights = &mut model.weights;
+    if let Some(ple) = weights.per_layer_embeddings.as_mut() {
+        noise.perturb(&mut ple.model_projection, relative);
+        noise.perturb(&mut ple.projection_norm, relative);
+    }
+    noise.perturb(&mut weights.final_norm, relative);
+    for layer in weights.layers.iter_mut() {
+        noise.perturb(&mut layer.input_layernorm, relative);
+        noise.perturb(&mut layer.post_attention_layernorm, relative);
+        noise.perturb(&mut layer.pre_feedforward_layernorm, relative);
+        noise.perturb(&mut layer.post_feedforward_layernorm, relative);
+        let attention = &mut layer.attention;
+        noise.perturb(&mut attention.q_proj, relative);
+        noise.perturb(&mut attention.q_norm, relative);
+        noise.perturb(&mut attention.o_proj, relative);
+        for projection in [attention.k_proj.as_mut(), attention.v_proj.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            noise.perturb(projection, relative);
+        }
+        if let Some(k_norm) = attention.k_norm.as_mut() {
+            noise.perturb(k_norm, relative);
+        }
+        noise.perturb(&mut layer.mlp.gate_proj, relative);
+        noise.perturb(&mut layer.mlp.up_proj, relative);
+        noise.perturb(&mut layer.mlp.down_proj, relative);
+        if let Some(moe) = layer.moe.as_mut() {
+            noise.perturb(&mut moe.router_proj, relative);
+            noise.perturb(&mut moe.router_scale, relative);
+            noise.perturb(&mut moe.per_expert_scale, relative);
+            noise.perturb(&mut moe.gate_up_proj, relative);
+            noise.perturb(&mut moe.down_proj, relative);
+            noise.perturb(&mut moe.pre_feedforward_layernorm_2, relative);
+            noise.perturb(&mut moe.post_feedforward_layernorm_1, relative);
+            noise.perturb(&mut moe.post_feedforward_layernorm_2, relative);
+        }
+        if let Some(ple) = layer.per_layer_embedding.as_mut() {
+            noise.perturb(&mut ple.input_gate, relative);
+            noise.perturb(&mut ple.projection, relative);
+            noise.perturb(&mut ple.post_norm, relative);
+        }
+        layer.layer_scalar *= 1.0 + relative * noise.next();
+    }
+}
+
+/// A KV-sharing plan where a layer would read keys and values of another shape.
+fn kv_geometry_mismatch(plan: &ModelPlan) -> Option<String> {
+    plan.layers.iter().find_map(|layer| match layer.kv_source {
+        KvSource::SharedFrom { producer } => {
+            let source = &plan.layers[producer];
+            (source.head_dim != layer.head_dim || source.num_kv_heads != layer.num_kv_heads)
+                .then(|| {
+                    format!(
+                        "layer {} would read layer {producer}'s K/V ({} heads x {}) with {} heads x {}; a port with this bug fails outright here",
+                        layer.index,
+                        source.num_kv_heads,
+                        source.head_dim,
+                        layer.num_kv_heads,
+                        layer.head_dim
+                    )
+                })
+        }
+        KvSource::Own { .. } => None,
+    })
+}
+
+/// Why a fault cannot apply to this model and these tokens, judged from its nature and the
+/// layer plan (the empirical check in [`run_fault`] catches what this misses).
+fn not_applicable(fault: Fault, model: &Gemma4TextModel, tokens: &[usize]) -> Option<String> {
+    let text = &model.config.text;
+    let plan = &model.plan;
+    let no_ple = text.hidden_size_per_layer_input == 0;
+    let no_moe = text.moe.is_none();
+    let reason = |applies: bool, why: &str| (!applies).then(|| why.to_string());
+    match fault {
+        Fault::PleMissing
+        | Fault::PleNoInputScale
+        | Fault::PleNoTokenScale
+        | Fault::PleNoProjectionScale => reason(!no_ple, "the model has no Per-Layer Embeddings"),
+        Fault::PlePlaceholderNotPad => {
+            let tokens_ = &model.config.special_tokens;
+            let placeholders = [
+                tokens_.image_token_id,
+                tokens_.video_token_id,
+                tokens_.audio_token_id,
+            ];
+            let has_placeholder = model.config.layout == CheckpointLayout::ConditionalGeneration
+                && tokens.iter().any(|&t| placeholders.contains(&Some(t)));
+            reason(!no_ple, "the model has no Per-Layer Embeddings").or_else(|| {
+                reason(
+                    has_placeholder,
+                    "no multimodal placeholder token among the tokens",
+                )
+            })
+        }
+        Fault::RouterOnNormedInput
+        | Fault::RouterNoRenormalize
+        | Fault::RouterPerExpertScaleIgnored
+        | Fault::SharedMlpMissing => reason(!no_moe, "the model has no mixture-of-experts block"),
+        Fault::KvSharedWrongSource | Fault::KvSharedFirstProducer => reason(
+            text.num_kv_shared_layers > 0,
+            "the model has no KV-shared layers",
+        ),
+        Fault::KeyEqualsValueFromFinalKey => reason(
+            plan.layers.iter().any(|l| l.key_equals_value),
+            "the model has no K=V layer",
+        ),
+        Fault::RopeFullOnGlobal | Fault::RopeExponentOverRotatedWidth => reason(
+            plan.layers.iter().any(|l| {
+                l.attention_type == AttentionType::Full
+                    && matches!(l.rope.kind, RopeKind::Proportional { .. })
+            }),
+            "the model has no full layer with proportional RoPE",
+        ),
+        Fault::GqaHeadModulo => reason(
+            plan.layers
+                .iter()
+                .any(|l| l.num_kv_heads > 1 && l.num_kv_heads < l.num_query_heads),
+            "every layer has one KV head, or one per query head, where n mod K = floor(n / (H/K))",
+        ),
+        Fault::SlidingWindowPlusOne | Fault::SlidingWindowMinusOne => reason(
+            plan.layers.iter().any(|l| l.sliding_window.is_some()),
+            "the model has no sliding layer",
+        ),
+        Fault::EmbedScaleNotRounded => {
+            let scale = (text.hidden_size as f64).sqrt() as f32;
+            reason(
+                model.weights.embed_dtype.round(scale) != scale,
+                "sqrt(D) is exact in the embedding table's dtype",
+            )
+        }
+        Fault::SoftcapMissing => reason(
+            text.final_logit_softcapping.is_some(),
+            "the model has no final logit softcapping",
+        ),
+        Fault::RopeThetaSwapped => reason(
+            text.rope_sliding.theta != text.rope_full.theta
+                && plan
+                    .layers
+                    .iter()
+                    .any(|l| l.attention_type == AttentionType::Sliding),
+            "sliding and full layers share one theta",
+        ),
+        Fault::LayerScalarIgnored => reason(
+            model.weights.layers.iter().any(|l| l.layer_scalar != 1.0),
+            "every layer_scalar is 1",
+        ),
+        _ => None,
+    }
+}
+
+/// The first tensor, in model order, present in only one dump or different between them.
+fn first_difference(clean: &ActivationDump, other: &ActivationDump) -> Option<String> {
+    let mut names: Vec<&str> = clean.names_in_model_order();
+    names.extend(
+        other
+            .names_in_model_order()
+            .into_iter()
+            .filter(|n| clean.get(n).is_none()),
+    );
+    names.sort_by_key(|n| model_order_key(n));
+    names
+        .into_iter()
+        .find(|n| clean.get(n) != other.get(n))
+        .map(String::from)
+}
+
+/// A tensor the diagnosis scores, with its tolerance. `exact_bf16`: compared after rounding
+/// both sides to bf16, where any difference is a real one (bf16 embeddings).
+#[derive(Clone, Debug)]
+pub struct ScoredTensor {
+    pub name: String,
+    pub tolerance: f64,
+    pub exact_bf16: bool,
+}
+
+/// How well one hypothesis reproduces the candidate.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Fit {
+    /// A fault id, or `clean` for the clean reference.
+    pub hypothesis: String,
+    /// Largest `max_rel / tolerance` over the scored tensors.
+    pub misfit: f64,
+    /// `misfit` divided by the clean reference's misfit.
+    pub relative_to_clean: f64,
+    /// Where the misfit is largest.
+    pub worst_tensor: Option<String>,
+    /// The first tensor (model order) the hypothesis does not reproduce within tolerance.
+    pub first_unexplained: Option<String>,
+    /// Tensors scored (present in the candidate and the hypothesis).
+    pub tensors: usize,
+}
+
+/// A fault left out of the ranking, and why.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Excluded {
+    pub fault: String,
+    pub reason: String,
+}
+
+/// The thresholds of the verdict (documented on the constants).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Thresholds {
+    pub close: f64,
+    pub separation: f64,
+    pub noise_floor: f64,
+}
+
+/// The outcome of a diagnosis.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Diagnosis {
+    /// The fault id named, or `None` ("no known fault explains this").
+    pub fault: Option<String>,
+    pub description: Option<String>,
+    pub spec_section: Option<String>,
+    /// One sentence: the verdict and its evidence.
+    pub verdict: String,
+    /// The first divergent tensor the faults were asked to explain.
+    pub first_divergence: String,
+    pub clean: Fit,
+    /// Faults that can explain the first divergence, best first.
+    pub ranking: Vec<Fit>,
+    /// Faults that ran but change nothing up to the first divergence.
+    pub cannot_explain: Vec<Excluded>,
+    /// Faults that do not apply to this model and these tokens.
+    pub not_applicable: Vec<Excluded>,
+    pub thresholds: Thresholds,
+}
+
+/// `max|candidate − expected| / max|expected|` (the `max_rel` of [`crate::comparison::compare_tensor`], without
+/// its bookkeeping: the diagnosis computes it thousands of times). `None` if the shapes or
+/// kinds differ; infinite if a value is not finite or `expected` is all zero and they differ.
+fn relative_error(expected: &DumpTensor, candidate: &DumpTensor) -> Option<f64> {
+    if expected.shape() != candidate.shape() {
+        return None;
+    }
+    let (DumpTensor::F32(e), DumpTensor::F32(c)) = (expected, candidate) else {
+        return None;
+    };
+    let (mut scale, mut error) = (0.0f64, 0.0f64);
+    for (&e, &c) in e.iter().zip(c.iter()) {
+        let (e, c) = (f64::from(e), f64::from(c));
+        if !c.is_finite() {
+            return Some(f64::INFINITY);
+        }
+        scale = scale.max(e.abs());
+        error = error.max((c - e).abs());
+    }
+    Some(if scale > 0.0 {
+        error / scale
+    } else if error > 0.0 {
+        f64::INFINITY
+    } else {
+        0.0
+    })
+}
+
+/// How well `hypothesis` reproduces `candidate` over `scored` tensors.
+pub fn fit(
+    label: &str,
+    candidate: &ActivationDump,
+    hypothesis: &Hypothesis,
+    scored: &[ScoredTensor],
+) -> Fit {
+    let mut result = Fit {
+        hypothesis: label.to_string(),
+        misfit: 0.0,
+        relative_to_clean: f64::NAN,
+        worst_tensor: None,
+        first_unexplained: None,
+        tensors: 0,
+    };
+    let decode_rows = comparable_decode_rows(candidate, &hypothesis.dump);
+    for tensor in scored {
+        let (Some(c), Some(h)) = (
+            candidate.get(&tensor.name),
+            hypothesis.dump.get(&tensor.name),
+        ) else {
+            continue;
+        };
+        let (c, h) = match (tensor.name.as_str(), decode_rows) {
+            ("decode_logits", Some(0)) => continue,
+            ("decode_logits", Some(rows)) => (first_rows(c, rows), first_rows(h, rows)),
+            _ => (c.clone(), h.clone()),
+        };
+        let (c, h) = (&c, &h);
+        let misfit = if tensor.exact_bf16 {
+            let rounded = |t: &DumpTensor| match t {
+                DumpTensor::F32(a) => DumpTensor::F32(round_to_bf16(a)),
+                other => other.clone(),
+            };
+            // In units of one bf16 rounding (2^-9 relative): any difference is at least that.
+            relative_error(&rounded(h), &rounded(c)).unwrap_or(f64::INFINITY) / 2f64.powi(-9)
+        } else {
+            let allowance = hypothesis
+                .envelope
+                .get(&tensor.name)
+                .map_or(tensor.tolerance, |&e| e.max(tensor.tolerance));
+            let error = relative_error(h, c).unwrap_or(f64::INFINITY);
+            if allowance > 0.0 {
+                error / allowance
+            } else if error == 0.0 {
+                0.0
+            } else {
+                f64::INFINITY
+            }
+        };
+        result.tensors += 1;
+        if misfit > 1.0 && result.first_unexplained.is_none() {
+            result.first_unexplained = Some(tensor.name.clone());
+        }
+        if misfit > result.misfit {
+            result.misfit = misfit;
+            result.worst_tensor = Some(tensor.name.clone());
+        }
+    }
+    result
+}
+
+/// The tokens fed to the decode steps: `f₀ = argmax(logits[T−1])` (when the dump has logits),
+/// then the greedy continuation (`greedy_continuation`, else the argmax of each decode row).
+fn decode_inputs(dump: &ActivationDump) -> (Option<usize>, Vec<usize>) {
+    let argmax = |row: ndarray::ArrayViewD<f32>| {
+        row.iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                if v > best.1 {
+                    (i, v)
+                } else {
+                    best
+                }
+            })
+            .0
+    };
+    let first = dump
+        .get("logits")
+        .and_then(DumpTensor::as_f32)
+        .filter(|l| l.ndim() == 2 && l.shape()[0] > 0)
+        .map(|l| argmax(l.index_axis(ndarray::Axis(0), l.shape()[0] - 1)));
+    let continuation = match dump.get("greedy_continuation").and_then(DumpTensor::as_i64) {
+        Some(tokens) => tokens.iter().map(|&t| t as usize).collect(),
+        None => dump
+            .get("decode_logits")
+            .and_then(DumpTensor::as_f32)
+            .filter(|l| l.ndim() == 2)
+            .map(|l| l.outer_iter().map(argmax).collect())
+            .unwrap_or_default(),
+    };
+    (first, continuation)
+}
+
+/// How many leading `decode_logits` rows of two dumps are logits of the same token sequence
+/// (`None`: all of them, or unknown). Step `s` is fed the token chosen after step `s − 1`, so
+/// once the two greedy choices differ the later rows are on different sequences; a port whose
+/// float noise tips a near-tie that way is not contradicting the hypothesis. The row where
+/// the choices first differ is still comparable (it produced them).
+pub fn comparable_decode_rows(a: &ActivationDump, b: &ActivationDump) -> Option<usize> {
+    let (first_a, continuation_a) = decode_inputs(a);
+    let (first_b, continuation_b) = decode_inputs(b);
+    if let (Some(x), Some(y)) = (first_a, first_b) {
+        if x != y {
+            return Some(0);
+        }
+    }
+    continuation_a
+        .iter()
+        .zip(&continuation_b)
+        .position(|(x, y)| x != y)
+        .map(|s| s + 1)
+}
+
+/// The first `rows` rows of a float tensor (the tensor itself otherwise).
+fn first_rows(tensor: &DumpTensor, rows: usize) -> DumpTensor {
+    match tensor {
+        DumpTensor::F32(a) if a.ndim() >= 1 && a.shape()[0] > rows => DumpTensor::F32(
+            a.slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..rows))
+                .to_owned(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Ranks the faults of `library` by how well they reproduce `candidate` and names the best one
+/// if the evidence supports it (see the module documentation). `scored`: the float tensors to
+/// compare, in model order, with their tolerances; `first_divergence`: the candidate's first
+/// divergent tensor.
+pub fn diagnose(
+    library: &FaultLibrary,
+    candidate: &ActivationDump,
+    scored: &[ScoredTensor],
+    first_divergence: &str,
+) -> Diagnosis {
+    let mut clean = fit("clean", candidate, &library.clean, scored);
+    clean.relative_to_clean = 1.0;
+    let divergence_key = model_order_key(first_divergence);
+    let mut ranking = Vec::new();
+    let mut cannot_explain = Vec::new();
+    let mut not_applicable = Vec::new();
+    for entry in &library.entries {
+        match &entry.run {
+            FaultRun::NotApplicable(reason) => not_applicable.push(Excluded {
+                fault: entry.fault.id().to_string(),
+                reason: reason.clone(),
+            }),
+            FaultRun::Dump {
+                hypothesis,
+                first_changed,
+            } => {
+                if model_order_key(first_changed) > divergence_key {
+                    cannot_explain.push(Excluded {
+                        fault: entry.fault.id().to_string(),
+                        reason: format!(
+                            "first changes {first_changed}, after the first divergence {first_divergence}"
+                        ),
+                    });
+                    continue;
+                }
+                let mut f = fit(entry.fault.id(), candidate, hypothesis, scored);
+                f.relative_to_clean = f.misfit / clean.misfit;
+                ranking.push(f);
+            }
+        }
+    }
+    ranking.sort_by(|a, b| a.misfit.total_cmp(&b.misfit));
+
+    let thresholds = Thresholds {
+        close: CLOSE,
+        separation: SEPARATION,
+        noise_floor: NOISE_FLOOR,
+    };
+    let best = ranking.first();
+    let runner_up = ranking.get(1).map_or(&clean, |second| {
+        if second.misfit < clean.misfit {
+            second
+        } else {
+            &clean
+        }
+    });
+    let named = best.filter(|best| {
+        best.misfit <= CLOSE && runner_up.misfit >= SEPARATION * best.misfit.max(NOISE_FLOOR)
+    });
+    let verdict = match (named, best) {
+        (Some(best), _) => format!(
+            "{}: reproduces the candidate within {:.2} tolerances on {} tensors; the next best explanation ({}) misfits by {:.3}",
+            best.hypothesis, best.misfit, best.tensors, runner_up.hypothesis, runner_up.misfit
+        ),
+        (None, None) => format!(
+            "no known fault explains this: no fault of the catalogue changes anything up to {first_divergence} on this model"
+        ),
+        (None, Some(best)) if best.misfit > CLOSE => {
+            let partial = best
+                .first_unexplained
+                .as_deref()
+                .filter(|t| model_order_key(t) > divergence_key)
+                .map(|t| {
+                    format!(
+                        "; it reproduces every tensor before {t}, so the port may have it plus another bug, or a variant of it"
+                    )
+                })
+                .unwrap_or_default();
+            format!(
+                "no known fault explains this: the closest, {}, still misfits by {:.3} tolerances (at {}; needs <= {CLOSE}){partial}",
+                best.hypothesis,
+                best.misfit,
+                best.worst_tensor.as_deref().unwrap_or("-")
+            )
+        }
+        (None, Some(best)) => format!(
+            "no known fault explains this unambiguously: {} (misfit {:.3}) and {} (misfit {:.3}) fit about as well (needs a factor {SEPARATION})",
+            best.hypothesis, best.misfit, runner_up.hypothesis, runner_up.misfit
+        ),
+    };
+    let fault = named.and_then(|f| Fault::from_id(&f.hypothesis));
+    Diagnosis {
+        fault: fault.map(|f| f.id().to_string()),
+        description: fault.map(|f| f.description().to_string()),
+        spec_section: fault.map(|f| f.spec_section().to_string()),
+        verdict,
+        first_divergence: first_divergence.to_string(),
+        clean,
+        ranking,
+        cannot_explain,
+        not_applicable,
+        thresholds,
+    }
+}
+
+/// The diagnosis as text.
+pub fn format_diagnosis(d: &Diagnosis) -> String {
+    let mut out = String::new();
+    match (&d.fault, &d.description, &d.spec_section) {
+        (Some(id), Some(description), Some(section)) => out.push_str(&format!(
+            "DIAGNOSIS: {id} — {description} (shared spec: {section})\n"
+        )),
+        _ => out.push_str("DIAGNOSIS: none — no known fault explains this\n"),
+    }
+    out.push_str(&format!("  {}\n", d.verdict));
+    out.push_str(&format!(
+        "  misfit = max over tensors of max_rel(candidate, hypothesis) / tolerance; clean reference: {:.3}\n",
+        d.clean.misfit
+    ));
+    for f in d.ranking.iter().take(6) {
+        out.push_str(&format!(
+            "  {:<36} misfit {:>10.3}  ({:.2e} x clean)  worst at {}\n",
+            f.hypothesis,
+            f.misfit,
+            f.relative_to_clean,
+            f.worst_tensor.as_deref().unwrap_or("-")
+        ));
+    }
+    if d.ranking.len() > 6 {
+        out.push_str(&format!(
+            "  ... {} more faults ranked\n",
+            d.ranking.len() - 6
+        ));
+    }
+    if !d.cannot_explain.is_empty() {
+        out.push_str(&format!(
+            "  cannot explain {} (they change nothing before it): {}\n",
+            d.first_divergence,
+            d.cannot_explain
+                .iter()
+                .map(|e| e.fault.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if !d.not_applicable.is_empty() {
+        out.push_str(&format!(
+            "  not applicable here: {}\n",
+            d.not_applicable
+                .iter()
+                .map(|e| e.fault.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    out
+}
