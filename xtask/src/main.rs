@@ -4,6 +4,7 @@
 //! Each task lives in its own module with its own argument struct; add a variant to
 //! [`Task`] and a module file to add a task.
 
+mod fuzz;
 mod golden;
 
 use std::error::Error;
@@ -24,12 +25,16 @@ enum Task {
     /// Regenerate the golden fixtures (golden/) and the released-config facts
     /// (tests/data/released/) with the pinned Hugging Face oracle, or verify them with --check.
     Golden(golden::GoldenArgs),
+    /// Fuzz every parser of user files with cargo fuzz for --seconds each, or regenerate the
+    /// seed corpus (fuzz/seeds/) from golden/ with --seeds.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: Result<(), Box<dyn Error>> = match cli.task {
         Task::Golden(args) => golden::run(&args).map_err(Into::into),
+        Task::Fuzz(args) => fuzz::run(&args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
