@@ -187,15 +187,26 @@ fn compare(args: CompareArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if candidate.is_empty() {
+        eprintln!(
+            "gemma4 compare: candidate: {}: holds no tensors (an empty dump)",
+            args.candidate.display()
+        );
+        return ExitCode::from(2);
+    }
     let expected = match (&args.expected, &args.model, &args.tokens) {
         (Some(path), _, _) => ActivationDump::read(path),
         (None, Some(model), Some(tokens)) => match parse_token_list(tokens) {
-            Ok(tokens) => {
-                let decode = candidate
-                    .get("decode_logits")
-                    .map_or(0, |t| t.shape().first().copied().unwrap_or(0));
-                Engine::Reference.dump(model, &tokens, decode)
-            }
+            Ok(tokens) => match decode_steps_of(&candidate) {
+                Ok(decode) => Engine::Reference.dump(model, &tokens, decode),
+                Err(message) => {
+                    eprintln!(
+                        "gemma4 compare: candidate: {}: {message}",
+                        args.candidate.display()
+                    );
+                    return ExitCode::from(2);
+                }
+            },
             Err(e) => {
                 eprintln!("gemma4 compare: --tokens: {e}");
                 return ExitCode::from(2);
@@ -213,6 +224,10 @@ fn compare(args: CompareArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if expected.is_empty() {
+        eprintln!("gemma4 compare: expected: holds no tensors (an empty dump)");
+        return ExitCode::from(2);
+    }
     let num_layers = layers_in_dump(&expected).unwrap_or(0);
     let reports = compare_dumps(&expected, &candidate, |name| {
         tolerance_for(name, Precision::Float32, depth_of(name, num_layers))
@@ -225,6 +240,16 @@ fn compare(args: CompareArgs) -> ExitCode {
         .iter()
         .find(|r| !matches!(r.status, Status::Pass | Status::Missing));
     let conformant = compared > 0 && first.is_none();
+    if compared == 0 {
+        let names = candidate.names_in_model_order();
+        eprintln!(
+            "gemma4 compare: candidate: {}: holds none of the {} expected tensors (it has {} tensors, e.g. `{}`); is it an activation dump of this model?",
+            args.candidate.display(),
+            reports.len(),
+            names.len(),
+            names.first().copied().unwrap_or_default()
+        );
+    }
     if args.json {
         let object = serde_json::json!({
             "conformant": conformant,
@@ -256,6 +281,18 @@ fn compare(args: CompareArgs) -> ExitCode {
         ExitCode::from(2)
     } else {
         ExitCode::from(1)
+    }
+}
+
+/// The number of greedy decode steps a candidate dump holds: the rows of its `decode_logits`,
+/// which must be `[N, V]` with `V > 0` (a zero-width tensor could claim any N without data).
+fn decode_steps_of(candidate: &ActivationDump) -> Result<usize, String> {
+    match candidate.get("decode_logits").map(|t| t.shape()) {
+        None => Ok(0),
+        Some(&[steps, vocab]) if vocab > 0 => Ok(steps),
+        Some(shape) => Err(format!(
+            "tensor `decode_logits` has shape {shape:?}, expected [N, vocab_size]"
+        )),
     }
 }
 

@@ -673,12 +673,15 @@ fn check_total_allocation(
         sum.checked_add(array_bytes(&spec.shape, 4)?)
     });
     let name = full_name(prefix, &largest.name);
+    let path = checkpoint
+        .file_of(&name)
+        .map_or(checkpoint.dir.as_path(), |file| file.path.as_path());
     check_allocation(
-        &checkpoint.dir,
+        path,
         &name,
         total,
         &format!(
-            "loading the {} text weights as f32 (the largest, this one, {:?}, is {} bytes)",
+            "loading the {} text weights as f32 (this one, {:?}, is the largest at {} bytes)",
             specs.len(),
             largest.shape,
             bytes(largest)
@@ -848,7 +851,13 @@ impl TextWeights {
         let text = &config.text;
         let prefix = checkpoint.text_prefix()?;
         let name = |n: &str| full_name(prefix, n);
-        check_total_allocation(checkpoint, &text_tensor_specs(text, plan), prefix)?;
+        // Every tensor present with its planned shape and a float dtype (headers only), then
+        // enough memory for all of them as f32, before the first conversion.
+        let specs = text_tensor_specs(text, plan);
+        for spec in &specs {
+            checkpoint.check(&full_name(prefix, &spec.name), &spec.shape)?;
+        }
+        check_total_allocation(checkpoint, &specs, prefix)?;
         let d = text.hidden_size;
         let v = text.vocab_size;
 

@@ -1101,7 +1101,8 @@ impl<'a> Fields<'a> {
 
     /// A layer count: positive and at most [`MAX_LAYERS`].
     fn opt_layer_count(&self, name: &str) -> Result<Option<usize>> {
-        match self.opt_positive(name)? {
+        match self.opt_usize(name)? {
+            Some(0) => Err(self.error(name, "must be positive, found 0")),
             Some(n) if n > MAX_LAYERS => Err(self.error(
                 name,
                 format!("{n} layers is more than the {MAX_LAYERS} accepted (released Gemma 4 models have at most 60)"),
