@@ -228,6 +228,13 @@ fn compare(args: CompareArgs) -> ExitCode {
         eprintln!("gemma4 compare: expected: holds no tensors (an empty dump)");
         return ExitCode::from(2);
     }
+    // A NaN in the expected dump would make every comparison with it vacuous.
+    if let Some((name, index, value)) = expected.first_non_finite() {
+        eprintln!(
+            "gemma4 compare: expected: tensor `{name}` holds the non-finite value {value} at {index:?}; an expected dump must be finite"
+        );
+        return ExitCode::from(2);
+    }
     let num_layers = layers_in_dump(&expected).unwrap_or(0);
     let reports = compare_dumps(&expected, &candidate, |name| {
         tolerance_for(name, Precision::Float32, depth_of(name, num_layers))

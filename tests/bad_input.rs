@@ -1571,3 +1571,31 @@ fn cli_dump_killed_midway_leaves_no_file_at_the_destination() {
         );
     }
 }
+
+#[test]
+fn cli_compare_nan_in_expected_dump_exits_2_naming_tensor() {
+    // NaN - x is NaN, which no tolerance rejects: an expected NaN would wave any value through.
+    let (_dir, expected) = edited_dump(|dump| {
+        let mut output = dump
+            .get("layers.2.output")
+            .unwrap()
+            .as_f32()
+            .unwrap()
+            .clone();
+        output[[0, 5]] = f32::NAN;
+        dump.insert_f32("layers.2.output", output);
+    });
+    let candidate = golden_expected();
+    let (code, _, stderr) = run_cli_full(
+        &[
+            "compare",
+            "--expected",
+            expected.to_str().unwrap(),
+            "--candidate",
+            candidate.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert_mentions(&stderr, &["expected", "`layers.2.output`", "NaN", "[0, 5]"]);
+}

@@ -102,6 +102,15 @@ impl ActivationDump {
         self.entries.is_empty()
     }
 
+    /// The first NaN or infinity in model order: `(tensor, index, value)`.
+    pub fn first_non_finite(&self) -> Option<(&str, Vec<usize>, f32)> {
+        self.names_in_model_order().into_iter().find_map(|name| {
+            let values = self.get(name)?.as_f32()?;
+            let (index, &value) = values.indexed_iter().find(|(_, v)| !v.is_finite())?;
+            Some((name, index.slice().to_vec(), value))
+        })
+    }
+
     /// Names in model order (see [`model_order_key`]).
     pub fn names_in_model_order(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.entries.iter().map(|(n, _)| n.as_str()).collect();
