@@ -1250,7 +1250,29 @@ fn cli_compare_weights_file_as_candidate_exits_2() {
     assert_eq!(code, 2, "{stderr}");
     assert_mentions(
         &stderr,
-        &["model.safetensors", "none of the", "expected tensors"],
+        &["model.safetensors", "none of the expected activations"],
+    );
+}
+
+#[test]
+fn cli_compare_candidate_with_only_input_ids_exits_2() {
+    // A copy of the inputs proves nothing about the port: no activation, no verdict.
+    let (_dir, path) = edited_dump(|dump| {
+        let names: Vec<String> = dump
+            .names_in_model_order()
+            .into_iter()
+            .map(String::from)
+            .filter(|n| n != "input_ids")
+            .collect();
+        for name in names {
+            dump.remove(&name);
+        }
+    });
+    let (code, stdout, stderr) = compare_with_golden(&path, &[]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert_mentions(
+        &stderr,
+        &["candidate.safetensors", "none of the expected activations"],
     );
 }
 
