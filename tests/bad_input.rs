@@ -1621,3 +1621,26 @@ fn cli_compare_nan_in_expected_dump_exits_2_naming_tensor() {
     assert_eq!(code, 2, "{stderr}");
     assert_mentions(&stderr, &["expected", "`layers.2.output`", "NaN", "[0, 5]"]);
 }
+
+#[test]
+fn config_limits_admit_the_largest_accepted_values() {
+    // The limits refuse absurd configs, not big ones: 4096 layers and a 2^24 vocabulary parse,
+    // and the layer plan of 4096 layers is built at once.
+    let dir = copy_golden_model(BASE);
+    let path = dir.path().join("config.json");
+    let mut config = read_json(&path);
+    let object = config.as_object_mut().unwrap();
+    object.insert("num_hidden_layers".into(), json!(4096));
+    object.insert("vocab_size".into(), json!(1 << 24));
+    object.remove("layer_types");
+    write_json(&path, &config);
+    let started = std::time::Instant::now();
+    let parsed = ModelConfig::from_dir(dir.path()).expect("within the limits");
+    let plan = gemma4_reference::ModelPlan::from_config(&parsed.text);
+    assert_eq!(plan.layers.len(), 4096);
+    assert!(
+        started.elapsed().as_secs() < 5,
+        "took {:?}",
+        started.elapsed()
+    );
+}
