@@ -1644,3 +1644,36 @@ fn config_limits_admit_the_largest_accepted_values() {
         started.elapsed()
     );
 }
+
+#[test]
+fn config_sparse_huge_file_is_refused_without_reading_it() {
+    // A 1 TiB sparse config.json (no disk used) is refused by its size, not read whole.
+    let dir = copy_golden_model(BASE);
+    let file = std::fs::File::create(dir.path().join("config.json")).unwrap();
+    file.set_len(1 << 40).unwrap();
+    drop(file);
+    let started = std::time::Instant::now();
+    let message = ModelConfig::from_dir(dir.path()).unwrap_err().to_string();
+    assert_mentions(
+        &message,
+        &["config.json", "1099511627776 bytes", "more than"],
+    );
+    assert!(
+        started.elapsed().as_secs() < 5,
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn checkpoint_index_sparse_huge_file_is_refused_without_reading_it() {
+    let (dir, _) = sharded_copy();
+    let file = std::fs::File::create(dir.path().join("model.safetensors.index.json")).unwrap();
+    file.set_len(1 << 40).unwrap();
+    drop(file);
+    let message = load_error(dir.path());
+    assert_mentions(
+        &message,
+        &["model.safetensors.index.json", "1099511627776 bytes"],
+    );
+}

@@ -22,7 +22,7 @@ use serde_json::Value;
 use crate::config::{ModelConfig, TextConfig};
 use crate::error::{Error, Result};
 use crate::layer_plan::ModelPlan;
-use crate::memory::{array_bytes, check_allocation};
+use crate::memory::{array_bytes, check_allocation, read_bounded, MAX_JSON_FILE_BYTES};
 
 /// The storage dtype of a weight. It matters beyond loading: the embedding scale `sqrt(D)` is
 /// rounded to the embedding table's dtype (shared spec: text §4).
@@ -369,10 +369,7 @@ impl Checkpoint {
         let index_path = dir.join("model.safetensors.index.json");
         let single_path = dir.join("model.safetensors");
         if index_path.exists() {
-            let bytes = std::fs::read(&index_path).map_err(|source| Error::Io {
-                path: index_path.clone(),
-                source,
-            })?;
+            let bytes = read_bounded(&index_path, MAX_JSON_FILE_BYTES)?;
             let shard_index = ShardIndex::parse(&bytes, &index_path)?;
             let files = shard_index
                 .shard_names()

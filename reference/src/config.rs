@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::memory::{read_bounded, MAX_JSON_FILE_BYTES};
 
 /// Largest `num_hidden_layers` accepted (text, vision and audio). Released models have at most
 /// 60 layers; the limit keeps a typo such as `1e12` from sizing the per-layer tables (layer
@@ -222,10 +223,7 @@ impl ModelConfig {
 
     /// Reads and checks one `config.json` file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = read_bounded(path, MAX_JSON_FILE_BYTES)?;
         let value: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
             path: path.to_path_buf(),
             message: e.to_string(),

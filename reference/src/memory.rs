@@ -72,6 +72,41 @@ pub fn check_allocation(path: &Path, tensor: &str, bytes: Option<u64>, what: &st
     Ok(())
 }
 
+/// Largest JSON file of a checkpoint (`config.json`, `model.safetensors.index.json`) that is
+/// read: 64 MiB. Real ones are under 100 KB; a larger one is damaged (or a sparse file), and
+/// reading it whole would be an absurd allocation.
+pub const MAX_JSON_FILE_BYTES: u64 = 64 << 20;
+
+/// Reads a small file whole, refusing (naming it) one larger than `limit` bytes.
+pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let io_error = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io_error)?;
+    let length = file.metadata().map_err(io_error)?.len();
+    let too_large = |length: u64| {
+        io_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "is {length} bytes, more than the {limit} bytes such a file may have (damaged?)"
+            ),
+        ))
+    };
+    if length > limit {
+        return Err(too_large(length));
+    }
+    let mut bytes = Vec::with_capacity(length as usize);
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_error)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
