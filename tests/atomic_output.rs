@@ -89,3 +89,22 @@ fn dump_write_from_concurrent_threads_never_interleaves() {
     );
     assert_eq!(entries(dir.path()), vec!["dump.safetensors".to_string()]);
 }
+
+#[test]
+fn dump_write_refuses_to_replace_a_pipe() {
+    // Renaming over a special file replaces it (as root, `--out /dev/null` would); a named
+    // pipe stands in for the device here.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pipe");
+    let made = std::process::Command::new("mkfifo").arg(&path).status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("mkfifo unavailable; skipping");
+        return;
+    }
+    let error = small_dump(1.0).write(&path, &[]).unwrap_err().to_string();
+    assert!(error.contains("not a regular file"), "{error}");
+    use std::os::unix::fs::FileTypeExt;
+    let kind = std::fs::symlink_metadata(&path).unwrap().file_type();
+    assert!(kind.is_fifo(), "the pipe was replaced");
+    assert_eq!(entries(dir.path()), vec!["pipe".to_string()]);
+}

@@ -333,7 +333,8 @@ fn to_array<T>(
 /// The temporary file (`.<name>.<pid>.<n>.partial`, unique per process and call) is written,
 /// flushed to disk and renamed over `path`; on any failure it is removed and `path` is left
 /// as it was. A process killed midway leaves at most the hidden `.partial` file, never a
-/// half-written file under `path`.
+/// half-written file under `path`. An existing `path` that is not a regular file (a directory,
+/// a device such as `/dev/null`, a pipe) is refused rather than replaced.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -346,6 +347,13 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    // Renaming over a device or a pipe (`--out /dev/null` as root) would replace it.
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return Err(io_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "exists and is not a regular file (a directory, device or pipe); refusing to replace it",
+        )));
+    }
     let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("dump");
     let temporary = directory.join(format!(
         ".{file_name}.{}.{}.partial",
