@@ -325,3 +325,204 @@ pub fn checkpoint_forward(data: &[u8]) {
         Err(other) => panic!("a loaded model failed with an unexpected error: {other}"),
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// a generated, valid-by-construction checkpoint with odd geometry and wild weights
+// ---------------------------------------------------------------------------------------------
+
+/// Reads small numbers from fuzz bytes; zeros once they run out.
+struct Bytes<'a>(&'a [u8]);
+
+impl Bytes<'_> {
+    fn byte(&mut self) -> u8 {
+        match self.0.split_first() {
+            Some((&first, rest)) => {
+                self.0 = rest;
+                first
+            }
+            None => 0,
+        }
+    }
+
+    /// A number in `low..=high`.
+    fn int(&mut self, low: usize, high: usize) -> usize {
+        low + self.byte() as usize % (high - low + 1)
+    }
+
+    fn flag(&mut self) -> bool {
+        self.byte() & 1 == 1
+    }
+
+    fn f32_bits(&mut self) -> f32 {
+        f32::from_le_bytes([self.byte(), self.byte(), self.byte(), self.byte()])
+    }
+}
+
+/// Builds a config from the fuzz bytes (any layout, spelling, KV sharing, K=V, PLE, MoE,
+/// window, RoPE and softcap the validation accepts), weights of exactly the shapes it implies
+/// (small values, or, per tensor, raw f32 bit patterns: huge, tiny, subnormal, NaN, inf),
+/// then loads it and runs 1-5 tokens and 0-2 decode steps. Loading may refuse non-finite
+/// weights; the forward pass may refuse non-finite activations; nothing may panic, and an `Ok`
+/// holds finite logits of the right shape.
+pub fn forward_generated(data: &[u8]) {
+    let mut bytes = Bytes(data);
+    let layers = bytes.int(1, 4);
+    let heads = bytes.int(1, 4);
+    let kv_heads = [1, 2, 4]
+        .into_iter()
+        .filter(|k| heads % k == 0)
+        .nth(bytes.int(0, 2))
+        .unwrap_or(1);
+    let head_dim = 2 * bytes.int(1, 4);
+    let hidden = 2 * bytes.int(1, 8);
+    let vocab = bytes.int(1, 12);
+    let layer_types: Vec<&str> = (0..layers)
+        .map(|_| {
+            if bytes.flag() {
+                "full_attention"
+            } else {
+                "sliding_attention"
+            }
+        })
+        .collect();
+    let mut text = serde_json::json!({
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": bytes.int(1, 8),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "layer_types": layer_types,
+        "sliding_window": bytes.int(1, 5),
+        "attention_k_eq_v": bytes.flag(),
+        "num_kv_shared_layers": bytes.int(0, layers - 1),
+        "use_double_wide_mlp": bytes.flag(),
+        "tie_word_embeddings": bytes.flag(),
+        "rms_norm_eps": ([1e-6, 1e-2, 1e-30][bytes.int(0, 2)]),
+        "final_logit_softcapping": ([serde_json::Value::Null, 30.0.into(), 0.5.into()][bytes.int(0, 2)].clone()),
+        "pad_token_id": bytes.int(0, vocab - 1),
+        "hidden_size_per_layer_input": ([serde_json::Value::Null, 1.into(), 2.into(), 3.into()][bytes.int(0, 3)].clone()),
+        "vocab_size_per_layer_input": bytes.int(1, 12),
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": ([10_000.0, 1.5, 1e30][bytes.int(0, 2)])},
+            "full_attention": {
+                "rope_type": (["default", "proportional"][bytes.int(0, 1)]),
+                "partial_rotary_factor": ([0.25, 1.0, 0.01][bytes.int(0, 2)]),
+                "rope_theta": 1_000_000.0,
+                "factor": ([1.0, 8.0, 1e-3][bytes.int(0, 2)]),
+            },
+        },
+    });
+    let object = text.as_object_mut().expect("an object");
+    if bytes.flag() {
+        object.insert("global_head_dim".into(), (2 * bytes.int(1, 4)).into());
+        object.insert("num_global_key_value_heads".into(), kv_heads.into());
+    } else {
+        let mut overrides = serde_json::Map::new();
+        for layer in 0..layers {
+            if bytes.flag() {
+                overrides.insert(
+                    layer.to_string(),
+                    serde_json::json!({"head_dim": 2 * bytes.int(1, 4)}),
+                );
+            }
+        }
+        object.insert("per_layer_config".into(), overrides.into());
+    }
+    if bytes.flag() {
+        let experts = bytes.int(1, 4);
+        object.insert("enable_moe_block".into(), true.into());
+        object.insert("num_experts".into(), experts.into());
+        object.insert("top_k_experts".into(), bytes.int(1, experts).into());
+        object.insert("moe_intermediate_size".into(), bytes.int(1, 4).into());
+    }
+    let nested = bytes.flag();
+    let config_json = if nested {
+        serde_json::json!({"model_type": "gemma4", "text_config": text})
+    } else {
+        text
+    };
+    let Ok(config) = ModelConfig::from_json(&config_json, Path::new(CONFIG_PATH)) else {
+        return; // a combination the validation refuses (checked by config_json)
+    };
+
+    // Weights of exactly the planned shapes.
+    let plan = ModelPlan::from_config(&config.text);
+    let prefix = if nested {
+        "model.language_model."
+    } else {
+        "model."
+    };
+    let mut header = serde_json::Map::new();
+    let mut weights = Vec::new();
+    for spec in text_tensor_specs(&config.text, &plan) {
+        let elements: usize = spec.shape.iter().product();
+        let wild = bytes.byte() == 0xff;
+        let start = weights.len();
+        for _ in 0..elements {
+            let value = if wild {
+                bytes.f32_bits()
+            } else {
+                f32::from(bytes.byte() as i8) / 32.0
+            };
+            weights.extend_from_slice(&value.to_le_bytes());
+        }
+        header.insert(
+            gemma4_reference::checkpoint::full_name(prefix, &spec.name),
+            serde_json::json!({"dtype": "F32", "shape": spec.shape, "data_offsets": [start, weights.len()]}),
+        );
+    }
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut file = (json.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&json);
+    file.extend_from_slice(&weights);
+    let file = SafetensorsFile::from_bytes(Path::new(SAFETENSORS_PATH), file)
+        .expect("a generated file is valid");
+    let checkpoint = Checkpoint::from_files(Path::new("fuzz-input"), vec![file]).expect("one file");
+    let model = match Gemma4TextModel::from_checkpoint(config, &checkpoint) {
+        Ok(model) => model,
+        Err(e) => {
+            let message = e.to_string();
+            assert!(
+                message.contains("non-finite"),
+                "a generated checkpoint failed to load: {message}"
+            );
+            return;
+        }
+    };
+    let tokens: Vec<usize> = (0..bytes.int(1, 5))
+        .map(|_| bytes.int(0, vocab - 1))
+        .collect();
+    let decode = bytes.int(0, 2);
+    match model.dump(&tokens, decode) {
+        Ok(dump) => {
+            let logits = dump
+                .get("logits")
+                .and_then(DumpTensor::as_f32)
+                .expect("logits recorded");
+            assert_eq!(logits.shape(), &[tokens.len(), vocab]);
+            assert!(
+                logits.iter().all(|v| v.is_finite()),
+                "non-finite logits returned as Ok"
+            );
+            if decode > 0 {
+                let continuation = dump
+                    .get("greedy_continuation")
+                    .and_then(DumpTensor::as_i64)
+                    .expect("decoded");
+                assert!(continuation.iter().all(|&t| (0..vocab as i64).contains(&t)));
+            }
+        }
+        Err(gemma4_reference::Error::NonFinite { tensor, .. }) => assert!(!tensor.is_empty()),
+        Err(gemma4_reference::Error::Input { message }) => {
+            // Only the PLE vocabulary can be smaller than a generated token id.
+            assert!(
+                message.contains("Per-Layer Embedding"),
+                "unexpected input error: {message}"
+            );
+        }
+        Err(other) => panic!("a loaded model failed with an unexpected error: {other}"),
+    }
+}

@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 /// A fuzz target: its name and its entry point.
 type Target = (&'static str, fn(&[u8]));
 
-const TARGETS: [Target; 5] = [
+const TARGETS: [Target; 6] = [
     ("safetensors_file", harness::safetensors_file),
     ("config_json", harness::config_json),
     ("shard_index", harness::shard_index),
     ("activation_dump", harness::activation_dump),
     ("checkpoint_forward", harness::checkpoint_forward),
+    ("forward_generated", harness::forward_generated),
 ];
 
 fn files_in(dir: &Path) -> Vec<PathBuf> {

@@ -35,6 +35,7 @@ pub const TARGETS: &[&str] = &[
     "shard_index",
     "activation_dump",
     "checkpoint_forward",
+    "forward_generated",
 ];
 
 /// Arguments of `cargo xtask fuzz`.
@@ -394,6 +395,18 @@ fn write_seeds(repo: &Path) -> Result<()> {
         "two-shards.json",
         br#"{"metadata": {"total_size": 12}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors", "model.norm.weight": "model-00001-of-00002.safetensors", "model.layers.0.input_layernorm.weight": "model-00002-of-00002.safetensors"}}"#,
     )?;
+    // Generated checkpoints: the bytes choose the geometry and the weights.
+    for (name, seed) in [
+        ("zeros.bin", vec![0u8; 64]),
+        ("ones.bin", vec![1u8; 256]),
+        ("counting.bin", (0..=255u8).collect::<Vec<_>>()),
+        (
+            "counting-down.bin",
+            (0..=255u8).rev().cycle().take(2048).collect(),
+        ),
+    ] {
+        put("forward_generated", name, &seed)?;
+    }
     eprintln!("xtask: wrote {written} seeds under {}", seeds.display());
     Ok(())
 }
