@@ -14,9 +14,7 @@ use crate::error::{Error, Result};
 /// Bytes of memory this process may still allocate, if known: the smaller of `MemAvailable`
 /// (Linux) and `GEMMA4_MEMORY_LIMIT`.
 pub fn available_memory() -> Option<u64> {
-    let limit = std::env::var("GEMMA4_MEMORY_LIMIT")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let limit = memory_limit_from_env();
     let available = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| mem_available_from_meminfo(&text));
@@ -25,6 +23,18 @@ pub fn available_memory() -> Option<u64> {
         (a, l) => a.or(l),
     }
 }
+
+/// `GEMMA4_MEMORY_LIMIT`, in bytes, if set.
+fn memory_limit_from_env() -> Option<u64> {
+    std::env::var("GEMMA4_MEMORY_LIMIT")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// Allocations up to this size (16 MiB) are not checked against `/proc/meminfo` (reading it
+/// for every small tensor would cost more than the allocation); `GEMMA4_MEMORY_LIMIT` still
+/// applies to them, and the total of a model's weights is checked as one allocation.
+pub const SMALL_ALLOCATION_BYTES: u64 = 16 << 20;
 
 /// Parses the `MemAvailable:  123456 kB` line of `/proc/meminfo` into bytes.
 fn mem_available_from_meminfo(text: &str) -> Option<u64> {
@@ -57,7 +67,12 @@ pub fn check_allocation(path: &Path, tensor: &str, bytes: Option<u64>, what: &st
             format!("{what} would need more bytes than this machine can address"),
         ));
     };
-    if let Some(available) = available_memory() {
+    let available = if bytes > SMALL_ALLOCATION_BYTES {
+        available_memory()
+    } else {
+        memory_limit_from_env()
+    };
+    if let Some(available) = available {
         if bytes > available {
             return Err(Error::tensor(
                 path,
