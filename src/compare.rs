@@ -94,7 +94,8 @@ pub struct CompareReport {
     pub precision: PrecisionReport,
     pub num_layers: usize,
     pub num_layers_source: LayerCountSource,
-    /// Tensors compared (present on both sides).
+    /// Activation tensors compared (present on both sides; index tensors are checked but not
+    /// counted, since a copy of `input_ids` alone proves nothing).
     pub compared: usize,
     /// Expected tensors the candidate does not hold (reported, not failed).
     pub missing: Vec<String>,
@@ -137,8 +138,19 @@ pub enum CompareError {
     },
     #[error("--tokens: {0}")]
     Tokens(String),
-    #[error("the candidate dump {path} holds none of the {expected} expected tensors (names must follow shared contracts §2, e.g. `logits`, `layers.0.output`)")]
+    #[error("the candidate dump {path} holds none of the {expected} expected activations (names must follow shared contracts §2, e.g. `logits`, `layers.0.output`; index tensors alone prove nothing)")]
     NothingInCommon { path: PathBuf, expected: usize },
+    #[error("expected dump {path}: tensor `{tensor}` holds the non-finite value {value} at {index:?}; an expected dump must be finite (a NaN would make every comparison with it vacuous)")]
+    ExpectedNotFinite {
+        path: PathBuf,
+        tensor: String,
+        index: Vec<usize>,
+        value: f32,
+    },
+    #[error("candidate dump {path}: holds no tensors (an empty dump)")]
+    EmptyCandidate { path: PathBuf },
+    #[error("candidate dump {path}: tensor `decode_logits` has shape {shape:?}, expected [N, vocab_size] with vocab_size > 0")]
+    BadDecodeShape { path: PathBuf, shape: Vec<usize> },
 }
 
 /// Where the expected dump comes from.
@@ -164,12 +176,34 @@ pub fn run_compare(
             path: candidate_path.to_path_buf(),
             source,
         })?;
+    if candidate.is_empty() {
+        return Err(CompareError::EmptyCandidate {
+            path: candidate_path.to_path_buf(),
+        });
+    }
+    if let Some(shape) = candidate.get("decode_logits").map(|t| t.shape().to_vec()) {
+        // A zero-width tensor could claim any number of decode steps without data behind it.
+        if shape.len() != 2 || shape[1] == 0 {
+            return Err(CompareError::BadDecodeShape {
+                path: candidate_path.to_path_buf(),
+                shape,
+            });
+        }
+    }
     let report = match source {
         ExpectedSource::File(path) => {
             let expected = ActivationDump::read(path).map_err(|source| CompareError::Expected {
                 path: path.to_path_buf(),
                 source,
             })?;
+            if let Some((tensor, index, value)) = expected.first_non_finite() {
+                return Err(CompareError::ExpectedNotFinite {
+                    path: path.to_path_buf(),
+                    tensor: tensor.to_string(),
+                    index,
+                    value,
+                });
+            }
             let mut report = compare(&expected, &candidate, &ModelFacts::default());
             report.expected_source = path.display().to_string();
             if !report.conformant {
@@ -411,7 +445,11 @@ pub fn compare(
         .filter(|n| expected.get(n).is_none())
         .map(String::from)
         .collect();
-    let compared = tensors.len() - missing.len();
+    // Only activations count: index tensors alone (a copy of `input_ids`) prove nothing.
+    let compared = tensors
+        .iter()
+        .filter(|r| r.status != Status::Missing && !is_index_tensor(&r.name))
+        .count();
     let first = tensors
         .iter()
         .find(|r| !matches!(r.status, Status::Pass | Status::Missing));

@@ -18,7 +18,7 @@ use ndarray::{Array2, Array3, Axis};
 
 use crate::checkpoint::AttentionWeights;
 use crate::dump::Recorder;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::faults::{fault_active, Fault};
 use crate::kv_cache::KvCache;
 use crate::layer_plan::LayerPlan;
@@ -90,6 +90,15 @@ pub fn attention(
         .expect("the producer layer runs before its consumers and fills the cache");
     let (all_keys, all_values) = (&cached.keys, &cached.values);
     let key_count = all_keys.len_of(Axis(0));
+    let (_, cached_kv_heads, cached_head_dim) = all_keys.dim();
+    if (cached_kv_heads, cached_head_dim) != (kv_heads, head_dim) {
+        // Config validation rules this out; a fault that picks another producer can break it.
+        return Err(Error::input(format!(
+            "layer {} reads the K/V cache of layer {}, which holds {cached_kv_heads} heads of dim {cached_head_dim}, but it needs {kv_heads} heads of dim {head_dim}",
+            layer.index,
+            layer.kv_layer()
+        )));
+    }
 
     // The scores are not scaled: q_norm and k_norm take that role (text §5.4).
     let scale = if fault_active(Fault::AttentionScaleInvSqrtD) {

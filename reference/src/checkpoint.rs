@@ -15,13 +15,14 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
-use ndarray::{Array1, Array2, Array3, ArrayD, IxDyn};
+use ndarray::{Array1, Array2, Array3, ArrayD, Dimension, IxDyn};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 use serde_json::Value;
 
 use crate::config::{ModelConfig, TextConfig};
 use crate::error::{Error, Result};
 use crate::layer_plan::ModelPlan;
+use crate::memory::{array_bytes, check_allocation, read_bounded, MAX_JSON_FILE_BYTES};
 
 /// The storage dtype of a weight. It matters beyond loading: the embedding scale `sqrt(D)` is
 /// rounded to the embedding table's dtype (shared spec: text §4).
@@ -63,19 +64,33 @@ impl WeightDtype {
 /// Where one tensor lives in a file: dtype, shape and byte range inside the data section.
 type TensorEntry = (Dtype, Vec<usize>, (usize, usize));
 
-/// One memory-mapped safetensors file whose header has been validated.
+/// The bytes of a safetensors file: memory-mapped from disk, or owned (in-memory inputs).
+enum Storage {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Storage {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(mmap) => mmap,
+            Storage::Owned(bytes) => bytes,
+        }
+    }
+}
+
+/// One safetensors file (memory-mapped or in memory) whose header has been validated.
 pub struct SafetensorsFile {
     pub path: PathBuf,
-    mmap: Mmap,
+    storage: Storage,
     /// Byte offset of the data section (8 + header length).
     data_start: usize,
     tensors: HashMap<String, TensorEntry>,
 }
 
 impl SafetensorsFile {
-    /// Maps a file and validates its header: JSON, dtypes, shapes, and offsets that tile the data
-    /// section exactly. Any inconsistency is an error naming the file (and the tensor if one is
-    /// at fault).
+    /// Maps a file and validates its header (see [`SafetensorsFile::from_bytes`]).
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
@@ -87,15 +102,28 @@ impl SafetensorsFile {
             path: path.to_path_buf(),
             source,
         })?;
-        let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
-            .map_err(|e| describe_safetensors_error(path, &mmap, e))?;
+        Self::parse(path, Storage::Mapped(mmap))
+    }
+
+    /// Validates the header of a whole safetensors file held in memory: JSON, dtypes, shapes,
+    /// and offsets that tile the data section exactly. Any inconsistency is an error naming
+    /// `path` (only a label here) and the tensor if one is at fault. [`SafetensorsFile::open`]
+    /// runs the same checks on a mapped file.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        Self::parse(path, Storage::Owned(bytes))
+    }
+
+    fn parse(path: &Path, storage: Storage) -> Result<Self> {
+        check_offsets_within_file(path, &storage)?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&storage)
+            .map_err(|e| describe_safetensors_error(path, &storage, e))?;
         let mut tensors = HashMap::new();
         for (name, info) in metadata.tensors() {
             tensors.insert(name, (info.dtype, info.shape.clone(), info.data_offsets));
         }
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
-            mmap,
+            storage,
             data_start: 8 + header_len,
             tensors,
         })
@@ -115,10 +143,43 @@ impl SafetensorsFile {
 
     /// Raw little-endian bytes of a tensor.
     pub fn bytes(&self, name: &str) -> Option<&[u8]> {
-        self.tensors
-            .get(name)
-            .map(|(_, _, (start, end))| &self.mmap[self.data_start + start..self.data_start + end])
+        let (_, _, (start, end)) = self.tensors.get(name)?;
+        // The header validation made every range lie inside the data section.
+        self.storage
+            .get(self.data_start.checked_add(*start)?..self.data_start.checked_add(*end)?)
     }
+}
+
+/// Refuses a header whose `data_offsets` point past the end of the file, naming the tensor,
+/// before the safetensors crate sees it (its own check adds the largest offset to the header
+/// length, which overflows for offsets near 2^64). Headers that are not readable JSON are left
+/// to the safetensors crate, which describes them.
+fn check_offsets_within_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let Some(map) = header_json(bytes) else {
+        return Ok(());
+    };
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("header_json read 8 bytes"));
+    let data_len = (bytes.len() as u64)
+        .saturating_sub(8)
+        .saturating_sub(header_len);
+    for (name, info) in &map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let offsets = info.get("data_offsets").and_then(Value::as_array);
+        let end = offsets.and_then(|o| o.get(1)).and_then(Value::as_u64);
+        if let Some(end) = end.filter(|&end| end > data_len) {
+            return Err(Error::tensor(
+                path,
+                name,
+                format!(
+                    "data_offsets end at byte {end} of the data section, but the file holds only \
+                     {data_len} bytes of data (truncated, or a lying header)"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Turns a safetensors parsing error into a message a user can act on.
@@ -148,7 +209,7 @@ fn describe_safetensors_error(path: &Path, bytes: &[u8], error: SafeTensorError)
             format!(
                 "the header's data_offsets end at {} bytes of data but the file holds {} bytes of data (truncated or padded)",
                 declared_data_end(bytes).map_or("?".to_string(), |n| n.to_string()),
-                bytes.len().saturating_sub(8 + header)
+                bytes.len().saturating_sub(header.saturating_add(8))
             )
         }
         other => other.to_string(),
@@ -159,8 +220,15 @@ fn describe_safetensors_error(path: &Path, bytes: &[u8], error: SafeTensorError)
     }
 }
 
+/// The largest header the safetensors crate accepts (100 MB); larger ones are not parsed here.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
 fn header_json(bytes: &[u8]) -> Option<serde_json::Map<String, Value>> {
-    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    if n > MAX_HEADER_BYTES {
+        return None;
+    }
+    let n = n as usize;
     let header = bytes.get(8..8usize.checked_add(n)?)?;
     match serde_json::from_slice::<Value>(header).ok()? {
         Value::Object(map) => Some(map),
@@ -221,6 +289,72 @@ fn find_size_mismatch(bytes: &[u8]) -> String {
     String::new()
 }
 
+/// `model.safetensors.index.json`: the shard file that holds each tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardIndex {
+    /// Tensor name -> shard file name (a plain file name inside the checkpoint directory).
+    pub weight_map: BTreeMap<String, String>,
+}
+
+impl ShardIndex {
+    /// Parses and checks an index file's bytes; `path` labels errors. The `weight_map` must be a
+    /// non-empty object of tensor name -> plain file name (no directories, no `..`).
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Self> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let entries = value
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| {
+                Error::config(
+                    path,
+                    "weight_map",
+                    "missing, or not an object mapping tensor names to shard files",
+                )
+            })?;
+        if entries.is_empty() {
+            return Err(Error::config(
+                path,
+                "weight_map",
+                "is empty: the index lists no tensor, so no shard would be read",
+            ));
+        }
+        let mut weight_map = BTreeMap::new();
+        for (tensor, shard) in entries {
+            let field = || format!("weight_map.{tensor}");
+            let shard = shard.as_str().ok_or_else(|| {
+                Error::config(
+                    path,
+                    field(),
+                    format!("expected a shard file name, found {shard}"),
+                )
+            })?;
+            let plain = !shard.is_empty()
+                && shard != "."
+                && shard != ".."
+                && !shard.contains(['/', '\\', '\0']);
+            if !plain {
+                return Err(Error::config(
+                    path,
+                    field(),
+                    format!("shard name `{shard}` must be a plain file name inside the checkpoint directory"),
+                ));
+            }
+            weight_map.insert(tensor.clone(), shard.to_string());
+        }
+        Ok(ShardIndex { weight_map })
+    }
+
+    /// The distinct shard file names, sorted.
+    pub fn shard_names(&self) -> Vec<&str> {
+        let names: std::collections::BTreeSet<&str> =
+            self.weight_map.values().map(String::as_str).collect();
+        names.into_iter().collect()
+    }
+}
+
 /// A checkpoint directory: one or more safetensors files, indexed by tensor name.
 pub struct Checkpoint {
     pub dir: PathBuf,
@@ -234,98 +368,69 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
         let single_path = dir.join("model.safetensors");
-        let mut files = Vec::new();
-        let mut index = BTreeMap::new();
         if index_path.exists() {
-            let text = std::fs::read(&index_path).map_err(|source| Error::Io {
-                path: index_path.clone(),
-                source,
-            })?;
-            let value: Value = serde_json::from_slice(&text).map_err(|e| Error::Json {
-                path: index_path.clone(),
-                message: e.to_string(),
-            })?;
-            let weight_map = value
-                .get("weight_map")
-                .and_then(Value::as_object)
-                .ok_or_else(|| {
-                    Error::config(
-                        &index_path,
-                        "weight_map",
-                        "missing, or not an object mapping tensor names to shard files",
-                    )
-                })?;
-            let mut shard_names: Vec<&str> = Vec::new();
-            for (tensor, shard) in weight_map {
-                let shard = shard.as_str().ok_or_else(|| {
-                    Error::config(
-                        &index_path,
-                        format!("weight_map.{tensor}"),
-                        "expected a shard file name",
-                    )
-                })?;
-                if shard.contains('/') || shard.contains('\\') || shard == ".." {
-                    return Err(Error::config(
-                        &index_path,
-                        format!("weight_map.{tensor}"),
-                        format!("shard name `{shard}` must be a plain file name inside the checkpoint directory"),
-                    ));
-                }
-                if !shard_names.contains(&shard) {
-                    shard_names.push(shard);
-                }
-            }
-            shard_names.sort_unstable();
-            for shard in &shard_names {
-                files.push(SafetensorsFile::open(&dir.join(shard))?);
-            }
-            for (file_index, file) in files.iter().enumerate() {
-                for name in file.names() {
-                    if let Some(previous) = index.insert(name.to_string(), file_index) {
-                        return Err(Error::tensor(
-                            &file.path,
-                            name,
-                            format!("also present in {}", files[previous].path.display()),
-                        ));
-                    }
-                }
-            }
-            for (tensor, shard) in weight_map {
-                let shard = shard.as_str().unwrap_or_default();
-                match index.get(tensor) {
-                    Some(&i)
-                        if files[i].path.file_name().and_then(|n| n.to_str()) == Some(shard) => {}
-                    _ => {
-                        return Err(Error::tensor(
-                            &index_path,
-                            tensor,
-                            format!(
-                            "the index places it in `{shard}`, but that shard does not contain it"
-                        ),
-                        ))
-                    }
-                }
-            }
+            let bytes = read_bounded(&index_path, MAX_JSON_FILE_BYTES)?;
+            let shard_index = ShardIndex::parse(&bytes, &index_path)?;
+            let files = shard_index
+                .shard_names()
+                .into_iter()
+                .map(|shard| SafetensorsFile::open(&dir.join(shard)))
+                .collect::<Result<Vec<_>>>()?;
+            let checkpoint = Checkpoint::from_files(dir, files)?;
+            checkpoint.check_shard_index(&shard_index, &index_path)?;
+            Ok(checkpoint)
         } else if single_path.exists() {
-            let file = SafetensorsFile::open(&single_path)?;
-            for name in file.names() {
-                index.insert(name.to_string(), 0);
-            }
-            files.push(file);
+            Checkpoint::from_files(dir, vec![SafetensorsFile::open(&single_path)?])
         } else {
-            return Err(Error::Io {
+            Err(Error::Io {
                 path: dir.to_path_buf(),
                 source: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "no model.safetensors or model.safetensors.index.json in this directory",
                 ),
-            });
+            })
+        }
+    }
+
+    /// A checkpoint made of already-validated files (the shards, or one `model.safetensors`);
+    /// `dir` labels errors. A tensor name present in two files is an error naming both.
+    pub fn from_files(dir: &Path, files: Vec<SafetensorsFile>) -> Result<Self> {
+        let mut index = BTreeMap::new();
+        for (file_index, file) in files.iter().enumerate() {
+            for name in file.names() {
+                if let Some(previous) = index.insert(name.to_string(), file_index) {
+                    return Err(Error::tensor(
+                        &file.path,
+                        name,
+                        format!("also present in {}", files[previous].path.display()),
+                    ));
+                }
+            }
         }
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             files,
             index,
         })
+    }
+
+    /// Checks that every tensor of the index is in the shard the index names (`index_path`
+    /// labels errors).
+    pub fn check_shard_index(&self, shard_index: &ShardIndex, index_path: &Path) -> Result<()> {
+        for (tensor, shard) in &shard_index.weight_map {
+            let holder = self
+                .file_of(tensor)
+                .and_then(|file| file.path.file_name())
+                .and_then(|name| name.to_str());
+            if holder != Some(shard.as_str()) {
+                return Err(Error::tensor(
+                    index_path,
+                    tensor,
+                    format!("the index places it in `{shard}`, but that shard does not contain it"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Every tensor name in the checkpoint, sorted.
@@ -371,12 +476,21 @@ impl Checkpoint {
     }
 
     /// Loads a tensor as f32 after checking its shape; returns its storage dtype too.
+    ///
+    /// Refuses (naming the tensor) a conversion that needs more memory than is available
+    /// ([`crate::memory`]) and a tensor holding NaN or infinity: no Gemma 4 text weight is
+    /// non-finite, and catching it here names the damaged tensor rather than the first
+    /// activation it spoils.
     pub fn load_f32(&self, name: &str, shape: &[usize]) -> Result<(ArrayD<f32>, WeightDtype)> {
         let dtype = self.check(name, shape)?;
-        let bytes = self
-            .file_of(name)
-            .and_then(|f| f.bytes(name))
-            .expect("checked above");
+        let file = self.file_of(name).expect("checked above");
+        let bytes = file.bytes(name).expect("checked above");
+        check_allocation(
+            &file.path,
+            name,
+            array_bytes(shape, 4),
+            &format!("loading {dtype:?} {shape:?} as f32"),
+        )?;
         let values: Vec<f32> = match dtype {
             WeightDtype::F32 => bytes
                 .chunks_exact(4)
@@ -391,8 +505,23 @@ impl Checkpoint {
                 .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
                 .collect(),
         };
-        let array = ArrayD::from_shape_vec(IxDyn(shape), values)
-            .expect("size checked by the header validation");
+        let array = ArrayD::from_shape_vec(IxDyn(shape), values).map_err(|e| {
+            Error::tensor(
+                &file.path,
+                name,
+                format!("{} bytes cannot hold shape {shape:?}: {e}", bytes.len()),
+            )
+        })?;
+        if let Some((index, value)) = array.indexed_iter().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::tensor(
+                &file.path,
+                name,
+                format!(
+                    "holds the non-finite value {value} at index {:?}; a weight must be finite",
+                    index.slice()
+                ),
+            ));
+        }
         Ok((array, dtype))
     }
 
@@ -524,6 +653,37 @@ pub fn text_tensor_specs(config: &TextConfig, plan: &ModelPlan) -> Vec<TensorSpe
         push("lm_head.weight".into(), &[v, d]);
     }
     specs
+}
+
+/// Refuses to start loading when all text weights together, as f32, need more memory than is
+/// available; the error names the largest tensor.
+fn check_total_allocation(
+    checkpoint: &Checkpoint,
+    specs: &[TensorSpec],
+    prefix: &str,
+) -> Result<()> {
+    let bytes = |spec: &TensorSpec| array_bytes(&spec.shape, 4).unwrap_or(u64::MAX);
+    let Some(largest) = specs.iter().max_by_key(|spec| bytes(spec)) else {
+        return Ok(());
+    };
+    let total = specs.iter().try_fold(0u64, |sum, spec| {
+        sum.checked_add(array_bytes(&spec.shape, 4)?)
+    });
+    let name = full_name(prefix, &largest.name);
+    let path = checkpoint
+        .file_of(&name)
+        .map_or(checkpoint.dir.as_path(), |file| file.path.as_path());
+    check_allocation(
+        path,
+        &name,
+        total,
+        &format!(
+            "loading the {} text weights as f32 (this one, {:?}, is the largest at {} bytes)",
+            specs.len(),
+            largest.shape,
+            bytes(largest)
+        ),
+    )
 }
 
 /// HF names of one decoder layer's tensors (without the layout prefix).
@@ -688,6 +848,13 @@ impl TextWeights {
         let text = &config.text;
         let prefix = checkpoint.text_prefix()?;
         let name = |n: &str| full_name(prefix, n);
+        // Every tensor present with its planned shape and a float dtype (headers only), then
+        // enough memory for all of them as f32, before the first conversion.
+        let specs = text_tensor_specs(text, plan);
+        for spec in &specs {
+            checkpoint.check(&full_name(prefix, &spec.name), &spec.shape)?;
+        }
+        check_total_allocation(checkpoint, &specs, prefix)?;
         let d = text.hidden_size;
         let v = text.vocab_size;
 

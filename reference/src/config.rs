@@ -23,6 +23,22 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::memory::{read_bounded, MAX_JSON_FILE_BYTES};
+
+/// Largest `num_hidden_layers` accepted (text, vision and audio). Released models have at most
+/// 60 layers; the limit keeps a typo such as `1e12` from sizing the per-layer tables (layer
+/// types, geometry, the layer plan) before any weight is looked at.
+pub const MAX_LAYERS: usize = 4096;
+
+/// Largest value of any size field (widths, head counts, head dims, vocabularies, the sliding
+/// window), and of the attention width `heads x head_dim` and the PLE width `layers x P`:
+/// 2^24. Released models stay below 2^19.
+pub const MAX_DIMENSION: usize = 1 << 24;
+
+/// Largest number of elements of any weight tensor a config implies: 2^40 (4 TiB as f32).
+/// With [`MAX_LAYERS`] and [`MAX_DIMENSION`] this keeps every size, parameter count and byte
+/// count derived from a config inside `u64` arithmetic.
+pub const MAX_TENSOR_ELEMENTS: u64 = 1 << 40;
 
 /// Attention type of one decoder layer (shared spec: text §1, §5.5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -207,10 +223,7 @@ impl ModelConfig {
 
     /// Reads and checks one `config.json` file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = read_bounded(path, MAX_JSON_FILE_BYTES)?;
         let value: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
             path: path.to_path_buf(),
             message: e.to_string(),
@@ -245,17 +258,17 @@ impl ModelConfig {
             }
         }
         let vision = match top.get("vision_config") {
-            Some(v) if !v.is_null() => Some(parse_vision_config(&Fields::new(
-                v,
-                path,
-                "vision_config.",
-            )?)?),
+            Some(v) if !v.is_null() => Some(parse_vision_config(
+                &Fields::new(v, path, "vision_config.")?,
+                text.hidden_size,
+            )?),
             _ => None,
         };
         let audio = match top.get("audio_config") {
-            Some(v) if !v.is_null() => {
-                Some(parse_audio_config(&Fields::new(v, path, "audio_config.")?)?)
-            }
+            Some(v) if !v.is_null() => Some(parse_audio_config(
+                &Fields::new(v, path, "audio_config.")?,
+                text.hidden_size,
+            )?),
             _ => None,
         };
         let special_tokens = parse_special_tokens(&top, &text_fields, text.pad_token_id)?;
@@ -274,7 +287,7 @@ fn parse_text_config(f: &Fields) -> Result<TextConfig> {
     let vocab_size = f.req_positive("vocab_size")?;
     let hidden_size = f.req_positive("hidden_size")?;
     let intermediate_size = f.req_positive("intermediate_size")?;
-    let num_hidden_layers = f.req_positive("num_hidden_layers")?;
+    let num_hidden_layers = f.req_layer_count("num_hidden_layers")?;
     let num_attention_heads = f.req_positive("num_attention_heads")?;
     let num_key_value_heads = f.req_positive("num_key_value_heads")?;
     let head_dim = f.req_positive("head_dim")?;
@@ -464,10 +477,10 @@ fn parse_text_config(f: &Fields) -> Result<TextConfig> {
     let hidden_size_per_layer_input = match f.get("hidden_size_per_layer_input") {
         None => 256,
         Some(Value::Null) => 0,
-        Some(_) => f.opt_usize("hidden_size_per_layer_input")?.unwrap_or(0),
+        Some(_) => f.opt_dimension("hidden_size_per_layer_input")?.unwrap_or(0),
     };
     let vocab_size_per_layer_input = f
-        .opt_usize("vocab_size_per_layer_input")?
+        .opt_dimension("vocab_size_per_layer_input")?
         .unwrap_or(262_144);
     if hidden_size_per_layer_input > 0 && vocab_size_per_layer_input == 0 {
         return Err(f.error(
@@ -553,6 +566,7 @@ fn parse_text_config(f: &Fields) -> Result<TextConfig> {
         pad_token_id,
         max_position_embeddings,
     };
+    check_text_sizes(f, &config)?;
     // KV sharing needs a producer of every layer type that a consumer uses (text §1).
     if num_kv_shared_layers > 0 {
         let first_shared = num_hidden_layers - num_kv_shared_layers;
@@ -569,8 +583,166 @@ fn parse_text_config(f: &Fields) -> Result<TextConfig> {
                 ));
             }
         }
+        // A KV-shared layer attends over its producer's cached keys and values, so their head
+        // geometry must agree (the producer is the last non-shared layer of the same type, §7).
+        for consumer in first_shared..num_hidden_layers {
+            let kind = config.layer_types[consumer];
+            let producer = (0..first_shared)
+                .rev()
+                .find(|&i| config.layer_types[i] == kind)
+                .expect("checked just above");
+            let (mine, theirs) = (
+                config.layer_geometry[consumer],
+                config.layer_geometry[producer],
+            );
+            if mine != theirs {
+                let field = if f.get("per_layer_config").is_some_and(Value::is_object) {
+                    "per_layer_config"
+                } else {
+                    "num_kv_shared_layers"
+                };
+                return Err(f.error(
+                    field,
+                    format!(
+                        "KV-shared layer {consumer} (head_dim {}, {} KV heads) reads the K/V cache of layer {producer} (head_dim {}, {} KV heads): their geometry must match",
+                        mine.head_dim, mine.num_key_value_heads, theirs.head_dim, theirs.num_key_value_heads
+                    ),
+                ));
+            }
+        }
     }
     Ok(config)
+}
+
+/// Refuses configs whose weights would be absurdly large: every weight tensor has at most
+/// [`MAX_TENSOR_ELEMENTS`] elements, and the attention and PLE widths at most [`MAX_DIMENSION`].
+/// Errors name the field whose value makes the product too large.
+fn check_text_sizes(f: &Fields, config: &TextConfig) -> Result<()> {
+    let d = config.hidden_size;
+    let p = config.hidden_size_per_layer_input;
+    let l = config.num_hidden_layers;
+    check_width(
+        f,
+        "hidden_size_per_layer_input",
+        &[("num_hidden_layers", l), ("hidden_size_per_layer_input", p)],
+    )?;
+    check_elements(
+        f,
+        "vocab_size",
+        "embed_tokens",
+        &[("vocab_size", config.vocab_size), ("hidden_size", d)],
+    )?;
+    if p > 0 {
+        check_elements(
+            f,
+            "vocab_size_per_layer_input",
+            "embed_tokens_per_layer",
+            &[
+                (
+                    "vocab_size_per_layer_input",
+                    config.vocab_size_per_layer_input,
+                ),
+                ("num_hidden_layers x hidden_size_per_layer_input", l * p),
+            ],
+        )?;
+        check_elements(
+            f,
+            "hidden_size_per_layer_input",
+            "per_layer_model_projection",
+            &[
+                ("num_hidden_layers x hidden_size_per_layer_input", l * p),
+                ("hidden_size", d),
+            ],
+        )?;
+    }
+    let mlp_width = config.intermediate_size * if config.use_double_wide_mlp { 2 } else { 1 };
+    check_elements(
+        f,
+        "intermediate_size",
+        "mlp.gate_proj",
+        &[
+            ("intermediate_size (doubled on KV-shared layers)", mlp_width),
+            ("hidden_size", d),
+        ],
+    )?;
+    for (layer, geometry) in config.layer_geometry.iter().enumerate() {
+        let field = format!("head_dim (layer {layer})");
+        check_width(
+            f,
+            &field,
+            &[
+                ("num_attention_heads", config.num_attention_heads),
+                ("head_dim", geometry.head_dim),
+            ],
+        )?;
+        check_elements(
+            f,
+            &field,
+            "self_attn.q_proj",
+            &[
+                (
+                    "num_attention_heads x head_dim",
+                    config.num_attention_heads * geometry.head_dim,
+                ),
+                ("hidden_size", d),
+            ],
+        )?;
+    }
+    if let Some(moe) = &config.moe {
+        check_elements(
+            f,
+            "num_experts",
+            "experts.gate_up_proj",
+            &[
+                ("num_experts", moe.num_experts),
+                ("2 x moe_intermediate_size", 2 * moe.moe_intermediate_size),
+                ("hidden_size", d),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Refuses a product of size fields above [`MAX_DIMENSION`] (an attention or PLE width).
+fn check_width(f: &Fields, field: &str, factors: &[(&str, usize)]) -> Result<()> {
+    let product = factors
+        .iter()
+        .try_fold(1u64, |acc, (_, n)| acc.checked_mul(*n as u64));
+    if product.is_some_and(|n| n <= MAX_DIMENSION as u64) {
+        return Ok(());
+    }
+    let names: Vec<&str> = factors.iter().map(|(name, _)| *name).collect();
+    Err(f.error(
+        field,
+        format!(
+            "{} = {} exceeds the largest width accepted, {MAX_DIMENSION}",
+            names.join(" x "),
+            product.map_or("more than 2^64".to_string(), |n| n.to_string()),
+        ),
+    ))
+}
+
+/// Refuses a weight `tensor` whose element count (the product of `factors`) exceeds
+/// [`MAX_TENSOR_ELEMENTS`]; `field` is named in the error.
+fn check_elements(f: &Fields, field: &str, tensor: &str, factors: &[(&str, usize)]) -> Result<()> {
+    let product = factors
+        .iter()
+        .try_fold(1u64, |acc, (_, n)| acc.checked_mul(*n as u64));
+    if product.is_some_and(|n| n <= MAX_TENSOR_ELEMENTS) {
+        return Ok(());
+    }
+    let names: Vec<String> = factors
+        .iter()
+        .map(|(name, n)| format!("{name} ({n})"))
+        .collect();
+    Err(f.error(
+        field,
+        format!(
+            "the weight `{tensor}` would have {} = {} elements, more than the {MAX_TENSOR_ELEMENTS} accepted",
+            names.join(" x "),
+            product.map_or("more than 2^64".to_string(), |n| n.to_string()),
+        ),
+    ))
 }
 
 fn parse_rope_parameters(f: &Fields) -> Result<(RopeParameters, RopeParameters)> {
@@ -597,17 +769,18 @@ fn parse_rope_parameters(f: &Fields) -> Result<(RopeParameters, RopeParameters)>
             Some(v) => Fields::new(v, f.path, &format!("{}{name}.", rope.prefix))?,
         };
         let theta = entry.opt_f64("rope_theta")?.unwrap_or(default.theta);
-        if !(theta.is_finite() && theta > 1.0) {
+        // RoPE runs in f32: both numbers must survive the conversion (no inf, no 0).
+        if !(theta > 1.0 && theta <= f64::from(f32::MAX)) {
             return Err(entry.error(
                 "rope_theta",
-                format!("expected a number > 1, found {theta}"),
+                format!("expected a number > 1 that fits in float32, found {theta}"),
             ));
         }
         let factor = entry.opt_f64("factor")?.unwrap_or(1.0);
-        if !(factor.is_finite() && factor > 0.0) {
+        if !(factor >= f64::from(f32::MIN_POSITIVE) && factor <= f64::from(f32::MAX)) {
             return Err(entry.error(
                 "factor",
-                format!("expected a positive number, found {factor}"),
+                format!("expected a positive number that fits in float32, found {factor}"),
             ));
         }
         let rope_type = entry
@@ -647,13 +820,13 @@ fn parse_rope_parameters(f: &Fields) -> Result<(RopeParameters, RopeParameters)>
     Ok((sliding, full))
 }
 
-fn parse_vision_config(f: &Fields) -> Result<VisionConfig> {
+fn parse_vision_config(f: &Fields, text_hidden_size: usize) -> Result<VisionConfig> {
     let hidden_size = f.opt_positive("hidden_size")?.unwrap_or(768);
     let num_attention_heads = f.opt_positive("num_attention_heads")?.unwrap_or(12);
-    Ok(VisionConfig {
+    let config = VisionConfig {
         hidden_size,
         intermediate_size: f.opt_positive("intermediate_size")?.unwrap_or(3072),
-        num_hidden_layers: f.opt_positive("num_hidden_layers")?.unwrap_or(16),
+        num_hidden_layers: f.opt_layer_count("num_hidden_layers")?.unwrap_or(16),
         num_attention_heads,
         num_key_value_heads: f.opt_positive("num_key_value_heads")?.unwrap_or(12),
         head_dim: f.opt_positive("head_dim")?.unwrap_or(64),
@@ -664,21 +837,78 @@ fn parse_vision_config(f: &Fields) -> Result<VisionConfig> {
         pooling_kernel_size: f.opt_positive("pooling_kernel_size")?.unwrap_or(3),
         use_clipped_linears: f.opt_bool("use_clipped_linears")?.unwrap_or(false),
         standardize: f.opt_bool("standardize")?.unwrap_or(false),
-    })
+    };
+    // The tower's weights, as counted by `parameter_count` (multimodal spec §1.8).
+    let d = ("hidden_size", config.hidden_size);
+    let head_dim = ("head_dim", config.head_dim);
+    check_elements(
+        f,
+        "num_attention_heads",
+        "q_proj",
+        &[
+            d,
+            ("num_attention_heads", config.num_attention_heads),
+            head_dim,
+        ],
+    )?;
+    check_elements(
+        f,
+        "num_key_value_heads",
+        "k_proj",
+        &[
+            d,
+            ("num_key_value_heads", config.num_key_value_heads),
+            head_dim,
+        ],
+    )?;
+    check_elements(
+        f,
+        "intermediate_size",
+        "mlp.gate_proj",
+        &[d, ("intermediate_size", config.intermediate_size)],
+    )?;
+    check_elements(
+        f,
+        "patch_size",
+        "patch_embedder.input_proj",
+        &[
+            d,
+            ("3 x patch_size", 3 * config.patch_size),
+            ("patch_size", config.patch_size),
+        ],
+    )?;
+    check_elements(
+        f,
+        "position_embedding_size",
+        "patch_embedder.position_embedding_table",
+        &[
+            d,
+            ("position_embedding_size", config.position_embedding_size),
+        ],
+    )?;
+    check_elements(
+        f,
+        "hidden_size",
+        "embed_vision",
+        &[d, ("text hidden_size", text_hidden_size)],
+    )?;
+    Ok(config)
 }
 
-fn parse_audio_config(f: &Fields) -> Result<AudioConfig> {
+fn parse_audio_config(f: &Fields, text_hidden_size: usize) -> Result<AudioConfig> {
     let subsampling_conv_channels = match f.get("subsampling_conv_channels") {
         None | Some(Value::Null) => vec![128, 32],
         Some(Value::Array(items)) => {
             let mut channels = Vec::new();
             for (i, item) in items.iter().enumerate() {
                 match item.as_u64() {
-                    Some(c) if c > 0 => channels.push(c as usize),
+                    Some(c) if c > 0 && c <= MAX_DIMENSION as u64 => channels.push(c as usize),
                     _ => {
                         return Err(f.error(
                             &format!("subsampling_conv_channels[{i}]"),
-                            format!("expected a positive integer, found {item}"),
+                            format!(
+                            "expected a positive integer of at most {MAX_DIMENSION}, found {item}"
+                        ),
                         ))
                     }
                 }
@@ -698,15 +928,52 @@ fn parse_audio_config(f: &Fields) -> Result<AudioConfig> {
             ))
         }
     };
-    Ok(AudioConfig {
+    let config = AudioConfig {
         hidden_size: f.opt_positive("hidden_size")?.unwrap_or(1024),
-        num_hidden_layers: f.opt_positive("num_hidden_layers")?.unwrap_or(12),
+        num_hidden_layers: f.opt_layer_count("num_hidden_layers")?.unwrap_or(12),
         num_attention_heads: f.opt_positive("num_attention_heads")?.unwrap_or(8),
         subsampling_conv_channels,
         conv_kernel_size: f.opt_positive("conv_kernel_size")?.unwrap_or(5),
         output_proj_dims: f.opt_positive("output_proj_dims")?.unwrap_or(1536),
         use_clipped_linears: f.opt_bool("use_clipped_linears")?.unwrap_or(true),
-    })
+    };
+    // The tower's weights, as counted by `parameter_count` (multimodal spec §2.7).
+    let d = ("hidden_size", config.hidden_size);
+    let [c0, c1] = [0, 1].map(|i| config.subsampling_conv_channels[i]);
+    check_elements(f, "hidden_size", "self_attn.q_proj", &[d, d])?;
+    check_elements(
+        f,
+        "subsampling_conv_channels",
+        "subsample_conv_projection",
+        &[
+            ("subsampling_conv_channels[0]", c0),
+            ("subsampling_conv_channels[1]", c1),
+            ("9", 9),
+            d,
+        ],
+    )?;
+    check_elements(
+        f,
+        "conv_kernel_size",
+        "lconv1d.depthwise_conv1d",
+        &[d, ("conv_kernel_size", config.conv_kernel_size)],
+    )?;
+    check_elements(
+        f,
+        "output_proj_dims",
+        "output_proj",
+        &[d, ("output_proj_dims", config.output_proj_dims)],
+    )?;
+    check_elements(
+        f,
+        "output_proj_dims",
+        "embed_audio",
+        &[
+            ("output_proj_dims", config.output_proj_dims),
+            ("text hidden_size", text_hidden_size),
+        ],
+    )?;
+    Ok(config)
 }
 
 fn parse_special_tokens(top: &Fields, text: &Fields, pad_token_id: usize) -> Result<SpecialTokens> {
@@ -722,10 +989,26 @@ fn parse_special_tokens(top: &Fields, text: &Fields, pad_token_id: usize) -> Res
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(items)) => items
             .iter()
-            .filter_map(Value::as_u64)
-            .map(|v| v as usize)
-            .collect(),
-        Some(v) => v.as_u64().map(|v| vec![v as usize]).unwrap_or_default(),
+            .enumerate()
+            .map(|(i, item)| match item.as_u64() {
+                Some(id) => Ok(id as usize),
+                None => Err(Error::config(
+                    top.path,
+                    format!("eos_token_id[{i}]"),
+                    format!("expected a non-negative integer token id, found {item}"),
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?,
+        Some(v) => match v.as_u64() {
+            Some(id) => vec![id as usize],
+            None => {
+                return Err(Error::config(
+                    top.path,
+                    "eos_token_id",
+                    format!("expected a token id or a list of token ids, found {v}"),
+                ))
+            }
+        },
     };
     Ok(SpecialTokens {
         image_token_id: top.opt_usize("image_token_id")?,
@@ -796,11 +1079,39 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn opt_positive(&self, name: &str) -> Result<Option<usize>> {
+    /// A size field: a non-negative integer of at most [`MAX_DIMENSION`].
+    fn opt_dimension(&self, name: &str) -> Result<Option<usize>> {
         match self.opt_usize(name)? {
+            Some(n) if n > MAX_DIMENSION => Err(self.error(
+                name,
+                format!("{n} is larger than the largest size accepted, {MAX_DIMENSION}"),
+            )),
+            other => Ok(other),
+        }
+    }
+
+    fn opt_positive(&self, name: &str) -> Result<Option<usize>> {
+        match self.opt_dimension(name)? {
             Some(0) => Err(self.error(name, "must be positive, found 0")),
             other => Ok(other),
         }
+    }
+
+    /// A layer count: positive and at most [`MAX_LAYERS`].
+    fn opt_layer_count(&self, name: &str) -> Result<Option<usize>> {
+        match self.opt_usize(name)? {
+            Some(0) => Err(self.error(name, "must be positive, found 0")),
+            Some(n) if n > MAX_LAYERS => Err(self.error(
+                name,
+                format!("{n} layers is more than the {MAX_LAYERS} accepted (released Gemma 4 models have at most 60)"),
+            )),
+            other => Ok(other),
+        }
+    }
+
+    fn req_layer_count(&self, name: &str) -> Result<usize> {
+        self.opt_layer_count(name)?
+            .ok_or_else(|| self.error(name, "is required but missing"))
     }
 
     fn req_positive(&self, name: &str) -> Result<usize> {

@@ -14,6 +14,7 @@ use safetensors::Dtype;
 
 use crate::checkpoint::SafetensorsFile;
 use crate::error::{Error, Result};
+use crate::memory::{array_bytes, check_allocation};
 
 /// One tensor of a dump.
 #[derive(Clone, Debug, PartialEq)]
@@ -101,6 +102,15 @@ impl ActivationDump {
         self.entries.is_empty()
     }
 
+    /// The first NaN or infinity in model order: `(tensor, index, value)`.
+    pub fn first_non_finite(&self) -> Option<(&str, Vec<usize>, f32)> {
+        self.names_in_model_order().into_iter().find_map(|name| {
+            let values = self.get(name)?.as_f32()?;
+            let (index, &value) = values.indexed_iter().find(|(_, v)| !v.is_finite())?;
+            Some((name, index.slice().to_vec(), value))
+        })
+    }
+
     /// Names in model order (see [`model_order_key`]).
     pub fn names_in_model_order(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.entries.iter().map(|(n, _)| n.as_str()).collect();
@@ -121,6 +131,16 @@ impl ActivationDump {
     /// Writes the dump as safetensors, atomically: a temporary file next to `path` is written,
     /// flushed and renamed, so an interrupted run never leaves a half-written dump.
     pub fn write(&self, path: &Path, metadata: &[(&str, &str)]) -> Result<()> {
+        let bytes = self.serialize(path, metadata)?;
+        write_atomically(path, &bytes)
+    }
+
+    /// The dump as the bytes of a safetensors file (what [`ActivationDump::write`] writes).
+    pub fn to_bytes(&self, metadata: &[(&str, &str)]) -> Result<Vec<u8>> {
+        self.serialize(Path::new("<in memory>"), metadata)
+    }
+
+    fn serialize(&self, path: &Path, metadata: &[(&str, &str)]) -> Result<Vec<u8>> {
         let views: Vec<(String, TensorBytes)> = self
             .entries
             .iter()
@@ -132,18 +152,31 @@ impl ActivationDump {
             .collect();
         info.entry("format".into())
             .or_insert_with(|| "gemma4-activation-dump".into());
-        let bytes = safetensors::serialize(views, Some(info)).map_err(|e| Error::Safetensors {
+        safetensors::serialize(views, Some(info)).map_err(|e| Error::Safetensors {
             path: path.to_path_buf(),
             message: format!("cannot serialise the dump: {e}"),
-        })?;
-        write_atomically(path, &bytes)
+        })
     }
 
     /// Reads a dump. Float tensors stored as F32, BF16, F16 or F64 are widened (or narrowed) to
     /// f32, integer tensors (I64, I32, U32, ...) become i64; other dtypes are an error naming the
-    /// tensor.
+    /// tensor, and so is a contract tensor in the wrong kind of dtype (see
+    /// [`ActivationDump::from_bytes`]).
     pub fn read(path: &Path) -> Result<Self> {
-        let file = SafetensorsFile::open(path)?;
+        Self::from_file(SafetensorsFile::open(path)?)
+    }
+
+    /// Reads a dump held in memory (`path` only labels errors); the same checks as
+    /// [`ActivationDump::read`]: the safetensors header is validated, every tensor's dtype must
+    /// be a dump dtype, the contract's index tensors (`input_ids`, `greedy_continuation`,
+    /// `*.router.top_k_index`) must be integers and every other contract tensor a float, and a
+    /// tensor too large for the available memory is refused before it is converted.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        Self::from_file(SafetensorsFile::from_bytes(path, bytes)?)
+    }
+
+    fn from_file(file: SafetensorsFile) -> Result<Self> {
+        let path = file.path.as_path();
         let mut names: Vec<&str> = file.names().collect();
         names.sort_by_key(|n| model_order_key(n));
         let mut dump = ActivationDump::new();
@@ -151,23 +184,85 @@ impl ActivationDump {
             let (dtype, shape) = file.info(name).expect("listed");
             let shape = shape.to_vec();
             let bytes = file.bytes(name).expect("listed");
+            check_dump_dtype(path, name, dtype)?;
+            check_allocation(
+                path,
+                name,
+                array_bytes(&shape, if is_float_dtype(dtype) { 4 } else { 8 }),
+                &format!("reading {dtype:?} {shape:?}"),
+            )?;
             let tensor = match dtype {
-                Dtype::F32 => DumpTensor::F32(to_array(&shape, bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4")))) ),
-                Dtype::F64 => DumpTensor::F32(to_array(&shape, bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8")) as f32))),
-                Dtype::BF16 => DumpTensor::F32(to_array(&shape, bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()))),
-                Dtype::F16 => DumpTensor::F32(to_array(&shape, bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()))),
-                Dtype::I64 => DumpTensor::I64(to_array(&shape, bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8"))))),
-                Dtype::I32 => DumpTensor::I64(to_array(&shape, bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4")) as i64))),
-                Dtype::U32 => DumpTensor::I64(to_array(&shape, bytes.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4")) as i64))),
-                Dtype::I16 => DumpTensor::I64(to_array(&shape, bytes.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]]) as i64))),
-                Dtype::U8 => DumpTensor::I64(to_array(&shape, bytes.iter().map(|&b| b as i64))),
-                other => {
-                    return Err(Error::tensor(
-                        path,
-                        name,
-                        format!("dtype {other:?} is not a dump dtype (use F32, BF16, F16 for values, I64 for indices)"),
-                    ))
-                }
+                Dtype::F32 => DumpTensor::F32(to_array(
+                    path,
+                    name,
+                    &shape,
+                    bytes
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                )?),
+                Dtype::F64 => DumpTensor::F32(to_array(
+                    path,
+                    name,
+                    &shape,
+                    bytes
+                        .chunks_exact(8)
+                        .map(|b| f64::from_le_bytes(b.try_into().expect("8")) as f32),
+                )?),
+                Dtype::BF16 => DumpTensor::F32(to_array(
+                    path,
+                    name,
+                    &shape,
+                    bytes
+                        .chunks_exact(2)
+                        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+                )?),
+                Dtype::F16 => DumpTensor::F32(to_array(
+                    path,
+                    name,
+                    &shape,
+                    bytes
+                        .chunks_exact(2)
+                        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+                )?),
+                Dtype::I64 => DumpTensor::I64(to_array(
+                    path,
+                    name,
+                    &shape,
+                    bytes
+                        .chunks_exact(8)
+                        .map(|b| i64::from_le_bytes(b.try_into().expect("8"))),
+                )?),
+                Dtype::I32 => DumpTensor::I64(to_array(
+                    path,
+                    name,
+                    &shape,
+                    bytes
+                        .chunks_exact(4)
+                        .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64),
+                )?),
+                Dtype::U32 => DumpTensor::I64(to_array(
+                    path,
+                    name,
+                    &shape,
+                    bytes
+                        .chunks_exact(4)
+                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64),
+                )?),
+                Dtype::I16 => DumpTensor::I64(to_array(
+                    path,
+                    name,
+                    &shape,
+                    bytes
+                        .chunks_exact(2)
+                        .map(|b| i16::from_le_bytes([b[0], b[1]]) as i64),
+                )?),
+                Dtype::U8 => DumpTensor::I64(to_array(
+                    path,
+                    name,
+                    &shape,
+                    bytes.iter().map(|&b| b as i64),
+                )?),
+                _ => unreachable!("check_dump_dtype admits only the dtypes above"),
             };
             dump.stored_dtypes.insert(name.to_string(), dtype);
             dump.insert(name, tensor);
@@ -176,14 +271,74 @@ impl ActivationDump {
     }
 }
 
-fn to_array<T>(shape: &[usize], values: impl Iterator<Item = T>) -> ArrayD<T> {
-    ArrayD::from_shape_vec(IxDyn(shape), values.collect())
-        .expect("header validation checked the byte size")
+/// Is `name` one of the contract's index tensors (ids, chosen experts), stored as integers?
+pub fn is_index_tensor_name(name: &str) -> bool {
+    name == "input_ids" || name == "greedy_continuation" || name.ends_with("router.top_k_index")
+}
+
+/// Is `name` a float tensor of the dump contract (shared contracts §2)?
+fn is_contract_float_tensor(name: &str) -> bool {
+    // Rank 10: not a contract name; rank 5 with part rank 99: an unknown part of a layer.
+    let known = !matches!(model_order_key(name), (10, ..) | (5, _, 99, _));
+    known && !is_index_tensor_name(name)
+}
+
+fn is_float_dtype(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F32 | Dtype::F64 | Dtype::BF16 | Dtype::F16)
+}
+
+/// Refuses dtypes a dump cannot hold, and contract tensors stored in the wrong kind of dtype
+/// (e.g. `logits` as I32, or `input_ids` as F32): comparing those would mislead.
+fn check_dump_dtype(path: &Path, name: &str, dtype: Dtype) -> Result<()> {
+    let float = is_float_dtype(dtype);
+    let integer = matches!(
+        dtype,
+        Dtype::I64 | Dtype::I32 | Dtype::U32 | Dtype::I16 | Dtype::U8
+    );
+    let message = if !float && !integer {
+        format!(
+            "dtype {dtype:?} is not a dump dtype (use F32, BF16, F16 for values, I64 for indices)"
+        )
+    } else if is_index_tensor_name(name) && !integer {
+        format!("is an index tensor stored as {dtype:?}; indices must be integers (I64)")
+    } else if is_contract_float_tensor(name) && !float {
+        format!(
+            "is an activation stored as {dtype:?}; activations must be floats (F32, BF16 or F16)"
+        )
+    } else {
+        return Ok(());
+    };
+    Err(Error::tensor(path, name, message))
+}
+
+/// Builds an array of `shape` from its values; a shape the values cannot fill (only possible
+/// for shapes whose size does not fit in memory, e.g. `[0, 2^63]`) is an error naming the tensor.
+fn to_array<T>(
+    path: &Path,
+    name: &str,
+    shape: &[usize],
+    values: impl Iterator<Item = T>,
+) -> Result<ArrayD<T>> {
+    ArrayD::from_shape_vec(IxDyn(shape), values.collect()).map_err(|e| {
+        Error::tensor(
+            path,
+            name,
+            format!("shape {shape:?} cannot be represented as an array: {e}"),
+        )
+    })
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+///
+/// The temporary file (`.<name>.<pid>.<n>.partial`, unique per process and call) is written,
+/// flushed to disk and renamed over `path`; on any failure it is removed and `path` is left
+/// as it was. A process killed midway leaves at most the hidden `.partial` file, never a
+/// half-written file under `path`. An existing `path` that is not a regular file (a directory,
+/// a device such as `/dev/null`, a pipe) is refused rather than replaced.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
     let io_error = |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -192,15 +347,38 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    // Renaming over a device or a pipe (`--out /dev/null` as root) would replace it.
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return Err(io_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "exists and is not a regular file (a directory, device or pipe); refusing to replace it",
+        )));
+    }
     let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("dump");
-    let temporary = directory.join(format!(".{file_name}.{}.partial", std::process::id()));
+    let temporary = directory.join(format!(
+        ".{file_name}.{}.{}.partial",
+        std::process::id(),
+        CALLS.fetch_add(1, Ordering::Relaxed)
+    ));
+    let mut created = false;
     let result = (|| {
-        let mut file = std::fs::File::create(&temporary)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temporary)?;
+        created = true;
         file.write_all(bytes)?;
         file.sync_all()?;
-        std::fs::rename(&temporary, path)
+        drop(file);
+        std::fs::rename(&temporary, path)?;
+        created = false;
+        // Make the rename itself durable (best effort: not every file system syncs directories).
+        if let Ok(dir) = std::fs::File::open(directory) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
     })();
-    if result.is_err() {
+    if created {
         let _ = std::fs::remove_file(&temporary);
     }
     result.map_err(io_error)

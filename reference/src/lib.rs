@@ -30,6 +30,7 @@ pub mod kv_cache;
 pub mod layer_plan;
 pub mod linear;
 pub mod mask;
+pub mod memory;
 pub mod mlp;
 pub mod model;
 pub mod moe;

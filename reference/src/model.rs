@@ -23,6 +23,7 @@ use crate::faults::{fault_active, Fault};
 use crate::kv_cache::KvCache;
 use crate::layer_plan::ModelPlan;
 use crate::linear::linear;
+use crate::memory::{array_bytes, available_memory};
 use crate::ple::per_layer_inputs;
 use crate::rms_norm::rms_norm;
 use crate::rope::inverse_frequencies;
@@ -38,9 +39,14 @@ impl Gemma4TextModel {
     /// Loads `dir/config.json` and the checkpoint's text weights.
     pub fn load(dir: &Path) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
-        let plan = ModelPlan::from_config(&config.text);
         let checkpoint = Checkpoint::open(dir)?;
-        let weights = TextWeights::load(&checkpoint, &config, &plan)?;
+        Self::from_checkpoint(config, &checkpoint)
+    }
+
+    /// Derives the layer plan of `config` and loads the text weights it needs from `checkpoint`.
+    pub fn from_checkpoint(config: ModelConfig, checkpoint: &Checkpoint) -> Result<Self> {
+        let plan = ModelPlan::from_config(&config.text);
+        let weights = TextWeights::load(checkpoint, &config, &plan)?;
         Ok(Gemma4TextModel {
             config,
             plan,
@@ -266,6 +272,14 @@ impl Gemma4TextModel {
         steps: usize,
     ) -> Result<(Array2<f32>, Array1<usize>)> {
         let vocab = self.config.text.vocab_size;
+        let bytes = array_bytes(&[steps, vocab], 4);
+        if bytes.is_none_or(|b| available_memory().is_some_and(|available| b > available)) {
+            return Err(Error::input(format!(
+                "{steps} decode steps need a [{steps}, {vocab}] f32 logits array ({} bytes), \
+                 more than the memory available",
+                bytes.map_or("too many".to_string(), |b| b.to_string())
+            )));
+        }
         let mut decode_logits = Array2::<f32>::zeros((steps, vocab));
         let mut continuation = Array1::<usize>::zeros(steps);
         let mut next = argmax(prefill_logits.row(prefill_logits.nrows() - 1));

@@ -4,6 +4,7 @@
 //! Each task lives in its own module with its own argument struct; add a variant to
 //! [`Task`] and a module file to add a task.
 
+mod fuzz;
 mod golden;
 mod mutants;
 
@@ -28,6 +29,9 @@ enum Task {
     /// Run the test suite once per fault of the reference's catalogue and report which tests
     /// catch each (docs/mutation-score.md); fail if a fault survives.
     Mutants(mutants::MutantsArgs),
+    /// Fuzz every parser of user files with cargo fuzz for --seconds each, or regenerate the
+    /// seed corpus (fuzz/seeds/) from golden/ with --seeds.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +39,7 @@ fn main() -> ExitCode {
     let result: Result<(), Box<dyn Error>> = match cli.task {
         Task::Golden(args) => golden::run(&args).map_err(Into::into),
         Task::Mutants(args) => mutants::run(&args).map_err(Into::into),
+        Task::Fuzz(args) => fuzz::run(&args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
