@@ -295,13 +295,15 @@ impl Checkpoint {
                 match index.get(tensor) {
                     Some(&i)
                         if files[i].path.file_name().and_then(|n| n.to_str()) == Some(shard) => {}
-                    _ => return Err(Error::tensor(
-                        &index_path,
-                        tensor,
-                        format!(
+                    _ => {
+                        return Err(Error::tensor(
+                            &index_path,
+                            tensor,
+                            format!(
                             "the index places it in `{shard}`, but that shard does not contain it"
                         ),
-                    )),
+                        ))
+                    }
                 }
             }
         } else if single_path.exists() {

@@ -337,12 +337,14 @@ fn parse_text_config(f: &Fields) -> Result<TextConfig> {
                 types.push(match item.as_str() {
                     Some("sliding_attention") => AttentionType::Sliding,
                     Some("full_attention") => AttentionType::Full,
-                    _ => return Err(f.error(
-                        &format!("layer_types[{i}]"),
-                        format!(
+                    _ => {
+                        return Err(f.error(
+                            &format!("layer_types[{i}]"),
+                            format!(
                             "expected \"sliding_attention\" or \"full_attention\", found {item}"
                         ),
-                    )),
+                        ))
+                    }
                 });
             }
             types
@@ -625,12 +627,14 @@ fn parse_rope_parameters(f: &Fields) -> Result<(RopeParameters, RopeParameters)>
                     partial_rotary_factor,
                 }
             }
-            other => return Err(entry.error(
-                "rope_type",
-                format!(
+            other => {
+                return Err(entry.error(
+                    "rope_type",
+                    format!(
                     "Gemma 4 uses \"default\" and \"proportional\"; \"{other}\" is not supported"
                 ),
-            )),
+                ))
+            }
         };
         Ok(RopeParameters {
             kind,

@@ -1,0 +1,178 @@
+//! Self-attention of one decoder layer (shared spec: text §5, §15.2, §15.3).
+//!
+//! For head dim `d`, `H` query heads, `K` KV heads, on the normed input `a` `[T, D]`:
+//!
+//! ```text
+//! q = RoPE(RMSNorm_{q_norm}(a · q_projᵀ))                 [T, H, d]
+//! k = RoPE(RMSNorm_{k_norm}(a · k_projᵀ))                 [T, K, d]   (own K/V only)
+//! v = RMSNorm_∅(a · v_projᵀ)   or, K=V:  RMSNorm_∅(a · k_projᵀ)   — never rotated
+//! s[n, i, j] = q[i, n] · k[j, ⌊n / (H/K)⌋]                (scale 1.0)
+//! o[i, n] = Σ_j softmax_j(s[n, i, ·]) · v[j, ⌊n / (H/K)⌋]   over the visible keys only
+//! output = concat_heads(o) · o_projᵀ                       [T, D]
+//! ```
+//!
+//! What is fast about it: projections through `linear` (weights as stored); norms and RoPE applied
+//! in place per head with one cos/sin table per pass; each query walks only its visible key range
+//! (`mask::visible_keys`), straight out of the cache segments (a ring for sliding layers), so
+//! nothing outside the window is ever scored; (query, head) pairs run in parallel.
+
+use gemma4_reference::dump::Recorder;
+use gemma4_reference::layer_plan::LayerPlan;
+use gemma4_reference::Result;
+use ndarray::{ArrayViewD, IxDyn};
+use rayon::prelude::*;
+
+use crate::checkpoint::AttentionWeights;
+use crate::kv_cache::{KvCache, Segment};
+use crate::linear::linear;
+use crate::mask::visible_keys;
+use crate::rms_norm::rms_norm_in_place;
+use crate::rope::RopeTable;
+use crate::simd::{dot, scaled_add};
+
+/// Records a row-major tensor of `shape` held in `data`.
+pub(crate) fn record(
+    recorder: &mut Recorder,
+    name: &str,
+    shape: &[usize],
+    data: &[f32],
+) -> Result<()> {
+    recorder.record(
+        name,
+        ArrayViewD::from_shape(IxDyn(shape), data).expect("shape matches the buffer"),
+    )
+}
+
+/// Runs the attention block for `positions.len()` query tokens (`normed`: `[T, D]`), staging this
+/// layer's new keys and values in `cache` when it owns them. Returns `[T, D]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    layer: &LayerPlan,
+    weights: &AttentionWeights,
+    normed: &[f32],
+    positions: &[usize],
+    inverse_frequencies: &[f32],
+    eps: f64,
+    cache: &mut KvCache,
+    recorder: &mut Recorder,
+) -> Result<Vec<f32>> {
+    let tokens = positions.len();
+    let (heads, kv_heads, d) = (layer.num_query_heads, layer.num_kv_heads, layer.head_dim);
+    let prefix = format!("layers.{}.attn", layer.index);
+    let rope = RopeTable::new(inverse_frequencies, positions);
+
+    // Queries: project, per-head q_norm, rotate.   [T, H, d]
+    let mut queries = linear(normed, tokens, &weights.q_proj);
+    rms_norm_in_place(&mut queries, d, Some(&weights.q_norm), eps);
+    rope.apply(&mut queries, heads);
+    record(
+        recorder,
+        &format!("{prefix}.q"),
+        &[tokens, heads, d],
+        &queries,
+    )?;
+
+    // Keys and values of this layer, unless it reads a producer's (KV sharing, text §7).
+    if let (Some(k_proj), Some(k_norm)) = (&weights.k_proj, &weights.k_norm) {
+        let raw_keys = linear(normed, tokens, k_proj);
+        // K=V layers: the raw key projection is also the raw value (text §5.3).
+        let mut values = match &weights.v_proj {
+            Some(v_proj) => linear(normed, tokens, v_proj),
+            None => raw_keys.clone(),
+        };
+        let mut keys = raw_keys;
+        rms_norm_in_place(&mut keys, d, Some(k_norm), eps);
+        rope.apply(&mut keys, kv_heads);
+        rms_norm_in_place(&mut values, d, None, eps);
+        record(
+            recorder,
+            &format!("{prefix}.k"),
+            &[tokens, kv_heads, d],
+            &keys,
+        )?;
+        record(
+            recorder,
+            &format!("{prefix}.v"),
+            &[tokens, kv_heads, d],
+            &values,
+        )?;
+        cache.stage(layer.index, keys, values);
+    }
+
+    let first_visible = *visible_keys(positions[0], layer.sliding_window).start();
+    let segments = cache.segments(layer.kv_layer(), first_visible);
+    let mut output = vec![0.0f32; tokens * heads * d];
+    attend(&queries, positions, layer, &segments, &mut output);
+
+    let attention_output = linear(&output, tokens, &weights.o_proj);
+    record(
+        recorder,
+        &format!("{prefix}.output"),
+        &[tokens, attention_output.len() / tokens],
+        &attention_output,
+    )?;
+    Ok(attention_output)
+}
+
+/// `o[i, n] = softmax(q[i, n] · K_visibleᵀ) · V_visible` for every query token and head.
+///
+/// `queries`: `[T, H, d]`; `segments`: the keys/values `[n, K, d]` at consecutive positions,
+/// in position order; `output`: `[T, H, d]`. The softmax subtracts the maximum, sums the
+/// exponentials in key order and scales each value by `w_j / Σw`, as the reference does.
+pub fn attend(
+    queries: &[f32],
+    positions: &[usize],
+    layer: &LayerPlan,
+    segments: &[Segment],
+    output: &mut [f32],
+) {
+    let (heads, kv_heads, d) = (layer.num_query_heads, layer.num_kv_heads, layer.head_dim);
+    let group = heads / kv_heads;
+    output
+        .par_chunks_mut(d)
+        .with_min_len(4)
+        .enumerate()
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (index, out)| {
+            let (t, n) = (index / heads, index % heads);
+            let kv_head = n / group;
+            let query = &queries[index * d..(index + 1) * d];
+            let visible = visible_keys(positions[t], layer.sliding_window);
+            // Scores of the visible keys, in position order.
+            scores.clear();
+            for segment in segments {
+                for j in key_range(segment, &visible) {
+                    let key = &segment.keys[(j * kv_heads + kv_head) * d..][..d];
+                    scores.push(dot(key, query));
+                }
+            }
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+            }
+            let total: f32 = scores.iter().sum();
+            out.fill(0.0);
+            let mut k = 0;
+            for segment in segments {
+                for j in key_range(segment, &visible) {
+                    let value = &segment.values[(j * kv_heads + kv_head) * d..][..d];
+                    scaled_add(out, scores[k] / total, value);
+                    k += 1;
+                }
+            }
+        });
+}
+
+/// Indices (within `segment`) of the keys whose positions are in `visible`.
+fn key_range(
+    segment: &Segment,
+    visible: &std::ops::RangeInclusive<usize>,
+) -> std::ops::Range<usize> {
+    let start = visible
+        .start()
+        .saturating_sub(segment.first_position)
+        .min(segment.len);
+    let end = (visible.end() + 1)
+        .saturating_sub(segment.first_position)
+        .min(segment.len);
+    start..end.max(start)
+}

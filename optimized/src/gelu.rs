@@ -1,0 +1,41 @@
+//! GELU with the tanh approximation (shared spec: text, notation), and the fused GeGLU.
+//!
+//! `gelu_tanh(x) = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`: the same f32 expression as the
+//! reference, so the two agree bit for bit.
+
+/// `gelu_tanh(x)`.
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// GeGLU, fused: `out[i] = gelu_tanh(gate[i]) · up[i]`, written over `gate`.
+pub fn geglu_in_place(gate: &mut [f32], up: &[f32]) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 4096;
+    gate.par_chunks_mut(CHUNK)
+        .zip(up.par_chunks(CHUNK))
+        .for_each(|(g, u)| {
+            for (gv, &uv) in g.iter_mut().zip(u) {
+                *gv = gelu_tanh(*gv) * uv;
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_tanh_matches_reference_bitwise() {
+        for i in -400..400 {
+            let x = i as f32 * 0.037;
+            assert_eq!(
+                gelu_tanh(x).to_bits(),
+                gemma4_reference::gelu::gelu_tanh(x).to_bits(),
+                "gelu_tanh({x})"
+            );
+        }
+    }
+}
