@@ -115,6 +115,40 @@ impl Gemma4Optimized {
         self.pool.current_num_threads()
     }
 
+    /// Bytes of weights one decode step reads: every layer matrix (of MoE experts, only the `k`
+    /// chosen of `E`), the PLE projection and the LM head; not the embedding or PLE tables, of
+    /// which one row is read. Divided by the memory bandwidth, this bounds decode speed.
+    pub fn decode_weight_bytes(&self) -> u64 {
+        let mut bytes = 0usize;
+        for layer in &self.weights.layers {
+            let a = &layer.attention;
+            bytes += a.q_proj.bytes() + a.o_proj.bytes();
+            bytes += a.k_proj.as_ref().map_or(0, |m| m.bytes())
+                + a.v_proj.as_ref().map_or(0, |m| m.bytes());
+            bytes += layer.mlp.gate_proj.bytes()
+                + layer.mlp.up_proj.bytes()
+                + layer.mlp.down_proj.bytes();
+            if let Some(ple) = &layer.per_layer_embedding {
+                bytes += ple.input_gate.bytes() + ple.projection.bytes();
+            }
+            if let (Some(moe), Some(config)) = (&layer.moe, &self.config.text.moe) {
+                bytes += moe.router_proj.bytes();
+                bytes += (moe.gate_up_proj.bytes() + moe.down_proj.bytes()) / config.num_experts
+                    * config.top_k_experts;
+            }
+        }
+        if let Some(ple) = &self.weights.per_layer_embeddings {
+            bytes += ple.model_projection.bytes();
+        }
+        bytes += self
+            .weights
+            .lm_head
+            .as_ref()
+            .unwrap_or(&self.weights.embed_tokens)
+            .bytes();
+        bytes as u64
+    }
+
     /// An empty KV cache for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(

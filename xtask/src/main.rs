@@ -4,7 +4,9 @@
 //! Each task lives in its own module with its own argument struct; add a variant to
 //! [`Task`] and a module file to add a task.
 
+mod bench;
 mod golden;
+mod synth;
 
 use std::error::Error;
 use std::process::ExitCode;
@@ -24,12 +26,22 @@ enum Task {
     /// Regenerate the golden fixtures (golden/) and the released-config facts
     /// (tests/data/released/) with the pinned Hugging Face oracle, or verify them with --check.
     Golden(golden::GoldenArgs),
+    /// Write a random-weight checkpoint with the real dimensions of a released model.
+    Synth(synth::SynthArgs),
+    /// Measure prefill/decode speed and peak memory of the engines; write docs/performance.md.
+    Bench(bench::BenchArgs),
+    /// (internal) One engine, one workload, one JSON line: the child process of `bench`.
+    #[command(hide = true)]
+    BenchEngine(bench::BenchEngineArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: Result<(), Box<dyn Error>> = match cli.task {
         Task::Golden(args) => golden::run(&args).map_err(Into::into),
+        Task::Synth(args) => synth::run(&args).map_err(Into::into),
+        Task::Bench(args) => bench::run(&args).map_err(Into::into),
+        Task::BenchEngine(args) => bench::run_engine(&args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
