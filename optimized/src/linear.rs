@@ -32,6 +32,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer (a method call makes closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Whether a call may spread its work over the rayon pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Threads {
@@ -77,7 +84,6 @@ fn dispatch<E: Element>(
         let task = |b: usize| {
             let start = b * SKINNY_ROW_BLOCK;
             let end = (start + SKINNY_ROW_BLOCK).min(rows);
-            let out = out;
             // SAFETY: rows start..end of w exist; x is [tokens, cols]; this task writes only
             // columns start..end of y, which no other task writes.
             unsafe {
@@ -87,7 +93,7 @@ fn dispatch<E: Element>(
                     start..end,
                     x.as_ptr(),
                     tokens,
-                    out.0.add(start),
+                    out.get().add(start),
                     rows,
                 )
             };
@@ -102,7 +108,6 @@ fn dispatch<E: Element>(
     let task = |b: usize| {
         let start = b * GEMM_ROW_BLOCK;
         let end = (start + GEMM_ROW_BLOCK).min(rows);
-        let out = out;
         gemm_block(w, cols, start..end, x, tokens, out, rows);
     };
     match threads {
@@ -136,7 +141,7 @@ fn gemm_block<E: Element>(
                 tokens,
                 n,
                 cols,
-                y.0.add(rows.start),
+                y.get().add(rows.start),
                 1,
                 y_stride as isize,
                 false,

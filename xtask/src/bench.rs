@@ -421,9 +421,9 @@ fn report(
             "| HF transformers | E2B (full) | not run (`--skip-hf` or no oracle venv) | | | |\n",
         );
     }
-    out.push_str(&format!(
-        "| llama.cpp bf16 GGUF (`llama-bench -t 2 -p 128 -n 32`), from `shared/deps-and-machine.md`, not re-measured here | E2B (full) | ≈ 10.2 | ≈ 2.85 | 4.6 GiB | |\n"
-    ));
+    out.push_str(
+        "| llama.cpp bf16 GGUF (`llama-bench -t 2 -p 128 -n 32`), from `shared/deps-and-machine.md`, not re-measured here | E2B (full) | ≈ 10.2 | ≈ 2.85 | 4.6 GiB | |\n",
+    );
     out.push_str(&row(
         "gemma4-optimized",
         &format!("E2B dims, first {reduced_layers} layers"),
