@@ -25,6 +25,7 @@ use half::{bf16, f16};
 ///
 /// The data is either a range of a memory-mapped checkpoint file or an owned buffer (tests,
 /// misaligned tensors). Sub-matrices (one expert of a `[E, 2I, D]` tensor) share the storage.
+/// A mapped matrix points into the maps its model owns: it must not outlive that model.
 #[derive(Clone)]
 pub struct Matrix {
     ptr: *const u8,

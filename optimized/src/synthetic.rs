@@ -302,3 +302,86 @@ pub fn write_checkpoint(dir: &Path, config: &Value, dtype: WeightDtype, seed: u6
     std::fs::rename(&config_temporary, &config_path).map_err(io(&config_path))?;
     Ok((8 + header_bytes.len() + offset) as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn released(variant: &str) -> Value {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/data/released")
+            .join(variant)
+            .join("config.json");
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn synthetic_released_configs_cut_to_any_layer_count_stay_valid_every_variant() {
+        for variant in ["e2b", "e4b", "31b", "26b-a4b"] {
+            let full = released(variant);
+            let total = full["text_config"]["num_hidden_layers"].as_u64().unwrap() as usize;
+            for layers in 1..=total {
+                let config = released_text_config(&full, Some(layers));
+                let parsed = ModelConfig::from_json(&config, Path::new("synthetic"))
+                    .unwrap_or_else(|e| panic!("{variant} cut to {layers} layers: {e}"));
+                assert_eq!(parsed.text.num_hidden_layers, layers, "{variant}");
+                assert_eq!(parsed.layout, CheckpointLayout::CausalLm, "{variant}");
+                let released_text = ModelConfig::from_json(&full, Path::new("released"))
+                    .unwrap()
+                    .text;
+                assert_eq!(
+                    parsed.text.hidden_size, released_text.hidden_size,
+                    "{variant}: real dims"
+                );
+                if layers == total {
+                    assert_eq!(
+                        parsed.text.num_kv_shared_layers,
+                        released_text.num_kv_shared_layers
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn synthetic_checkpoint_loads_with_every_tensor_and_is_reproducible() {
+        let config = TinyConfig {
+            vocab_size: 40,
+            hidden_size: 16,
+            intermediate_size: 12,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            num_global_key_value_heads: 1,
+            head_dim: 8,
+            global_head_dim: 16,
+            full_layers: vec![false, true, false],
+            sliding_window: 3,
+            hidden_size_per_layer_input: 4,
+            num_kv_shared_layers: 1,
+            use_double_wide_mlp: true,
+            attention_k_eq_v: true,
+            moe: Some((4, 2, 6)),
+            tie_word_embeddings: false,
+            final_logit_softcapping: Some(30.0),
+        };
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        for (dir, dtype) in [(&a, WeightDtype::BF16), (&b, WeightDtype::BF16)] {
+            write_checkpoint(dir.path(), &config.config_json(), dtype, 7).unwrap();
+        }
+        let bytes =
+            |d: &tempfile::TempDir| std::fs::read(d.path().join("model.safetensors")).unwrap();
+        assert_eq!(bytes(&a), bytes(&b), "same seed, same bytes");
+        // Every tensor the plan needs is present with its shape (the reference's own loader).
+        let model = gemma4_reference::Gemma4TextModel::load(a.path()).unwrap();
+        let scalar = model.weights.layers[0].layer_scalar;
+        assert!(
+            (0.5..1.5).contains(&scalar),
+            "layer_scalar drawn in [0.5, 1.5): {scalar}"
+        );
+        assert!(!a.path().read_dir().unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("partial")));
+    }
+}
