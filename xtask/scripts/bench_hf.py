@@ -4,7 +4,7 @@ torch CPU, bf16 weights and compute, `--threads` intra-op threads, the same chec
 (`Gemma4ForCausalLM`, made by `cargo xtask synth`), the same prompt length and decode steps as
 the Rust engines: one prefill pass with `logits_to_keep=1` (only the last position's logits, so
 KV-shared layers also run on that position only), then greedy single-token steps through the
-`DynamicCache`. A warm-up pass runs first. Prints one JSON line.
+`DynamicCache`. A warm-up pass (the prompt + one step) runs first. Prints one JSON line.
 
 Usage: python bench_hf.py --model DIR [--threads 2] [--prompt 128] [--decode 32]
 """
@@ -37,8 +37,8 @@ def main():
     ids = torch.randint(3, vocab, (1, args.prompt), generator=generator)
 
     with torch.inference_mode():
-        # Warm-up: a short prefill and one step.
-        out = model(input_ids=ids[:, :8], use_cache=True, logits_to_keep=1)
+        # Warm-up: the same prefill and one step.
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
 
         t0 = time.perf_counter()

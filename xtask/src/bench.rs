@@ -9,8 +9,9 @@
 //!
 //! Workload (the same for every engine): a prompt of `--prompt` random token ids (seeded), one
 //! prefill pass producing the last position's logits, then `--decode` greedy single-token steps
-//! through the KV cache. A warm-up pass (8 tokens + 1 step) runs first, so mapped weights are
-//! paged in before timing (llama.cpp's `llama-bench` warms up likewise; HF loads into RAM).
+//! through the KV cache. A warm-up pass of the same workload (the prompt + 1 step) runs first, so
+//! mapped weights and the prompt's PLE rows are paged in before timing (llama.cpp's
+//! `llama-bench` warms up likewise; the HF script does the same).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -113,11 +114,11 @@ pub fn run_engine(args: &BenchEngineArgs) -> Result<(), String> {
             let load_s = started.elapsed().as_secs_f64();
             let vocab = model.config.text.vocab_size;
             let ids = prompt_ids(args.prompt, vocab);
-            // Warm-up: pages the mapped weights in.
+            // Warm-up: pages the mapped weights and the prompt's PLE rows in.
             let mut cache = model.new_cache();
             let logits = model
                 .forward(
-                    &ids[..8.min(ids.len())],
+                    &ids,
                     &mut cache,
                     &mut Recorder::checking_only(),
                     Logits::Last,
