@@ -399,11 +399,18 @@ fn report(
     let mut out = String::new();
     out.push_str("# Performance\n\n");
     out.push_str(&format!(
-        "Measured by `cargo xtask bench` on this project's machine (2 vCPU AMD EPYC, AVX2 + FMA, no AVX-512), \
-         {} threads, random-weight bf16 checkpoints with the real E2B dimensions made by `cargo xtask synth`. \
-         Workload: a {}-token prompt (one prefill pass, logits of the last position), then {} greedy decode steps \
-         through the KV cache. Load = 1-minute load average before / after each run (each run waits for < {}).\n\n",
-        args.threads, args.prompt, args.decode, args.max_load
+        "Measured by `cargo xtask bench` on this project's machine ({}), {} threads, random-weight bf16 \
+         checkpoints with the real E2B dimensions made by `cargo xtask synth`. Workload: a {}-token prompt \
+         (one prefill pass, logits of the last position), then {} greedy decode steps through the KV cache, \
+         after one warm-up run of the same workload. Load = 1-minute load average before / after each run \
+         (each run waits up to {} s for < {}); the benchmark ran at niceness {}.\n\n",
+        cpu_description(),
+        args.threads,
+        args.prompt,
+        args.decode,
+        args.max_wait,
+        args.max_load,
+        own_niceness(),
     ));
     out.push_str("| engine | model | prefill tok/s | decode tok/s | peak RSS | load |\n|---|---|---|---|---|---|\n");
     out.push_str(&row(
@@ -460,6 +467,11 @@ fn report(
         gib(dir_size(&args.model) as f64),
         gib(ple_table_bytes(&args.model) as f64),
     ));
+    out.push_str("## Raw results\n\n```\n");
+    for v in [Some(optimized_full), Some(optimized_reduced), Some(reference_reduced), hf].into_iter().flatten() {
+        out.push_str(&format!("{v}\n"));
+    }
+    out.push_str("```\n\n");
     out.push_str(&format!(
         "## Rerun\n\n```sh\ncargo xtask synth --variant e2b --out {}\ncargo xtask synth --variant e2b --layers {reduced_layers} --out {}\ncargo xtask bench --model {} --reduced-model {}\n```\n\n\
          The Hugging Face row needs the oracle virtualenv (`~/.cache/gemma4/oracle-venv`, made by `cargo xtask golden`); \
@@ -470,6 +482,41 @@ fn report(
         args.reduced_model.display(),
     ));
     out
+}
+
+/// CPU model, core count and the SIMD extensions that matter here, from /proc/cpuinfo.
+fn cpu_description() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = info
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = info.lines().filter(|l| l.starts_with("processor")).count();
+    let flags: Vec<&str> = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags"))
+        .map(|f| f.split_whitespace().collect())
+        .unwrap_or_default();
+    let has = |f: &str| flags.contains(&f);
+    let extensions: Vec<&str> = ["avx2", "fma", "f16c", "avx512f", "avx512_bf16"]
+        .into_iter()
+        .filter(|f| has(f))
+        .collect();
+    format!(
+        "{cores} vCPU {model}, {}; the engine's kernels use AVX2 + FMA + F16C",
+        extensions.join(" ")
+    )
+}
+
+/// This process's nice value (field 19 of /proc/self/stat).
+fn own_niceness() -> i64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1.to_string();
+            after.split_whitespace().nth(16)?.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
 fn dir_size(dir: &Path) -> u64 {
