@@ -10,17 +10,14 @@ pub fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
 }
 
-/// GeGLU, fused: `out[i] = gelu_tanh(gate[i]) · up[i]`, written over `gate`.
+/// GeGLU, fused: `out[i] = gelu_tanh(gate[i]) · up[i]`, written over `gate` (vectorised:
+/// `simd::geglu`, within 3e-7 of the scalar form), in parallel chunks.
 pub fn geglu_in_place(gate: &mut [f32], up: &[f32]) {
     use rayon::prelude::*;
     const CHUNK: usize = 4096;
     gate.par_chunks_mut(CHUNK)
         .zip(up.par_chunks(CHUNK))
-        .for_each(|(g, u)| {
-            for (gv, &uv) in g.iter_mut().zip(u) {
-                *gv = gelu_tanh(*gv) * uv;
-            }
-        });
+        .for_each(|(g, u)| crate::simd::geglu(g, u));
 }
 
 #[cfg(test)]

@@ -17,7 +17,6 @@
 use rayon::prelude::*;
 
 use crate::checkpoint::MoeWeights;
-use crate::gelu::gelu_tanh;
 use crate::linear::{linear, linear_into, Threads};
 use crate::rms_norm::rms_norm_in_place;
 
@@ -115,9 +114,8 @@ pub fn experts(
                 .chunks_exact(2 * inner)
                 .zip(activated.chunks_exact_mut(inner))
             {
-                for (r, o) in out.iter_mut().enumerate() {
-                    *o = gelu_tanh(row[r]) * row[inner + r];
-                }
+                out.copy_from_slice(&row[..inner]);
+                crate::simd::geglu(out, &row[inner..]);
             }
             let down = weights.down_proj.rows_view(expert * d, d);
             let mut y = vec![0.0f32; n * d];

@@ -13,7 +13,6 @@
 
 use crate::checkpoint::{LayerPleWeights, PleWeights};
 use crate::embedding::scaled_embedding;
-use crate::gelu::gelu_tanh;
 use crate::linear::linear;
 use crate::rms_norm::{add_normed_scaled, rms_norm_in_place};
 
@@ -54,9 +53,7 @@ pub fn add_per_layer_embedding_branch(
 ) {
     let d = h.len() / tokens;
     let mut gated = linear(h, tokens, &weights.input_gate); // [T, P]
-    for (g, &p) in gated.iter_mut().zip(layer_input) {
-        *g = gelu_tanh(*g) * p;
-    }
+    crate::simd::geglu(&mut gated, layer_input);
     let projected = linear(&gated, tokens, &weights.projection); // [T, D]
     add_normed_scaled(h, &projected, d, &weights.post_norm, eps, layer_scalar);
 }

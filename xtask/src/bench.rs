@@ -468,7 +468,15 @@ fn report(
         gib(ple_table_bytes(&args.model) as f64),
     ));
     out.push_str("## Raw results\n\n```\n");
-    for v in [Some(optimized_full), Some(optimized_reduced), Some(reference_reduced), hf].into_iter().flatten() {
+    for v in [
+        Some(optimized_full),
+        Some(optimized_reduced),
+        Some(reference_reduced),
+        hf,
+    ]
+    .into_iter()
+    .flatten()
+    {
         out.push_str(&format!("{v}\n"));
     }
     out.push_str("```\n\n");
@@ -489,7 +497,10 @@ fn cpu_description() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = info
         .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = info.lines().filter(|l| l.starts_with("processor")).count();
     let flags: Vec<&str> = info
