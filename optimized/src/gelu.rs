@@ -1,7 +1,8 @@
 //! GELU with the tanh approximation (shared spec: text, notation), and the fused GeGLU.
 //!
-//! `gelu_tanh(x) = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`: the same f32 expression as the
-//! reference, so the two agree bit for bit.
+//! `gelu_tanh(x) = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`. The scalar [`gelu_tanh`] is the
+//! reference's f32 expression (bit for bit); the GeGLU used on whole rows ([`geglu_in_place`],
+//! `simd::geglu`) computes `tanh` from a vectorised `exp` and stays within 3e-7·max(1, |x|) of it.
 
 /// `gelu_tanh(x)`.
 #[inline]
