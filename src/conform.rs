@@ -80,6 +80,16 @@ pub fn compare_with_case(
 
 /// Runs one case on one engine.
 pub fn run_case(case: &GoldenCase, engine: Engine) -> CaseOutcome {
+    run_case_with_threads(case, engine, None)
+}
+
+/// Runs one case on one engine; `threads` sizes the optimized engine's pool (`None`: the
+/// `RAYON_NUM_THREADS` default).
+pub fn run_case_with_threads(
+    case: &GoldenCase,
+    engine: Engine,
+    threads: Option<usize>,
+) -> CaseOutcome {
     let outcome = |reports, error| CaseOutcome {
         case: case.name.clone(),
         engine,
@@ -90,7 +100,7 @@ pub fn run_case(case: &GoldenCase, engine: Engine) -> CaseOutcome {
         Ok(d) => d,
         Err(e) => return outcome(Vec::new(), Some(e.to_string())),
     };
-    match engine.dump(&case.model_dir(), &case.tokens, case.decode_steps) {
+    match engine.dump_with_threads(&case.model_dir(), &case.tokens, case.decode_steps, threads) {
         Ok(candidate) => outcome(compare_with_case(case, &expected, &candidate), None),
         Err(e) => outcome(Vec::new(), Some(e.to_string())),
     }

@@ -20,6 +20,10 @@ pub struct Inspection {
     pub kv_cache_bf16: CacheFootprint,
     /// KV cache with f32 entries.
     pub kv_cache_f32: CacheFootprint,
+    /// The optimized engine's cache layout (f32 entries, one tensor on K=V layers, a ring of W
+    /// positions on sliding layers): bytes per position, `(sliding layers, full layers)`. Its
+    /// real allocation is checked against `kv_cache_f32` in `tests/optimized_kv_cache.rs`.
+    pub optimized_kv_cache_bytes_per_token: (usize, usize),
     /// `None` when the directory has no weights; otherwise the number of text tensors checked.
     pub weights_checked: Option<usize>,
     /// Checkpoint tensors that are not text tensors of the plan (towers, stray KV of shared layers).
@@ -50,7 +54,12 @@ pub fn inspect(dir: &Path) -> Result<Inspection, Error> {
     } else {
         (None, 0)
     };
+    // An empty cache allocates nothing; its layout gives the bytes per position.
+    let optimized_kv_cache_bytes_per_token =
+        gemma4_optimized::kv_cache::KvCache::new(&plan, |_| Vec::new(), |_| Vec::new())
+            .bytes_per_position();
     Ok(Inspection {
+        optimized_kv_cache_bytes_per_token,
         kv_cache_bf16: cache_footprint(&plan, window, 2),
         kv_cache_f32: cache_footprint(&plan, window, 4),
         config,
@@ -179,6 +188,14 @@ pub fn format_inspection(inspection: &Inspection) -> String {
             text.sliding_window,
         ));
     }
+    let (sliding, full) = inspection.optimized_kv_cache_bytes_per_token;
+    out.push_str(&format!(
+        "\nKV cache of the optimized engine (f32, one tensor on K=V layers, ring of {} on sliding layers):\n  full layers:    {} bytes per token\n  sliding layers: {} bytes per token, at most {} bytes\n",
+        text.sliding_window,
+        thousands(full as u64),
+        thousands(sliding as u64),
+        thousands((sliding * text.sliding_window) as u64),
+    ));
     match inspection.weights_checked {
         Some(n) => out.push_str(&format!(
             "\nweights: all {n} text tensors present with the planned shapes ({} other tensors not used by the text model)\n",

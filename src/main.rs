@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use gemma4::compare::{format_report, run_compare, ExpectedSource};
-use gemma4::conform::{format_table, run_case};
+use gemma4::conform::{format_table, run_case_with_threads};
 use gemma4::engine::Engine;
 use gemma4::golden::{golden_dir, load_cases};
 use gemma4::inspect::{format_inspection, inspect};
@@ -60,6 +60,9 @@ struct ConformArgs {
     /// Only the cases whose name contains this string.
     #[arg(long)]
     case: Option<String>,
+    /// Threads of the optimized engine (default: RAYON_NUM_THREADS, else one per core).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -78,6 +81,9 @@ struct DumpArgs {
     /// Also decode N tokens greedily through the KV cache after the prefill.
     #[arg(long, default_value_t = 0)]
     decode: usize,
+    /// Threads of the optimized engine (default: RAYON_NUM_THREADS, else one per core).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -144,7 +150,7 @@ fn conform(args: ConformArgs) -> ExitCode {
             .is_none_or(|f| c.name.contains(f.as_str()))
     }) {
         for &engine in &engines {
-            outcomes.push(run_case(case, engine));
+            outcomes.push(run_case_with_threads(case, engine, args.threads));
         }
     }
     if outcomes.is_empty() {
@@ -178,7 +184,7 @@ fn dump(args: DumpArgs) -> ExitCode {
     };
     let result = args
         .engine
-        .dump(&args.model, &tokens, args.decode)
+        .dump_with_threads(&args.model, &tokens, args.decode, args.threads)
         .and_then(|dump| {
             dump.write(&args.out, &[("engine", args.engine.name())])
                 .map(|()| dump.len())

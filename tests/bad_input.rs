@@ -7,17 +7,32 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{copy_golden_model, read_json, write_json, RawSafetensors};
+use gemma4_optimized::Gemma4Optimized;
 use gemma4_reference::{ActivationDump, Error, Gemma4TextModel, ModelConfig};
 use serde_json::{json, Value};
 
 const BASE: &str = "e2b_like";
 
 /// Loads the model in `dir` and returns the error message (the test fails if loading succeeds).
+/// The optimized engine must reject it too, with exactly the same message: it reuses the
+/// reference's validation.
 fn load_error(dir: &Path) -> String {
-    match Gemma4TextModel::load(dir) {
+    let message = match Gemma4TextModel::load(dir) {
         Ok(_) => panic!("loading {} should have failed", dir.display()),
         Err(e) => e.to_string(),
+    };
+    match Gemma4Optimized::load(dir) {
+        Ok(_) => panic!(
+            "the optimized engine loaded {} that the reference rejects ({message})",
+            dir.display()
+        ),
+        Err(e) => assert_eq!(
+            e.to_string(),
+            message,
+            "the optimized engine's error differs from the reference's"
+        ),
     }
+    message
 }
 
 fn assert_mentions(message: &str, needles: &[&str]) {
@@ -43,6 +58,15 @@ fn with_config(
         Ok(_) => panic!("the edited config should be rejected"),
         Err(e) => e.to_string(),
     };
+    // Both engines load through the same config check, so both reject with this message.
+    match Gemma4Optimized::load(dir.path()) {
+        Ok(_) => panic!("the optimized engine accepted a config the reference rejects ({message})"),
+        Err(e) => assert_eq!(
+            e.to_string(),
+            message,
+            "the optimized engine's error differs from the reference's"
+        ),
+    }
     (dir, message)
 }
 
@@ -402,11 +426,20 @@ fn checkpoint_config_disagreeing_with_weights_is_named() {
 fn input_token_id_out_of_range_is_rejected() {
     let model = Gemma4TextModel::load(&common::golden_model(BASE)).unwrap();
     let vocab = model.config.text.vocab_size;
-    match model.dump(&[1, 2, vocab], 0) {
+    let expected = match model.dump(&[1, 2, vocab], 0) {
         Err(Error::Input { message }) => {
-            assert_mentions(&message, &[&vocab.to_string(), "position 2", "vocab_size"])
+            assert_mentions(&message, &[&vocab.to_string(), "position 2", "vocab_size"]);
+            message
         }
         other => panic!("expected an input error, got {:?}", other.map(|d| d.len())),
+    };
+    let optimized = Gemma4Optimized::load(&common::golden_model(BASE)).unwrap();
+    match optimized.dump(&[1, 2, vocab], 0) {
+        Err(Error::Input { message }) => assert_eq!(message, expected, "optimized engine"),
+        other => panic!(
+            "optimized: expected an input error, got {:?}",
+            other.map(|d| d.len())
+        ),
     }
 }
 
@@ -416,6 +449,14 @@ fn input_empty_token_list_is_rejected() {
     match model.dump(&[], 0) {
         Err(Error::Input { message }) => assert_mentions(&message, &["empty"]),
         other => panic!("expected an input error, got {:?}", other.map(|d| d.len())),
+    }
+    let optimized = Gemma4Optimized::load(&common::golden_model(BASE)).unwrap();
+    match optimized.dump(&[], 0) {
+        Err(Error::Input { message }) => assert_mentions(&message, &["empty"]),
+        other => panic!(
+            "optimized: expected an input error, got {:?}",
+            other.map(|d| d.len())
+        ),
     }
 }
 

@@ -1,1 +1,44 @@
+//! # gemma4-optimized: the Gemma 4 text decoder, made fast
+//!
+//! The same model as `gemma4-reference`, module for module (`attention`, `rope`, `mask`, `ple`,
+//! `moe`, `mlp`, `decoder_layer`, `model`, `kv_cache`, `rms_norm`, `gelu`, `embedding`,
+//! `linear`, `checkpoint`), each function tested against its reference twin on random inputs,
+//! and the whole engine tested dump against dump (`tests/optimized_*.rs` in the root package).
+//!
+//! What makes it fast (measured in `docs/performance.md`):
+//! - weights **as stored**: bf16/f16/f32 checkpoints are memory-mapped and never converted;
+//!   16-bit weights are widened inside the kernels ([`checkpoint`], [`simd`]);
+//! - the PLE table stays on disk: only the rows of the tokens seen are read ([`ple`]);
+//! - decode GEMVs through a hand-written AVX2/FMA kernel streaming each weight row once, prefill
+//!   GEMMs through the `gemm` crate on widened blocks, both split over threads ([`linear`]);
+//! - fused norms, residual adds, GeGLU and `layer_scalar` ([`rms_norm`], [`gelu`], [`ple`]);
+//! - attention over the visible key range only, straight from the cache ([`attention`], [`mask`]);
+//! - a KV cache that is a ring of `W` positions on sliding layers, one tensor on K=V layers and
+//!   nothing on KV-shared layers ([`kv_cache`]);
+//! - MoE that runs only the chosen experts, grouped by expert ([`moe`]);
+//! - prefill for generation runs KV-shared layers and the LM head on the last position only
+//!   ([`model::Logits::Last`]).
+//!
+//! Validation (config, layer plan, checkpoint headers, tensor shapes and dtypes, token ids) is the
+//! reference's own code, so both engines reject bad input with the same error.
 
+pub mod attention;
+pub mod checkpoint;
+pub mod decoder_layer;
+pub mod embedding;
+pub mod gelu;
+pub mod kv_cache;
+pub mod linear;
+pub mod mask;
+pub mod mlp;
+pub mod model;
+pub mod moe;
+pub mod ple;
+pub mod rms_norm;
+pub mod rope;
+pub mod simd;
+pub mod synthetic;
+#[cfg(test)]
+pub(crate) mod testing;
+
+pub use model::{Gemma4Optimized, Logits};

@@ -62,62 +62,17 @@ impl Gemma4TextModel {
     /// Checks token ids against the vocabularies: non-empty, every id `< vocab_size` (and
     /// `< vocab_size_per_layer_input` where the PLE table is read).
     pub fn validate_token_ids(&self, token_ids: &[usize]) -> Result<()> {
-        let text = &self.config.text;
-        if token_ids.is_empty() {
-            return Err(Error::input(
-                "the token list is empty; at least one token id is needed",
-            ));
-        }
-        // Placeholders are looked up as the pad token, so only the ids actually read count.
-        for (position, &id) in self.embedding_token_ids(token_ids).iter().enumerate() {
-            if id >= text.vocab_size {
-                return Err(Error::input(format!(
-                    "token id {id} at position {position} is outside the vocabulary (vocab_size = {})",
-                    text.vocab_size
-                )));
-            }
-        }
-        if text.hidden_size_per_layer_input > 0 {
-            for (position, &id) in self.ple_token_ids(token_ids).iter().enumerate() {
-                if id >= text.vocab_size_per_layer_input {
-                    return Err(Error::input(format!(
-                        "token id {id} at position {position} has no Per-Layer Embedding row (vocab_size_per_layer_input = {})",
-                        text.vocab_size_per_layer_input
-                    )));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Is `id` a multimodal soft-token placeholder (image, video or audio)? Only the
-    /// conditional-generation model treats them specially (multimodal spec §3.2).
-    fn is_placeholder(&self, id: usize) -> bool {
-        let tokens = &self.config.special_tokens;
-        self.config.layout == CheckpointLayout::ConditionalGeneration
-            && [
-                tokens.image_token_id,
-                tokens.video_token_id,
-                tokens.audio_token_id,
-            ]
-            .contains(&Some(id))
+        validate_token_ids(&self.config, token_ids)
     }
 
     /// Ids for the embedding lookups: placeholders read the pad row (multimodal spec §3.2).
     fn embedding_token_ids(&self, token_ids: &[usize]) -> Vec<usize> {
-        let pad = self.config.text.pad_token_id;
-        token_ids
-            .iter()
-            .map(|&id| if self.is_placeholder(id) { pad } else { id })
-            .collect()
+        embedding_token_ids(&self.config, token_ids)
     }
 
     /// Ids for the PLE table: placeholders use the pad row (text §4).
     fn ple_token_ids(&self, token_ids: &[usize]) -> Vec<usize> {
-        if fault_active(Fault::PlePlaceholderNotPad) {
-            return token_ids.to_vec();
-        }
-        self.embedding_token_ids(token_ids)
+        ple_token_ids(&self.config, token_ids)
     }
 
     /// The scaled main embedding `x⁰` `[T, D]` (text §4).
@@ -291,6 +246,68 @@ impl Gemma4TextModel {
         }
         Ok((decode_logits, continuation))
     }
+}
+
+/// Checks token ids against the vocabularies of `config`: non-empty, every id `< vocab_size`
+/// (and `< vocab_size_per_layer_input` where the PLE table is read). Shared with the optimized
+/// engine, so that both reject the same inputs with the same message.
+pub fn validate_token_ids(config: &ModelConfig, token_ids: &[usize]) -> Result<()> {
+    let text = &config.text;
+    if token_ids.is_empty() {
+        return Err(Error::input(
+            "the token list is empty; at least one token id is needed",
+        ));
+    }
+    // Placeholders are looked up as the pad token, so only the ids actually read count.
+    for (position, &id) in embedding_token_ids(config, token_ids).iter().enumerate() {
+        if id >= text.vocab_size {
+            return Err(Error::input(format!(
+                "token id {id} at position {position} is outside the vocabulary (vocab_size = {})",
+                text.vocab_size
+            )));
+        }
+    }
+    if text.hidden_size_per_layer_input > 0 {
+        for (position, &id) in ple_token_ids(config, token_ids).iter().enumerate() {
+            if id >= text.vocab_size_per_layer_input {
+                return Err(Error::input(format!(
+                    "token id {id} at position {position} has no Per-Layer Embedding row (vocab_size_per_layer_input = {})",
+                    text.vocab_size_per_layer_input
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Is `id` a multimodal soft-token placeholder (image, video or audio)? Only the
+/// conditional-generation model treats them specially (multimodal spec §3.2).
+fn is_placeholder(config: &ModelConfig, id: usize) -> bool {
+    let tokens = &config.special_tokens;
+    config.layout == CheckpointLayout::ConditionalGeneration
+        && [
+            tokens.image_token_id,
+            tokens.video_token_id,
+            tokens.audio_token_id,
+        ]
+        .contains(&Some(id))
+}
+
+/// Ids for the embedding lookups: placeholders read the pad row (multimodal spec §3.2).
+pub fn embedding_token_ids(config: &ModelConfig, token_ids: &[usize]) -> Vec<usize> {
+    let pad = config.text.pad_token_id;
+    token_ids
+        .iter()
+        .map(|&id| if is_placeholder(config, id) { pad } else { id })
+        .collect()
+}
+
+/// Ids for the PLE table: placeholders use the pad row (text §4).
+pub fn ple_token_ids(config: &ModelConfig, token_ids: &[usize]) -> Vec<usize> {
+    if fault_active(Fault::PlePlaceholderNotPad) {
+        return token_ids.to_vec();
+    }
+    embedding_token_ids(config, token_ids)
 }
 
 /// Index of the largest value (the first one on ties, as `torch.argmax`).

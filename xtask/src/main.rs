@@ -4,9 +4,11 @@
 //! Each task lives in its own module with its own argument struct; add a variant to
 //! [`Task`] and a module file to add a task.
 
+mod bench;
 mod fuzz;
 mod golden;
 mod mutants;
+mod synth;
 
 use std::error::Error;
 use std::process::ExitCode;
@@ -32,6 +34,13 @@ enum Task {
     /// Fuzz every parser of user files with cargo fuzz for --seconds each, or regenerate the
     /// seed corpus (fuzz/seeds/) from golden/ with --seeds.
     Fuzz(fuzz::FuzzArgs),
+    /// Write a random-weight checkpoint with the real dimensions of a released model.
+    Synth(synth::SynthArgs),
+    /// Measure prefill/decode speed and peak memory of the engines; write docs/performance.md.
+    Bench(bench::BenchArgs),
+    /// (internal) One engine, one workload, one JSON line: the child process of `bench`.
+    #[command(hide = true)]
+    BenchEngine(bench::BenchEngineArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +49,9 @@ fn main() -> ExitCode {
         Task::Golden(args) => golden::run(&args).map_err(Into::into),
         Task::Mutants(args) => mutants::run(&args).map_err(Into::into),
         Task::Fuzz(args) => fuzz::run(&args).map_err(Into::into),
+        Task::Synth(args) => synth::run(&args).map_err(Into::into),
+        Task::Bench(args) => bench::run(&args).map_err(Into::into),
+        Task::BenchEngine(args) => bench::run_engine(&args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

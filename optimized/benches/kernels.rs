@@ -1,0 +1,146 @@
+//! Kernel benchmarks (criterion): the matrix products that make up a forward pass, at E2B sizes.
+//!
+//! - decode GEMV, `[1, 1536] x [6144, 1536]ᵀ`: the AVX2 skinny kernel on bf16 and f32 weights;
+//! - prefill GEMM, `[128, 1536] x [6144, 1536]ᵀ`: `linear` (gemm crate on widened blocks) on bf16
+//!   and f32 weights.
+//!
+//! With `--features openblas-bench` (needs `apt-get install libopenblas-dev`), the same shapes
+//! through OpenBLAS `cblas_sgemm` / `cblas_sgemv` (f32 only: OpenBLAS has no bf16 GEMM here),
+//! on OpenBLAS's own 2-thread pool, for the BLAS choice documented in the README.
+//!
+//! Run: `RAYON_NUM_THREADS=2 cargo bench -p gemma4-optimized [--features openblas-bench]`.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use gemma4_optimized::checkpoint::Matrix;
+use gemma4_optimized::linear::linear;
+use gemma4_optimized::synthetic::random_values;
+use half::bf16;
+
+const D: usize = 1536;
+const F: usize = 6144;
+const T: usize = 128;
+
+#[cfg(feature = "openblas-bench")]
+mod openblas {
+    #[link(name = "openblas")]
+    extern "C" {
+        pub fn cblas_sgemm(
+            layout: i32,
+            trans_a: i32,
+            trans_b: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const f32,
+            lda: i32,
+            b: *const f32,
+            ldb: i32,
+            beta: f32,
+            c: *mut f32,
+            ldc: i32,
+        );
+        pub fn cblas_sgemv(
+            layout: i32,
+            trans: i32,
+            m: i32,
+            n: i32,
+            alpha: f32,
+            a: *const f32,
+            lda: i32,
+            x: *const f32,
+            incx: i32,
+            beta: f32,
+            y: *mut f32,
+            incy: i32,
+        );
+        pub fn openblas_set_num_threads(n: i32);
+    }
+    pub const ROW_MAJOR: i32 = 101;
+    pub const NO_TRANS: i32 = 111;
+    pub const TRANS: i32 = 112;
+}
+
+fn matrices() -> (Vec<f32>, Matrix, Matrix) {
+    let w = random_values(F * D, 1, 0.05);
+    let f32_matrix = Matrix::from_f32(F, D, w.clone());
+    let bf16_matrix = Matrix::from_bf16(F, D, w.iter().map(|&v| bf16::from_f32(v)).collect());
+    (w, f32_matrix, bf16_matrix)
+}
+
+fn decode_gemv(c: &mut Criterion) {
+    let (_w, f32_matrix, bf16_matrix) = matrices();
+    let x = random_values(D, 2, 1.0);
+    let mut group = c.benchmark_group("decode_gemv_1x1536x6144");
+    group.throughput(Throughput::Bytes((F * D * 2) as u64));
+    group.bench_function("skinny_avx2_bf16", |b| {
+        b.iter(|| linear(&x, 1, &bf16_matrix))
+    });
+    group.throughput(Throughput::Bytes((F * D * 4) as u64));
+    group.bench_function("skinny_avx2_f32", |b| b.iter(|| linear(&x, 1, &f32_matrix)));
+    #[cfg(feature = "openblas-bench")]
+    {
+        let mut y = vec![0.0f32; F];
+        unsafe { openblas::openblas_set_num_threads(2) };
+        group.bench_function("openblas_sgemv_f32", |b| {
+            b.iter(|| unsafe {
+                openblas::cblas_sgemv(
+                    openblas::ROW_MAJOR,
+                    openblas::NO_TRANS,
+                    F as i32,
+                    D as i32,
+                    1.0,
+                    _w.as_ptr(),
+                    D as i32,
+                    x.as_ptr(),
+                    1,
+                    0.0,
+                    y.as_mut_ptr(),
+                    1,
+                )
+            })
+        });
+    }
+    group.finish();
+}
+
+fn prefill_gemm(c: &mut Criterion) {
+    let (_w, f32_matrix, bf16_matrix) = matrices();
+    let x = random_values(T * D, 3, 1.0);
+    let mut group = c.benchmark_group("prefill_gemm_128x1536x6144");
+    group.throughput(Throughput::Elements((2 * T * D * F) as u64)); // FLOPs
+    group.sample_size(20);
+    group.bench_function("gemm_crate_bf16_widened", |b| {
+        b.iter(|| linear(&x, T, &bf16_matrix))
+    });
+    group.bench_function("gemm_crate_f32", |b| b.iter(|| linear(&x, T, &f32_matrix)));
+    #[cfg(feature = "openblas-bench")]
+    {
+        let mut y = vec![0.0f32; T * F];
+        unsafe { openblas::openblas_set_num_threads(2) };
+        group.bench_function("openblas_sgemm_f32", |b| {
+            b.iter(|| unsafe {
+                openblas::cblas_sgemm(
+                    openblas::ROW_MAJOR,
+                    openblas::NO_TRANS,
+                    openblas::TRANS,
+                    T as i32,
+                    F as i32,
+                    D as i32,
+                    1.0,
+                    x.as_ptr(),
+                    D as i32,
+                    _w.as_ptr(),
+                    D as i32,
+                    0.0,
+                    y.as_mut_ptr(),
+                    F as i32,
+                )
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decode_gemv, prefill_gemm);
+criterion_main!(benches);

@@ -1,0 +1,351 @@
+//! The Gemma 4 text decoder, fast (shared spec: text §4, §10, §11, §12).
+//!
+//! ```text
+//! ids ──► scaled embedding x⁰ ──► PLE tensor ple [T, L, P]      (E2B / E4B; rows read from disk)
+//!      ──► L decoder layers (layer plan: sliding/full, KV sharing, MoE, PLE)
+//!      ──► RMSNorm_{norm} ──► logits = h · embed_tokensᵀ ──► c·tanh(logits / c)
+//! ```
+//!
+//! Same model as `gemma4_reference::model`, same validation (config, plan, checkpoint, token
+//! ids: the reference's own code), same dump. Faster because weights stay as stored and
+//! memory-mapped, kernels are SIMD/GEMM and multi-threaded, the KV cache is a ring on sliding
+//! layers and one tensor on K=V layers, MoE runs only the chosen experts, and — when only the
+//! last position's logits are wanted ([`Logits::Last`], prefill for generation) — the KV-shared
+//! layers and the LM head run on the last position only: consumer layers write no cache, so the
+//! other positions' outputs there feed nothing but their own logits (HF `logits_to_keep=1`).
+//! A dump ([`Logits::All`]) computes every position of every layer.
+//!
+//! Threads: one rayon pool per model, of `threads` threads (default: `RAYON_NUM_THREADS`, else
+//! one per core). Work is split into fixed blocks, so results do not depend on the thread count.
+
+use std::path::Path;
+
+use gemma4_reference::checkpoint::Checkpoint;
+use gemma4_reference::dump::{ActivationDump, Recorder};
+use gemma4_reference::embedding::embedding_scale;
+use gemma4_reference::error::Error;
+use gemma4_reference::faults::with_faults;
+use gemma4_reference::model::{embedding_token_ids, ple_token_ids, validate_token_ids};
+use gemma4_reference::rope::inverse_frequencies;
+use gemma4_reference::{ModelConfig, ModelPlan, Result};
+use ndarray::{Array1, Array2, ArrayD, IxDyn};
+use rayon::prelude::*;
+
+use crate::attention::record;
+use crate::checkpoint::TextWeights;
+use crate::decoder_layer::decoder_layer;
+use crate::embedding::scaled_embedding;
+use crate::kv_cache::KvCache;
+use crate::linear::linear;
+use crate::ple::per_layer_inputs;
+use crate::rms_norm::rms_norm;
+
+/// Which positions' logits a forward pass must produce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Every position, every layer (dumps, tests).
+    All,
+    /// Only the last position (generation): KV-shared layers and the LM head skip the rest.
+    Last,
+}
+
+/// A loaded Gemma 4 text model, weights as stored.
+pub struct Gemma4Optimized {
+    pub config: ModelConfig,
+    pub plan: ModelPlan,
+    pub weights: TextWeights,
+    /// `√D` in the embedding table's dtype.
+    embed_scale: f32,
+    /// `√P` in the PLE table's dtype.
+    ple_token_scale: f32,
+    /// RoPE inverse frequencies of every layer.
+    inverse_frequencies: Vec<Vec<f32>>,
+    pool: rayon::ThreadPool,
+    /// The mapped checkpoint files the weights point into. Declared last: dropped after them.
+    _checkpoint: Checkpoint,
+}
+
+impl Gemma4Optimized {
+    /// Loads `dir` with the default thread count (`RAYON_NUM_THREADS`, else one per core).
+    pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_with_threads(dir, None)
+    }
+
+    /// Loads `dir/config.json` and maps the checkpoint, validating everything exactly as the
+    /// reference does; `threads` sizes the model's thread pool.
+    pub fn load_with_threads(dir: &Path, threads: Option<usize>) -> Result<Self> {
+        // The reference's fault switches are for the reference only: everything reused from it
+        // runs with no fault active.
+        with_faults(&[], || {
+            let config = ModelConfig::from_dir(dir)?;
+            let plan = ModelPlan::from_config(&config.text);
+            let checkpoint = Checkpoint::open(dir)?;
+            let weights = TextWeights::load(&checkpoint, &config, &plan)?;
+            let embed_scale = embedding_scale(config.text.hidden_size, weights.embed_tokens.dtype);
+            let ple_token_scale = weights.per_layer_embeddings.as_ref().map_or(1.0, |p| {
+                embedding_scale(p.projection_norm.len(), p.table.dtype)
+            });
+            let inverse_frequencies = plan
+                .layers
+                .iter()
+                .map(|layer| inverse_frequencies(&layer.rope, layer.head_dim))
+                .collect();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads.unwrap_or(0))
+                .thread_name(|i| format!("gemma4-optimized-{i}"))
+                .build()
+                .map_err(|e| Error::Input {
+                    message: format!("cannot start {threads:?} threads: {e}"),
+                })?;
+            Ok(Gemma4Optimized {
+                config,
+                plan,
+                weights,
+                embed_scale,
+                ple_token_scale,
+                inverse_frequencies,
+                pool,
+                _checkpoint: checkpoint,
+            })
+        })
+    }
+
+    /// Threads in this model's pool.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Bytes of weights one decode step reads: every layer matrix (of MoE experts, only the `k`
+    /// chosen of `E`), the PLE projection and the LM head; not the embedding or PLE tables, of
+    /// which one row is read. Divided by the memory bandwidth, this bounds decode speed.
+    pub fn decode_weight_bytes(&self) -> u64 {
+        let mut bytes = 0usize;
+        for layer in &self.weights.layers {
+            let a = &layer.attention;
+            bytes += a.q_proj.bytes() + a.o_proj.bytes();
+            bytes += a.k_proj.as_ref().map_or(0, |m| m.bytes())
+                + a.v_proj.as_ref().map_or(0, |m| m.bytes());
+            bytes += layer.mlp.gate_proj.bytes()
+                + layer.mlp.up_proj.bytes()
+                + layer.mlp.down_proj.bytes();
+            if let Some(ple) = &layer.per_layer_embedding {
+                bytes += ple.input_gate.bytes() + ple.projection.bytes();
+            }
+            if let (Some(moe), Some(config)) = (&layer.moe, &self.config.text.moe) {
+                bytes += moe.router_proj.bytes();
+                bytes += (moe.gate_up_proj.bytes() + moe.down_proj.bytes()) / config.num_experts
+                    * config.top_k_experts;
+            }
+        }
+        if let Some(ple) = &self.weights.per_layer_embeddings {
+            bytes += ple.model_projection.bytes();
+        }
+        bytes += self
+            .weights
+            .lm_head
+            .as_ref()
+            .unwrap_or(&self.weights.embed_tokens)
+            .bytes();
+        bytes as u64
+    }
+
+    /// An empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(
+            &self.plan,
+            |layer| {
+                self.weights.layers[layer]
+                    .attention
+                    .k_norm
+                    .clone()
+                    .expect("producing layers have k_norm")
+            },
+            |layer| self.inverse_frequencies[layer].clone(),
+        )
+    }
+
+    /// Checks token ids exactly as the reference does (same errors).
+    pub fn validate_token_ids(&self, token_ids: &[usize]) -> Result<()> {
+        with_faults(&[], || validate_token_ids(&self.config, token_ids))
+    }
+
+    /// Runs `token_ids` (new tokens, after whatever `cache` holds) through the decoder and
+    /// returns the logits, `[T, V]` ([`Logits::All`]) or `[1, V]` ([`Logits::Last`]), row-major.
+    /// Every intermediate goes to `recorder`.
+    pub fn forward(
+        &self,
+        token_ids: &[usize],
+        cache: &mut KvCache,
+        recorder: &mut Recorder,
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
+        self.validate_token_ids(token_ids)?;
+        let (embed_ids, ple_ids) = with_faults(&[], || {
+            (
+                embedding_token_ids(&self.config, token_ids),
+                ple_token_ids(&self.config, token_ids),
+            )
+        });
+        self.pool
+            .install(|| self.forward_in_pool(&embed_ids, &ple_ids, cache, recorder, logits))
+    }
+
+    fn forward_in_pool(
+        &self,
+        embed_ids: &[usize],
+        ple_ids: &[usize],
+        cache: &mut KvCache,
+        recorder: &mut Recorder,
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
+        let text = &self.config.text;
+        let (d, num_layers) = (text.hidden_size, text.num_hidden_layers);
+        let tokens = embed_ids.len();
+        let eps = text.rms_norm_eps;
+
+        let mut hidden = scaled_embedding(&self.weights.embed_tokens, embed_ids, self.embed_scale);
+        record(recorder, "embeddings", &[tokens, d], &hidden)?;
+
+        // Per-Layer Embeddings, [T, L·P], computed once for all layers.
+        let ple = match &self.weights.per_layer_embeddings {
+            Some(ple_weights) => {
+                let ple =
+                    per_layer_inputs(ple_ids, &hidden, d, ple_weights, self.ple_token_scale, eps);
+                let p = ple_weights.projection_norm.len();
+                record(recorder, "per_layer_inputs", &[tokens, num_layers, p], &ple)?;
+                Some((ple, p))
+            }
+            None => None,
+        };
+
+        let first_position = cache.tokens_seen();
+        let mut positions: Vec<usize> = (first_position..first_position + tokens).collect();
+        // Row of the pass (0..T) of each row of `hidden`.
+        let mut rows: Vec<usize> = (0..tokens).collect();
+        for (layer, weights) in self.plan.layers.iter().zip(&self.weights.layers) {
+            if logits == Logits::Last && !layer.computes_own_kv() && rows.len() > 1 {
+                // KV-shared layers write no cache: only the last position matters from here on.
+                let last = rows.len() - 1;
+                hidden.drain(..last * d);
+                positions.drain(..last);
+                rows.drain(..last);
+            }
+            let layer_input = ple.as_ref().map(|(ple, p)| {
+                let mut slice = Vec::with_capacity(rows.len() * p);
+                for &t in &rows {
+                    let start = (t * num_layers + layer.index) * p;
+                    slice.extend_from_slice(&ple[start..start + p]);
+                }
+                slice
+            });
+            decoder_layer(
+                layer,
+                weights,
+                text,
+                &mut hidden,
+                layer_input.as_deref(),
+                &positions,
+                &self.inverse_frequencies[layer.index],
+                cache,
+                recorder,
+            )?;
+        }
+        cache.commit();
+        if logits == Logits::Last && rows.len() > 1 {
+            let last = rows.len() - 1;
+            hidden.drain(..last * d);
+            rows.drain(..last);
+        }
+        let kept = rows.len();
+
+        let normed = rms_norm(&hidden, d, &self.weights.final_norm, eps);
+        record(recorder, "final_norm", &[kept, d], &normed)?;
+        // Tied LM head: the embedding table, without the √D scale (text §11).
+        let head = self
+            .weights
+            .lm_head
+            .as_ref()
+            .unwrap_or(&self.weights.embed_tokens);
+        let mut output = linear(&normed, kept, head);
+        if let Some(cap) = text.final_logit_softcapping {
+            let cap = cap as f32;
+            output
+                .par_chunks_mut(8192)
+                .for_each(|chunk| chunk.iter_mut().for_each(|z| *z = cap * (*z / cap).tanh()));
+        }
+        record(recorder, "logits", &[kept, text.vocab_size], &output)?;
+        Ok(output)
+    }
+
+    /// The full activation dump of shared contracts §2 (every position of every layer), plus
+    /// greedy decoding through the KV cache when `decode_steps > 0` — the reference's
+    /// conventions (`gemma4_reference::model::Gemma4TextModel::dump`).
+    pub fn dump(&self, token_ids: &[usize], decode_steps: usize) -> Result<ActivationDump> {
+        let mut dump = ActivationDump::new();
+        self.validate_token_ids(token_ids)?;
+        dump.insert_i64(
+            "input_ids",
+            ArrayD::from_shape_vec(
+                IxDyn(&[token_ids.len()]),
+                token_ids.iter().map(|&t| t as i64).collect(),
+            )
+            .expect("1-D"),
+        );
+        let mut cache = self.new_cache();
+        let logits = self.forward(
+            token_ids,
+            &mut cache,
+            &mut Recorder::new(&mut dump),
+            Logits::All,
+        )?;
+        if decode_steps > 0 {
+            let vocab = self.config.text.vocab_size;
+            let last = &logits[logits.len() - vocab..];
+            let (decode_logits, continuation) =
+                self.greedy_decode(last, &mut cache, decode_steps)?;
+            dump.insert_f32("decode_logits", decode_logits.into_dyn());
+            dump.insert_i64(
+                "greedy_continuation",
+                continuation.mapv(|t| t as i64).into_dyn(),
+            );
+        }
+        Ok(dump)
+    }
+
+    /// Greedy decoding after a prefill whose last logits row is `last_logits`: `steps` single
+    /// tokens through the cache. Returns `decode_logits` `[N, V]` and `greedy_continuation` `[N]`.
+    pub fn greedy_decode(
+        &self,
+        last_logits: &[f32],
+        cache: &mut KvCache,
+        steps: usize,
+    ) -> Result<(Array2<f32>, Array1<usize>)> {
+        let vocab = self.config.text.vocab_size;
+        let mut decode_logits = Array2::<f32>::zeros((steps, vocab));
+        let mut continuation = Array1::<usize>::zeros(steps);
+        let mut next = argmax(last_logits);
+        for step in 0..steps {
+            let logits =
+                self.forward(&[next], cache, &mut Recorder::checking_only(), Logits::Last)?;
+            decode_logits
+                .row_mut(step)
+                .as_slice_mut()
+                .expect("contiguous")
+                .copy_from_slice(&logits);
+            next = argmax(&logits);
+            continuation[step] = next;
+        }
+        Ok((decode_logits, continuation))
+    }
+}
+
+/// Index of the largest value (the first one on ties, as `torch.argmax`).
+pub fn argmax(values: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best
+}

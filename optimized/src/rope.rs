@@ -1,0 +1,130 @@
+//! Rotary position embeddings, with the cos/sin table computed once per forward pass
+//! (shared spec: text §6, §15.4).
+//!
+//! Rotate-half layout: pair `k` is `(k, k + d/2)`; `θ_k = f32(pos) · inv[k]`:
+//!
+//! ```text
+//! x'[k]       = x[k]·cos θ_k − x[k + d/2]·sin θ_k
+//! x'[k + d/2] = x[k + d/2]·cos θ_k + x[k]·sin θ_k
+//! ```
+//!
+//! The inverse frequencies come from the reference (`gemma4_reference::rope::inverse_frequencies`,
+//! HF's float32 table, torch `pow` quirks included). Pairs with `inv[k] = 0` (the NoPE pairs of
+//! proportional RoPE: 192 of 256 on full layers) are skipped: `cos 0 = 1`, `sin 0 = 0` leave
+//! them exactly unchanged, so skipping them is exact and saves three quarters of the work there.
+//! The angle and its sin/cos are the same f32 operations as the reference's, so the rotated
+//! values agree bit for bit.
+
+/// cos/sin of every (position, rotated pair) for a run of positions.
+#[derive(Clone, Debug)]
+pub struct RopeTable {
+    /// Pairs that rotate (`inv[k] ≠ 0`).
+    pairs: Vec<usize>,
+    /// `[positions, pairs.len()]`
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// `d/2`
+    half: usize,
+}
+
+impl RopeTable {
+    /// The table for `positions` with the inverse frequencies `inv` (`[d/2]`).
+    pub fn new(inverse_frequencies: &[f32], positions: &[usize]) -> RopeTable {
+        let pairs: Vec<usize> = (0..inverse_frequencies.len())
+            .filter(|&k| inverse_frequencies[k] != 0.0)
+            .collect();
+        let mut cos = Vec::with_capacity(positions.len() * pairs.len());
+        let mut sin = Vec::with_capacity(positions.len() * pairs.len());
+        for &position in positions {
+            for &k in &pairs {
+                let angle = position as f32 * inverse_frequencies[k];
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        RopeTable {
+            pairs,
+            cos,
+            sin,
+            half: inverse_frequencies.len(),
+        }
+    }
+
+    /// Rotates one head vector `x` (`[d]`) by the angles of table row `row`.
+    #[inline]
+    pub fn rotate(&self, x: &mut [f32], row: usize) {
+        let n = self.pairs.len();
+        let (cos, sin) = (
+            &self.cos[row * n..(row + 1) * n],
+            &self.sin[row * n..(row + 1) * n],
+        );
+        for (i, &k) in self.pairs.iter().enumerate() {
+            let (a, b) = (x[k], x[k + self.half]);
+            x[k] = a * cos[i] - b * sin[i];
+            x[k + self.half] = b * cos[i] + a * sin[i];
+        }
+    }
+
+    /// Rotates `x` (`[T, heads, d]`, row-major): token `t` by table row `t`.
+    pub fn apply(&self, x: &mut [f32], heads: usize) {
+        let d = 2 * self.half;
+        for (t, token) in x.chunks_exact_mut(heads * d).enumerate() {
+            for head in token.chunks_exact_mut(d) {
+                self.rotate(head, t);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, random_values};
+    use gemma4_reference::config::{RopeKind, RopeParameters};
+    use gemma4_reference::rope::{apply_rope, inverse_frequencies};
+    use ndarray::Array3;
+
+    #[test]
+    fn rope_matches_reference_bitwise_default_and_proportional() {
+        let kinds = [
+            (RopeKind::Default, 1e4, 16),
+            (
+                RopeKind::Proportional {
+                    partial_rotary_factor: 0.25,
+                },
+                1e6,
+                32,
+            ),
+            (
+                RopeKind::Proportional {
+                    partial_rotary_factor: 0.25,
+                },
+                1e6,
+                512,
+            ),
+        ];
+        for (kind, theta, d) in kinds {
+            let inv = inverse_frequencies(
+                &RopeParameters {
+                    kind,
+                    theta,
+                    factor: 1.0,
+                },
+                d,
+            );
+            let positions = [0usize, 1, 7, 1000, 131_071];
+            let heads = 3;
+            let x = random_values(positions.len() * heads * d, d as u64, 2.0);
+            let mut ours = x.clone();
+            RopeTable::new(&inv, &positions).apply(&mut ours, heads);
+            let mut reference = Array3::from_shape_vec((positions.len(), heads, d), x).unwrap();
+            apply_rope(&mut reference, &positions, &inv);
+            assert_close(
+                &format!("rope d={d}"),
+                &ours,
+                reference.as_slice().unwrap(),
+                0.0,
+            );
+        }
+    }
+}

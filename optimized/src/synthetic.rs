@@ -1,0 +1,387 @@
+//! Random-weight checkpoints of any Gemma 4 shape, written to disk as HF would
+//! (`config.json` + `model.safetensors`), for tests and benchmarks (not a model component).
+//!
+//! - [`TinyConfig`] describes a tiny model of any variant family (head counts, head dims,
+//!   windows, layer patterns, PLE / K=V / MoE / KV sharing on or off); the property tests draw
+//!   them at random and compare the optimized engine with the reference on them.
+//! - [`released_text_config`] turns a released `config.json` (`tests/data/released/<variant>/`)
+//!   into a `Gemma4ForCausalLM` config with the real dimensions, optionally fewer layers;
+//!   `cargo xtask synth` writes it with bf16 weights (about 10 GB for E2B, mostly the PLE table).
+//!
+//! [`write_checkpoint`] streams the tensors to disk in blocks (never the whole model in memory),
+//! generating values in parallel from a counter-based generator (same bytes for any thread count),
+//! into a temporary file that is renamed into place at the end.
+//!
+//! Values follow the golden generator's recipe (golden/README.md): linear weights with standard
+//! deviation `1/√fan_in`, the embedding `1/√D` (so `√D`-scaled embeddings have unit variance),
+//! the PLE table 1, norm weights and router scales `1 ± 0.3`, `layer_scalar` and
+//! `per_expert_scale` in `[0.5, 1.5)` — nothing at a neutral value that would hide a bug.
+
+use std::io::Write;
+use std::path::Path;
+
+use gemma4_reference::checkpoint::{full_name, text_tensor_specs, TensorSpec, WeightDtype};
+use gemma4_reference::config::CheckpointLayout;
+use gemma4_reference::error::Error;
+use gemma4_reference::faults::with_faults;
+use gemma4_reference::{ModelConfig, ModelPlan, Result};
+use rayon::prelude::*;
+use serde_json::{json, Value};
+
+/// SplitMix64: a counter-based generator (the value at index `i` needs no state before it).
+#[inline]
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Uniform in `[-1, 1)` from stream `stream`, element `index`.
+#[inline]
+fn uniform(stream: u64, index: u64) -> f32 {
+    let bits = splitmix64(stream ^ splitmix64(index));
+    ((bits >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+}
+
+/// `n` values uniform in `[-amplitude, amplitude)`, reproducible from `seed`.
+pub fn random_values(n: usize, seed: u64, amplitude: f32) -> Vec<f32> {
+    let stream = splitmix64(seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
+    (0..n)
+        .map(|i| amplitude * uniform(stream, i as u64))
+        .collect()
+}
+
+/// A tiny Gemma 4 text model of any family.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TinyConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    /// KV heads of sliding layers.
+    pub num_key_value_heads: usize,
+    /// KV heads of full layers when `attention_k_eq_v` (else ignored, as in HF).
+    pub num_global_key_value_heads: usize,
+    pub head_dim: usize,
+    pub global_head_dim: usize,
+    /// `true` = full attention; the last layer is forced full by the config loader.
+    pub full_layers: Vec<bool>,
+    pub sliding_window: usize,
+    /// `P`; 0 = no PLE.
+    pub hidden_size_per_layer_input: usize,
+    pub num_kv_shared_layers: usize,
+    pub use_double_wide_mlp: bool,
+    pub attention_k_eq_v: bool,
+    /// `(experts, top_k, expert width)`
+    pub moe: Option<(usize, usize, usize)>,
+    pub tie_word_embeddings: bool,
+    pub final_logit_softcapping: Option<f64>,
+}
+
+impl TinyConfig {
+    /// The `config.json` of this model (`Gemma4ForCausalLM`, released spelling).
+    pub fn config_json(&self) -> Value {
+        let layer_types: Vec<&str> = self
+            .full_layers
+            .iter()
+            .map(|&full| {
+                if full {
+                    "full_attention"
+                } else {
+                    "sliding_attention"
+                }
+            })
+            .collect();
+        let (enable_moe, experts, top_k, moe_width) = match self.moe {
+            Some((e, k, i)) => (true, json!(e), json!(k), json!(i)),
+            None => (false, Value::Null, Value::Null, Value::Null),
+        };
+        json!({
+            "architectures": ["Gemma4ForCausalLM"],
+            "model_type": "gemma4_text",
+            "vocab_size": self.vocab_size,
+            "vocab_size_per_layer_input": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.full_layers.len(),
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "num_global_key_value_heads": if self.attention_k_eq_v { json!(self.num_global_key_value_heads) } else { Value::Null },
+            "head_dim": self.head_dim,
+            "global_head_dim": self.global_head_dim,
+            "attention_k_eq_v": self.attention_k_eq_v,
+            "layer_types": layer_types,
+            "sliding_window": self.sliding_window,
+            "hidden_size_per_layer_input": self.hidden_size_per_layer_input,
+            "num_kv_shared_layers": self.num_kv_shared_layers,
+            "use_double_wide_mlp": self.use_double_wide_mlp,
+            "enable_moe_block": enable_moe,
+            "num_experts": experts,
+            "top_k_experts": top_k,
+            "moe_intermediate_size": moe_width,
+            "final_logit_softcapping": self.final_logit_softcapping,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "rms_norm_eps": 1e-6,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "pad_token_id": 0,
+            "bos_token_id": 2,
+            "eos_token_id": 1,
+            "rope_parameters": {
+                "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0, "rope_type": "proportional"},
+                "sliding_attention": {"rope_theta": 10_000.0, "rope_type": "default"}
+            }
+        })
+    }
+}
+
+/// A `Gemma4ForCausalLM` config with the real dimensions of a released `config.json`, cut to
+/// `layers` layers if given: the first `layers` entries of the layer pattern (the last forced to
+/// full attention) and the released fraction of KV-shared layers, rounded down, provided both
+/// layer types still have a producer (otherwise no sharing).
+pub fn released_text_config(released: &Value, layers: Option<usize>) -> Value {
+    let mut text = released
+        .get("text_config")
+        .cloned()
+        .unwrap_or_else(|| released.clone());
+    let object = text.as_object_mut().expect("a config object");
+    object.insert("architectures".into(), json!(["Gemma4ForCausalLM"]));
+    object.insert("model_type".into(), json!("gemma4_text"));
+    if let Some(tie) = released.get("tie_word_embeddings") {
+        object.insert("tie_word_embeddings".into(), tie.clone());
+    }
+    let total = object["num_hidden_layers"]
+        .as_u64()
+        .expect("num_hidden_layers") as usize;
+    let Some(layers) = layers.filter(|&l| l > 0 && l < total) else {
+        return text;
+    };
+    let mut types: Vec<Value> =
+        object["layer_types"].as_array().expect("layer_types")[..layers].to_vec();
+    types[layers - 1] = json!("full_attention");
+    let shared = object
+        .get("num_kv_shared_layers")
+        .and_then(Value::as_u64)
+        .unwrap_or(0) as usize
+        * layers
+        / total;
+    let first_shared = layers - shared;
+    let producers_ok = ["sliding_attention", "full_attention"].iter().all(|kind| {
+        !types[first_shared..].iter().any(|t| t == kind)
+            || types[..first_shared].iter().any(|t| t == kind)
+    });
+    object.insert("num_hidden_layers".into(), json!(layers));
+    object.insert("layer_types".into(), Value::Array(types));
+    object.insert(
+        "num_kv_shared_layers".into(),
+        json!(if producers_ok { shared } else { 0 }),
+    );
+    text
+}
+
+/// How a tensor's values are drawn: `(offset, amplitude)` of a uniform distribution (the
+/// amplitude is `√3 ·` the standard deviation).
+fn distribution(spec: &TensorSpec, hidden_size: usize) -> (f32, f32) {
+    let name = spec.name.as_str();
+    let sqrt3 = 3f32.sqrt();
+    if name == "embed_tokens.weight" || name == "lm_head.weight" {
+        (0.0, sqrt3 / (hidden_size as f32).sqrt())
+    } else if name == "embed_tokens_per_layer.weight" {
+        (0.0, sqrt3)
+    } else if name.ends_with("layer_scalar") || name.ends_with("per_expert_scale") {
+        (1.0, 0.5)
+    } else if spec.shape.len() == 1 {
+        // Norm weights and the router scale.
+        (1.0, 0.3 * sqrt3)
+    } else {
+        let fan_in = *spec.shape.last().expect("matrix") as f32;
+        (0.0, sqrt3 / fan_in.sqrt())
+    }
+}
+
+/// Elements generated per parallel task, and tasks per write.
+const CHUNK: usize = 1 << 16;
+const CHUNKS_PER_WRITE: usize = 256;
+
+/// Writes `config` to `dir/config.json` and random weights of `dtype` for every text tensor it
+/// implies to `dir/model.safetensors` (streamed; temporary names renamed at the end). Returns the
+/// size of the safetensors file.
+pub fn write_checkpoint(dir: &Path, config: &Value, dtype: WeightDtype, seed: u64) -> Result<u64> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let config_path = dir.join("config.json");
+    let parsed = ModelConfig::from_json(config, &config_path)?;
+    let plan = with_faults(&[], || ModelPlan::from_config(&parsed.text));
+    let prefix = match parsed.layout {
+        CheckpointLayout::ConditionalGeneration => "model.language_model.",
+        CheckpointLayout::CausalLm => "model.",
+    };
+    let specs = text_tensor_specs(&parsed.text, &plan);
+    let (dtype_name, element_size) = match dtype {
+        WeightDtype::F32 => ("F32", 4),
+        WeightDtype::BF16 => ("BF16", 2),
+        WeightDtype::F16 => ("F16", 2),
+    };
+
+    // Header: every tensor, in spec order, contiguous.
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for spec in &specs {
+        let bytes = spec.shape.iter().product::<usize>() * element_size;
+        header.insert(
+            full_name(prefix, &spec.name),
+            json!({"dtype": dtype_name, "shape": spec.shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut header_bytes = serde_json::to_vec(&Value::Object(header)).expect("serialisable");
+    while !header_bytes.len().is_multiple_of(8) {
+        header_bytes.push(b' ');
+    }
+
+    let final_path = dir.join("model.safetensors");
+    let temporary = dir.join(format!(".model.safetensors.{}.partial", std::process::id()));
+    let file = std::fs::File::create(&temporary).map_err(io(&temporary))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 22, file);
+    let write_result = (|| -> std::io::Result<()> {
+        out.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
+        out.write_all(&header_bytes)?;
+        let mut buffer = Vec::new();
+        for (index, spec) in specs.iter().enumerate() {
+            let (center, amplitude) = distribution(spec, parsed.text.hidden_size);
+            let stream = splitmix64(seed ^ splitmix64(index as u64 + 1));
+            let count = spec.shape.iter().product::<usize>();
+            let mut done = 0;
+            while done < count {
+                let batch = (count - done).min(CHUNK * CHUNKS_PER_WRITE);
+                buffer.resize(batch * element_size, 0u8);
+                buffer
+                    .par_chunks_mut(CHUNK * element_size)
+                    .enumerate()
+                    .for_each(|(c, bytes)| {
+                        let first = (done + c * CHUNK) as u64;
+                        for (i, slot) in bytes.chunks_exact_mut(element_size).enumerate() {
+                            let value = center + amplitude * uniform(stream, first + i as u64);
+                            match dtype {
+                                WeightDtype::F32 => slot.copy_from_slice(&value.to_le_bytes()),
+                                WeightDtype::BF16 => {
+                                    slot.copy_from_slice(&half::bf16::from_f32(value).to_le_bytes())
+                                }
+                                WeightDtype::F16 => {
+                                    slot.copy_from_slice(&half::f16::from_f32(value).to_le_bytes())
+                                }
+                            }
+                        }
+                    });
+                out.write_all(&buffer)?;
+                done += batch;
+            }
+        }
+        out.flush()?;
+        out.get_ref().sync_all()
+    })();
+    if let Err(source) = write_result {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(Error::Io {
+            path: temporary,
+            source,
+        });
+    }
+    drop(out);
+    std::fs::rename(&temporary, &final_path).map_err(io(&final_path))?;
+    let config_temporary = dir.join(".config.json.partial");
+    std::fs::write(
+        &config_temporary,
+        serde_json::to_vec_pretty(config).expect("serialisable"),
+    )
+    .map_err(io(&config_temporary))?;
+    std::fs::rename(&config_temporary, &config_path).map_err(io(&config_path))?;
+    Ok((8 + header_bytes.len() + offset) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn released(variant: &str) -> Value {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/data/released")
+            .join(variant)
+            .join("config.json");
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn synthetic_released_configs_cut_to_any_layer_count_stay_valid_every_variant() {
+        for variant in ["e2b", "e4b", "31b", "26b-a4b"] {
+            let full = released(variant);
+            let total = full["text_config"]["num_hidden_layers"].as_u64().unwrap() as usize;
+            for layers in 1..=total {
+                let config = released_text_config(&full, Some(layers));
+                let parsed = ModelConfig::from_json(&config, Path::new("synthetic"))
+                    .unwrap_or_else(|e| panic!("{variant} cut to {layers} layers: {e}"));
+                assert_eq!(parsed.text.num_hidden_layers, layers, "{variant}");
+                assert_eq!(parsed.layout, CheckpointLayout::CausalLm, "{variant}");
+                let released_text = ModelConfig::from_json(&full, Path::new("released"))
+                    .unwrap()
+                    .text;
+                assert_eq!(
+                    parsed.text.hidden_size, released_text.hidden_size,
+                    "{variant}: real dims"
+                );
+                if layers == total {
+                    assert_eq!(
+                        parsed.text.num_kv_shared_layers,
+                        released_text.num_kv_shared_layers
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn synthetic_checkpoint_loads_with_every_tensor_and_is_reproducible() {
+        let config = TinyConfig {
+            vocab_size: 40,
+            hidden_size: 16,
+            intermediate_size: 12,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            num_global_key_value_heads: 1,
+            head_dim: 8,
+            global_head_dim: 16,
+            full_layers: vec![false, true, false],
+            sliding_window: 3,
+            hidden_size_per_layer_input: 4,
+            num_kv_shared_layers: 1,
+            use_double_wide_mlp: true,
+            attention_k_eq_v: true,
+            moe: Some((4, 2, 6)),
+            tie_word_embeddings: false,
+            final_logit_softcapping: Some(30.0),
+        };
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        for (dir, dtype) in [(&a, WeightDtype::BF16), (&b, WeightDtype::BF16)] {
+            write_checkpoint(dir.path(), &config.config_json(), dtype, 7).unwrap();
+        }
+        let bytes =
+            |d: &tempfile::TempDir| std::fs::read(d.path().join("model.safetensors")).unwrap();
+        assert_eq!(bytes(&a), bytes(&b), "same seed, same bytes");
+        // Every tensor the plan needs is present with its shape (the reference's own loader).
+        let model = gemma4_reference::Gemma4TextModel::load(a.path()).unwrap();
+        let scalar = model.weights.layers[0].layer_scalar;
+        assert!(
+            (0.5..1.5).contains(&scalar),
+            "layer_scalar drawn in [0.5, 1.5): {scalar}"
+        );
+        assert!(!a.path().read_dir().unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("partial")));
+    }
+}

@@ -1,0 +1,552 @@
+//! `cargo xtask bench`: prefill and decode speed and peak memory of the engines, on 2 threads,
+//! written to `docs/performance.md` with the command that reproduces it.
+//!
+//! Every engine runs in its own process (`cargo xtask bench-engine ...`, or the Hugging Face
+//! script `xtask/scripts/bench_hf.py` in the oracle virtualenv), so that its peak resident
+//! memory (`VmHWM`) is its own. Each measurement waits (up to `--max-wait` seconds) for the
+//! 1-minute load average to fall below `--max-load`, and the load it ran under is reported:
+//! other processes on a 2-core machine change decode speed several-fold.
+//!
+//! Workload (the same for every engine): a prompt of `--prompt` random token ids (seeded), one
+//! prefill pass producing the last position's logits, then `--decode` greedy single-token steps
+//! through the KV cache. A warm-up pass of the same workload (the prompt + 1 step) runs first, so
+//! mapped weights and the prompt's PLE rows are paged in before timing (llama.cpp's
+//! `llama-bench` warms up likewise; the HF script does the same).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use gemma4_optimized::{Gemma4Optimized, Logits};
+use gemma4_reference::dump::Recorder;
+use gemma4_reference::Gemma4TextModel;
+use serde_json::{json, Value};
+
+use crate::synth::repo_root;
+
+/// Arguments of `cargo xtask bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// The full-size checkpoint (`cargo xtask synth --variant e2b --out DIR`).
+    #[arg(long, default_value = "/work/bench-data/e2b")]
+    pub model: PathBuf,
+    /// A reduced-layer checkpoint of the same variant, for the (slow, f32, all-in-RAM)
+    /// reference (`cargo xtask synth --variant e2b --layers 10 --out DIR`).
+    #[arg(long, default_value = "/work/bench-data/e2b-10l")]
+    pub reduced_model: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    #[arg(long, default_value_t = 128)]
+    pub prompt: usize,
+    #[arg(long, default_value_t = 32)]
+    pub decode: usize,
+    /// Skip the Hugging Face transformers run.
+    #[arg(long)]
+    pub skip_hf: bool,
+    /// The oracle virtualenv with torch + transformers [default: ~/.cache/gemma4/oracle-venv].
+    #[arg(long)]
+    pub venv: Option<PathBuf>,
+    /// Wait for the 1-minute load average to drop below this before each measurement.
+    #[arg(long, default_value_t = 0.5)]
+    pub max_load: f64,
+    /// Give up waiting for a quiet machine after this many seconds (and report the load).
+    #[arg(long, default_value_t = 300)]
+    pub max_wait: u64,
+    /// Where to write the report.
+    #[arg(long, default_value = "docs/performance.md")]
+    pub out: PathBuf,
+}
+
+/// Arguments of the per-engine child process.
+#[derive(Debug, clap::Args)]
+pub struct BenchEngineArgs {
+    /// reference or optimized
+    #[arg(long)]
+    pub engine: String,
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    #[arg(long, default_value_t = 128)]
+    pub prompt: usize,
+    #[arg(long, default_value_t = 32)]
+    pub decode: usize,
+}
+
+/// The prompt: `n` token ids in `[3, vocab)`, reproducible.
+fn prompt_ids(n: usize, vocab: usize) -> Vec<usize> {
+    gemma4_optimized::synthetic::random_values(n, 2026, 1.0)
+        .iter()
+        .map(|v| 3 + ((v.abs() * (vocab - 3) as f32) as usize).min(vocab - 4))
+        .collect()
+}
+
+/// Peak resident set size of this process (`VmHWM`), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+fn argmax(values: &[f32]) -> usize {
+    gemma4_optimized::model::argmax(values)
+}
+
+/// The child process: one engine, one workload, one JSON line on stdout.
+pub fn run_engine(args: &BenchEngineArgs) -> Result<(), String> {
+    let err = |e: gemma4_reference::Error| e.to_string();
+    let started = Instant::now();
+    let result = match args.engine.as_str() {
+        "optimized" => {
+            let model =
+                Gemma4Optimized::load_with_threads(&args.model, Some(args.threads)).map_err(err)?;
+            let load_s = started.elapsed().as_secs_f64();
+            let vocab = model.config.text.vocab_size;
+            let ids = prompt_ids(args.prompt, vocab);
+            // Warm-up: pages the mapped weights and the prompt's PLE rows in.
+            let mut cache = model.new_cache();
+            let logits = model
+                .forward(
+                    &ids,
+                    &mut cache,
+                    &mut Recorder::checking_only(),
+                    Logits::Last,
+                )
+                .map_err(err)?;
+            model
+                .forward(
+                    &[argmax(&logits)],
+                    &mut cache,
+                    &mut Recorder::checking_only(),
+                    Logits::Last,
+                )
+                .map_err(err)?;
+            let mut cache = model.new_cache();
+            let t0 = Instant::now();
+            let logits = model
+                .forward(
+                    &ids,
+                    &mut cache,
+                    &mut Recorder::checking_only(),
+                    Logits::Last,
+                )
+                .map_err(err)?;
+            let prefill_s = t0.elapsed().as_secs_f64();
+            let mut next = argmax(&logits);
+            let t1 = Instant::now();
+            for _ in 0..args.decode {
+                let logits = model
+                    .forward(
+                        &[next],
+                        &mut cache,
+                        &mut Recorder::checking_only(),
+                        Logits::Last,
+                    )
+                    .map_err(err)?;
+                next = argmax(&logits);
+            }
+            let decode_s = t1.elapsed().as_secs_f64();
+            json!({
+                "load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s,
+                "decode_weight_bytes": model.decode_weight_bytes(),
+                "threads": model.threads(),
+            })
+        }
+        "reference" => {
+            let model = Gemma4TextModel::load(&args.model).map_err(err)?;
+            let load_s = started.elapsed().as_secs_f64();
+            let vocab = model.config.text.vocab_size;
+            let ids = prompt_ids(args.prompt, vocab);
+            let mut cache = model.new_cache();
+            let t0 = Instant::now();
+            let logits = model
+                .forward(&ids, &mut cache, &mut Recorder::checking_only())
+                .map_err(err)?;
+            let prefill_s = t0.elapsed().as_secs_f64();
+            let last = logits.row(logits.nrows() - 1).to_vec();
+            let mut next = argmax(&last);
+            let t1 = Instant::now();
+            for _ in 0..args.decode {
+                let logits = model
+                    .forward(&[next], &mut cache, &mut Recorder::checking_only())
+                    .map_err(err)?;
+                next = argmax(logits.row(0).as_slice().expect("contiguous"));
+            }
+            let decode_s = t1.elapsed().as_secs_f64();
+            json!({"load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s, "threads": 1})
+        }
+        other => return Err(format!("--engine {other}: expected reference or optimized")),
+    };
+    let mut result = result;
+    let object = result.as_object_mut().expect("object");
+    let prefill_s = object["prefill_s"].as_f64().unwrap_or(f64::NAN);
+    let decode_s = object["decode_s"].as_f64().unwrap_or(f64::NAN);
+    object.insert("engine".into(), json!(args.engine));
+    object.insert("prompt".into(), json!(args.prompt));
+    object.insert("decode".into(), json!(args.decode));
+    object.insert(
+        "prefill_tok_s".into(),
+        json!(args.prompt as f64 / prefill_s),
+    );
+    object.insert("decode_tok_s".into(), json!(args.decode as f64 / decode_s));
+    object.insert("peak_rss_bytes".into(), json!(peak_rss()));
+    println!("{result}");
+    Ok(())
+}
+
+/// Read bandwidth of this machine on `threads` threads, GB/s (best of 5 passes over 2 GiB).
+fn memory_bandwidth(threads: usize) -> f64 {
+    use rayon::prelude::*;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("pool");
+    let words = (2usize << 30) / 8;
+    let data: Vec<u64> = (0..words as u64).collect();
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let sum: u64 = pool.install(|| {
+            data.par_chunks(1 << 20)
+                .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+                .reduce(|| 0, |a, b| a.wrapping_add(b))
+        });
+        std::hint::black_box(sum);
+        best = best.max((words * 8) as f64 / t0.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// Waits (up to `max_wait` s) for the 1-minute load average to drop below `max_load`; returns
+/// the load average when the measurement starts.
+fn wait_for_quiet(max_load: f64, max_wait: u64) -> f64 {
+    let t0 = Instant::now();
+    loop {
+        let load = load_average();
+        if load < max_load || t0.elapsed().as_secs() >= max_wait {
+            return load;
+        }
+        eprintln!("xtask bench: load average {load:.2} >= {max_load}; waiting for a quiet machine");
+        std::thread::sleep(std::time::Duration::from_secs(10));
+    }
+}
+
+/// Runs one measurement in a child process; returns its JSON plus the load it started under.
+fn measure(mut command: Command, args: &BenchArgs, label: &str) -> Result<Value, String> {
+    let load_before = wait_for_quiet(args.max_load, args.max_wait);
+    eprintln!("xtask bench: {label} (load {load_before:.2})");
+    let output = command
+        .output()
+        .map_err(|e| format!("{label}: cannot start: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{label}: failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| format!("{label}: no JSON in output: {stdout}"))?;
+    let mut value: Value =
+        serde_json::from_str(line).map_err(|e| format!("{label}: {e}: {line}"))?;
+    value["load_before"] = json!(load_before);
+    value["load_after"] = json!(load_average());
+    eprintln!("xtask bench: {label}: {value}");
+    Ok(value)
+}
+
+fn engine_command(engine: &str, model: &Path, args: &BenchArgs) -> Command {
+    let mut command = Command::new(std::env::current_exe().expect("own path"));
+    command
+        .arg("bench-engine")
+        .args(["--engine", engine])
+        .arg("--model")
+        .arg(model)
+        .args(["--threads", &args.threads.to_string()])
+        .args(["--prompt", &args.prompt.to_string()])
+        .args(["--decode", &args.decode.to_string()])
+        .env("RAYON_NUM_THREADS", args.threads.to_string());
+    command
+}
+
+fn layers_of(model: &Path) -> usize {
+    gemma4_reference::ModelConfig::from_dir(model).map_or(0, |c| c.text.num_hidden_layers)
+}
+
+pub fn run(args: &BenchArgs) -> Result<(), String> {
+    for dir in [&args.model, &args.reduced_model] {
+        if !dir.join("config.json").exists() {
+            return Err(format!(
+                "{} has no checkpoint: make it with `cargo xtask synth --variant e2b [--layers 10] --out {}`",
+                dir.display(),
+                dir.display()
+            ));
+        }
+    }
+    let bandwidth_load = wait_for_quiet(args.max_load, args.max_wait);
+    let bandwidth = memory_bandwidth(args.threads);
+    let bandwidth_one = memory_bandwidth(1);
+    eprintln!("xtask bench: read bandwidth {bandwidth:.1} GB/s on {} threads, {bandwidth_one:.1} GB/s on 1 (load {bandwidth_load:.2})", args.threads);
+
+    let full_layers = layers_of(&args.model);
+    let reduced_layers = layers_of(&args.reduced_model);
+    let optimized_full = measure(
+        engine_command("optimized", &args.model, args),
+        args,
+        "optimized, full model",
+    )?;
+    let optimized_reduced = measure(
+        engine_command("optimized", &args.reduced_model, args),
+        args,
+        "optimized, reduced model",
+    )?;
+    let reference_reduced = measure(
+        engine_command("reference", &args.reduced_model, args),
+        args,
+        "reference, reduced model",
+    )?;
+    let hf = if args.skip_hf {
+        None
+    } else {
+        let venv = args.venv.clone().unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+            home.join(".cache/gemma4/oracle-venv")
+        });
+        let mut command = Command::new(venv.join("bin/python"));
+        command
+            .arg(repo_root().join("xtask/scripts/bench_hf.py"))
+            .arg("--model")
+            .arg(&args.model)
+            .args(["--threads", &args.threads.to_string()])
+            .args(["--prompt", &args.prompt.to_string()])
+            .args(["--decode", &args.decode.to_string()]);
+        match measure(command, args, "Hugging Face transformers, full model") {
+            Ok(v) => Some(v),
+            Err(e) => {
+                eprintln!("xtask bench: {e}");
+                None
+            }
+        }
+    };
+
+    let report = report(
+        args,
+        bandwidth,
+        bandwidth_one,
+        bandwidth_load,
+        full_layers,
+        reduced_layers,
+        &optimized_full,
+        &optimized_reduced,
+        &reference_reduced,
+        hf.as_ref(),
+    );
+    let out = repo_root().join(&args.out);
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    std::fs::write(&out, report).map_err(|e| format!("{}: {e}", out.display()))?;
+    eprintln!("xtask bench: wrote {}", out.display());
+    Ok(())
+}
+
+fn gib(bytes: f64) -> String {
+    format!("{:.2} GiB", bytes / (1u64 << 30) as f64)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    args: &BenchArgs,
+    bandwidth: f64,
+    bandwidth_one: f64,
+    bandwidth_load: f64,
+    full_layers: usize,
+    reduced_layers: usize,
+    optimized_full: &Value,
+    optimized_reduced: &Value,
+    reference_reduced: &Value,
+    hf: Option<&Value>,
+) -> String {
+    let f = |v: &Value, key: &str| v[key].as_f64().unwrap_or(f64::NAN);
+    let row = |name: &str, model: &str, v: &Value| {
+        format!(
+            "| {name} | {model} | {:.2} | {:.2} | {} | {:.2} / {:.2} |\n",
+            f(v, "prefill_tok_s"),
+            f(v, "decode_tok_s"),
+            gib(f(v, "peak_rss_bytes")),
+            f(v, "load_before"),
+            f(v, "load_after"),
+        )
+    };
+    let weight_bytes = f(optimized_full, "decode_weight_bytes");
+    let bound = bandwidth * 1e9 / weight_bytes;
+    let decode = f(optimized_full, "decode_tok_s");
+    let mut out = String::new();
+    out.push_str("# Performance\n\n");
+    out.push_str(&format!(
+        "Measured by `cargo xtask bench` on this project's machine ({}), {} threads, random-weight bf16 \
+         checkpoints with the real E2B dimensions made by `cargo xtask synth`. Workload: a {}-token prompt \
+         (one prefill pass, logits of the last position), then {} greedy decode steps through the KV cache, \
+         after one warm-up run of the same workload. Load = 1-minute load average before / after each run \
+         (each run waits up to {} s for < {}); the benchmark ran at niceness {}.\n\n",
+        cpu_description(),
+        args.threads,
+        args.prompt,
+        args.decode,
+        args.max_wait,
+        args.max_load,
+        own_niceness(),
+    ));
+    out.push_str("| engine | model | prefill tok/s | decode tok/s | peak RSS | load |\n|---|---|---|---|---|---|\n");
+    out.push_str(&row(
+        "gemma4-optimized",
+        &format!("E2B, {full_layers} layers (full)"),
+        optimized_full,
+    ));
+    if let Some(hf) = hf {
+        out.push_str(&row(
+            "HF transformers (torch CPU, bf16, `logits_to_keep=1`)",
+            &format!("E2B, {full_layers} layers (full)"),
+            hf,
+        ));
+    } else {
+        out.push_str(
+            "| HF transformers | E2B (full) | not run (`--skip-hf` or no oracle venv) | | | |\n",
+        );
+    }
+    out.push_str(
+        "| llama.cpp bf16 GGUF (`llama-bench -t 2 -p 128 -n 32`), from `shared/deps-and-machine.md`, not re-measured here | E2B (full) | ≈ 10.2 | ≈ 2.85 | 4.6 GiB | |\n",
+    );
+    out.push_str(&row(
+        "gemma4-optimized",
+        &format!("E2B dims, first {reduced_layers} layers"),
+        optimized_reduced,
+    ));
+    out.push_str(&row(
+        "gemma4-reference (f32, 1 thread)",
+        &format!("E2B dims, first {reduced_layers} layers"),
+        reference_reduced,
+    ));
+    out.push_str(&format!(
+        "\nOptimized / reference on the {reduced_layers}-layer model: prefill **{:.0}x**, decode **{:.0}x**. \
+         The reference converts every weight (the PLE table included) to f32 in RAM, about 18.5 GB for the full \
+         E2B, so it is measured on the reduced model only. It runs on one thread (plain `ndarray`) and computes every \
+         position's logits and every layer's positions; the optimized engine's prefill skips the KV-shared layers and the \
+         LM head for all but the last position (as HF's `logits_to_keep=1`).\n\n",
+        f(optimized_reduced, "prefill_tok_s") / f(reference_reduced, "prefill_tok_s"),
+        f(optimized_reduced, "decode_tok_s") / f(reference_reduced, "decode_tok_s"),
+    ));
+    out.push_str(&format!(
+        "## Decode bound\n\nMeasured read bandwidth: **{bandwidth:.1} GB/s** on {} threads ({bandwidth_one:.1} GB/s on one; load {bandwidth_load:.2}). \
+         One decode step of E2B reads {:.2} GB of bf16 weights (every layer matrix, the PLE projection and the tied \
+         LM head; the PLE table only one row per layer), so decode is bounded by **{bound:.2} tok/s**. \
+         Measured {decode:.2} tok/s = **{:.0}%** of the bound.\n\n",
+        args.threads,
+        weight_bytes / 1e9,
+        100.0 * decode / bound,
+    ));
+    out.push_str(&format!(
+        "Peak resident memory of the optimized engine on the full model: {} while the checkpoint is {} on disk: \
+         weights are memory-mapped and the PLE table ({}) is read one row per token, so it stays on disk.\n\n",
+        gib(f(optimized_full, "peak_rss_bytes")),
+        gib(dir_size(&args.model) as f64),
+        gib(ple_table_bytes(&args.model) as f64),
+    ));
+    out.push_str("## Raw results\n\n```\n");
+    for v in [
+        Some(optimized_full),
+        Some(optimized_reduced),
+        Some(reference_reduced),
+        hf,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        out.push_str(&format!("{v}\n"));
+    }
+    out.push_str("```\n\n");
+    out.push_str(&format!(
+        "## Rerun\n\n```sh\ncargo xtask synth --variant e2b --out {}\ncargo xtask synth --variant e2b --layers {reduced_layers} --out {}\ncargo xtask bench --model {} --reduced-model {}\n```\n\n\
+         The Hugging Face row needs the oracle virtualenv (`~/.cache/gemma4/oracle-venv`, made by `cargo xtask golden`); \
+         its script is `xtask/scripts/bench_hf.py`. Kernel micro-benchmarks: `cargo bench -p gemma4-optimized`.\n",
+        args.model.display(),
+        args.reduced_model.display(),
+        args.model.display(),
+        args.reduced_model.display(),
+    ));
+    out
+}
+
+/// CPU model, core count and the SIMD extensions that matter here, from /proc/cpuinfo.
+fn cpu_description() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = info
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = info.lines().filter(|l| l.starts_with("processor")).count();
+    let flags: Vec<&str> = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags"))
+        .map(|f| f.split_whitespace().collect())
+        .unwrap_or_default();
+    let has = |f: &str| flags.contains(&f);
+    let extensions: Vec<&str> = ["avx2", "fma", "f16c", "avx512f", "avx512_bf16"]
+        .into_iter()
+        .filter(|f| has(f))
+        .collect();
+    format!(
+        "{cores} vCPU {model}, {}; the engine's kernels use AVX2 + FMA + F16C",
+        extensions.join(" ")
+    )
+}
+
+/// This process's nice value (field 19 of /proc/self/stat).
+fn own_niceness() -> i64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1.to_string();
+            after.split_whitespace().nth(16)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn ple_table_bytes(dir: &Path) -> u64 {
+    gemma4_reference::ModelConfig::from_dir(dir).map_or(0, |c| {
+        (c.text.vocab_size_per_layer_input
+            * c.text.num_hidden_layers
+            * c.text.hidden_size_per_layer_input
+            * 2) as u64
+    })
+}

@@ -1,0 +1,80 @@
+//! `cargo xtask synth --variant e2b|e4b|31b|26b-a4b [--layers N] --out DIR [--dtype bf16]`:
+//! a random-weight checkpoint with the real dimensions of a released model, for benchmarks.
+//!
+//! The config comes from `tests/data/released/<variant>/config.json` (as a `Gemma4ForCausalLM`
+//! config, optionally cut to `N` layers); the weights are streamed to disk by
+//! `gemma4_optimized::synthetic::write_checkpoint` (never the whole model in memory; temporary
+//! names renamed into place). Full E2B is about 10 GB, mostly the PLE table: write it outside the
+//! repository (e.g. `/work/bench-data/e2b` or `~/.cache/gemma4/e2b`).
+
+use std::path::{Path, PathBuf};
+
+use gemma4_optimized::synthetic::{released_text_config, write_checkpoint};
+use gemma4_reference::checkpoint::WeightDtype;
+
+/// Arguments of `cargo xtask synth`.
+#[derive(Debug, clap::Args)]
+pub struct SynthArgs {
+    /// Which released model's dimensions: e2b, e4b, 31b or 26b-a4b.
+    #[arg(long)]
+    pub variant: String,
+    /// Keep only the first N layers (default: all).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Output directory (config.json + model.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Weight dtype: bf16 (default), f16 or f32.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 4)]
+    pub seed: u64,
+}
+
+pub fn repo_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
+pub fn run(args: &SynthArgs) -> Result<(), String> {
+    let variants = ["e2b", "e4b", "31b", "26b-a4b"];
+    if !variants.contains(&args.variant.as_str()) {
+        return Err(format!(
+            "--variant {}: expected one of {}",
+            args.variant,
+            variants.join(", ")
+        ));
+    }
+    let dtype = match args.dtype.as_str() {
+        "bf16" => WeightDtype::BF16,
+        "f16" => WeightDtype::F16,
+        "f32" => WeightDtype::F32,
+        other => return Err(format!("--dtype {other}: expected bf16, f16 or f32")),
+    };
+    let path = repo_root()
+        .join("tests/data/released")
+        .join(&args.variant)
+        .join("config.json");
+    let released: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?,
+    )
+    .map_err(|e| format!("{}: {e}", path.display()))?;
+    let config = released_text_config(&released, args.layers);
+    let started = std::time::Instant::now();
+    eprintln!(
+        "xtask synth: writing {} ({} layers, {:?}) to {}",
+        args.variant,
+        config["num_hidden_layers"],
+        dtype,
+        args.out.display()
+    );
+    let bytes =
+        write_checkpoint(&args.out, &config, dtype, args.seed).map_err(|e| e.to_string())?;
+    eprintln!(
+        "xtask synth: wrote {:.2} GB in {:.1} s",
+        bytes as f64 / 1e9,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
