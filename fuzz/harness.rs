@@ -14,12 +14,10 @@ use std::path::Path;
 use gemma4::comparison::{
     compare_dumps, depth_of, layers_in_dump, tolerance_for, Precision, Status,
 };
-use gemma4::inspect::{format_inspection, Inspection};
+use gemma4::inspect::{format_inspection, inspect_config};
 use gemma4_reference::checkpoint::{text_tensor_specs, Checkpoint, SafetensorsFile, ShardIndex};
 use gemma4_reference::config::MAX_TENSOR_ELEMENTS;
 use gemma4_reference::dump::{ActivationDump, DumpTensor};
-use gemma4_reference::kv_cache::cache_footprint;
-use gemma4_reference::parameter_count::count_parameters;
 use gemma4_reference::{Gemma4TextModel, ModelConfig, ModelPlan};
 
 /// The label every in-memory input carries, so that errors can be checked for naming it.
@@ -115,15 +113,7 @@ pub fn config_json(data: &[u8]) {
             spec.shape
         );
     }
-    let inspection = Inspection {
-        parameters: count_parameters(&config),
-        kv_cache_bf16: cache_footprint(&plan, text.sliding_window, 2),
-        kv_cache_f32: cache_footprint(&plan, text.sliding_window, 4),
-        config: config.clone(),
-        plan,
-        weights_checked: None,
-        tensors_not_used_by_text_model: 0,
-    };
+    let inspection = inspect_config(config.clone());
     let _ = format_inspection(&inspection);
     serde_json::to_string(&inspection).expect("an inspection serialises");
 }

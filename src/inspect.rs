@@ -33,41 +33,44 @@ pub struct Inspection {
 /// Inspects a model directory. Weights are optional; if present, every text tensor the plan
 /// needs must exist with the right shape and a float dtype.
 pub fn inspect(dir: &Path) -> Result<Inspection, Error> {
-    let config = ModelConfig::from_dir(dir)?;
-    let plan = ModelPlan::from_config(&config.text);
-    let parameters = count_parameters(&config);
-    let window = config.text.sliding_window;
+    let mut inspection = inspect_config(ModelConfig::from_dir(dir)?);
     let has_weights =
         dir.join("model.safetensors").exists() || dir.join("model.safetensors.index.json").exists();
-    let (weights_checked, unused) = if has_weights {
+    if has_weights {
         let checkpoint = Checkpoint::open(dir)?;
         let prefix = checkpoint.text_prefix()?;
-        let specs = text_tensor_specs(&config.text, &plan);
+        let specs = text_tensor_specs(&inspection.config.text, &inspection.plan);
         let mut used = std::collections::BTreeSet::new();
         for spec in &specs {
             let name = full_name(prefix, &spec.name);
             checkpoint.check(&name, &spec.shape)?;
             used.insert(name);
         }
-        let unused = checkpoint.names().filter(|n| !used.contains(*n)).count();
-        (Some(specs.len()), unused)
-    } else {
-        (None, 0)
-    };
+        inspection.tensors_not_used_by_text_model =
+            checkpoint.names().filter(|n| !used.contains(*n)).count();
+        inspection.weights_checked = Some(specs.len());
+    }
+    Ok(inspection)
+}
+
+/// Everything `inspect` derives from a config alone (no weights checked).
+pub fn inspect_config(config: ModelConfig) -> Inspection {
+    let plan = ModelPlan::from_config(&config.text);
+    let window = config.text.sliding_window;
     // An empty cache allocates nothing; its layout gives the bytes per position.
     let optimized_kv_cache_bytes_per_token =
         gemma4_optimized::kv_cache::KvCache::new(&plan, |_| Vec::new(), |_| Vec::new())
             .bytes_per_position();
-    Ok(Inspection {
+    Inspection {
+        parameters: count_parameters(&config),
         optimized_kv_cache_bytes_per_token,
         kv_cache_bf16: cache_footprint(&plan, window, 2),
         kv_cache_f32: cache_footprint(&plan, window, 4),
         config,
         plan,
-        parameters,
-        weights_checked,
-        tensors_not_used_by_text_model: unused,
-    })
+        weights_checked: None,
+        tensors_not_used_by_text_model: 0,
+    }
 }
 
 fn thousands(n: u64) -> String {

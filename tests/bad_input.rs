@@ -946,7 +946,13 @@ fn checkpoint_huge_sparse_tensor_is_refused_before_allocation() {
         .unwrap();
     drop(file);
     let started = std::time::Instant::now();
-    let message = load_error(dir.path());
+    // The reference only: it converts every weight to f32 in RAM. The optimized engine maps
+    // weights as stored, so a checkpoint larger than memory is still served through mmap (by
+    // design, issue 3); it is not loaded here because that would scan 128 GiB of zeros.
+    let message = match Gemma4TextModel::load(dir.path()) {
+        Ok(_) => panic!("the reference should refuse a 256 GiB f32 conversion"),
+        Err(e) => e.to_string(),
+    };
     assert_mentions(
         &message,
         &[

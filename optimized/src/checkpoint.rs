@@ -312,14 +312,29 @@ impl Loader<'_> {
         full_name(self.prefix, n)
     }
 
-    /// A matrix of `shape` (2-D, or 3-D stacked into 2-D), after the reference's check.
+    /// A matrix of `shape` (2-D, or 3-D stacked into 2-D), after the reference's checks
+    /// (shape, dtype, and every value finite).
     fn matrix(&self, spec_name: &str, shape: &[usize]) -> Result<Matrix> {
         let name = self.name(spec_name);
         let dtype = self.checkpoint.check(&name, shape)?;
+        self.checkpoint.check_finite(&name, shape, dtype)?;
+        self.map(&name, shape, dtype)
+    }
+
+    /// The PLE table: shape and dtype checked, but its values are not scanned at load — the
+    /// table stays on disk and only the rows of the tokens seen are ever read (a non-finite
+    /// value there surfaces as a non-finite `per_layer_inputs`, named by the recorder).
+    fn table(&self, spec_name: &str, shape: &[usize]) -> Result<Matrix> {
+        let name = self.name(spec_name);
+        let dtype = self.checkpoint.check(&name, shape)?;
+        self.map(&name, shape, dtype)
+    }
+
+    fn map(&self, name: &str, shape: &[usize], dtype: WeightDtype) -> Result<Matrix> {
         let bytes = self
             .checkpoint
-            .file_of(&name)
-            .and_then(|f| f.bytes(&name))
+            .file_of(name)
+            .and_then(|f| f.bytes(name))
             .expect("checked above");
         let cols = *shape.last().expect("non-empty shape");
         let rows = shape.iter().product::<usize>() / cols.max(1);
@@ -351,7 +366,7 @@ impl TextWeights {
         let num_layers = text.num_hidden_layers;
         let per_layer_embeddings = if p > 0 {
             Some(PleWeights {
-                table: loader.matrix(
+                table: loader.table(
                     "embed_tokens_per_layer.weight",
                     &[text.vocab_size_per_layer_input, num_layers * p],
                 )?,
@@ -440,6 +455,7 @@ impl TextWeights {
         } else {
             // The untied head never takes the layout prefix (reference: `checkpoint.rs`).
             let dtype = checkpoint.check("lm_head.weight", &[v, d])?;
+            checkpoint.check_finite("lm_head.weight", &[v, d], dtype)?;
             let bytes = checkpoint
                 .file_of("lm_head.weight")
                 .and_then(|f| f.bytes("lm_head.weight"))

@@ -15,7 +15,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
-use ndarray::{Array1, Array2, Array3, ArrayD, Dimension, IxDyn};
+use ndarray::{Array1, Array2, Array3, ArrayD, IxDyn};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 use serde_json::Value;
 
@@ -491,6 +491,7 @@ impl Checkpoint {
             array_bytes(shape, 4),
             &format!("loading {dtype:?} {shape:?} as f32"),
         )?;
+        self.check_finite(name, shape, dtype)?;
         let values: Vec<f32> = match dtype {
             WeightDtype::F32 => bytes
                 .chunks_exact(4)
@@ -512,17 +513,51 @@ impl Checkpoint {
                 format!("{} bytes cannot hold shape {shape:?}: {e}", bytes.len()),
             )
         })?;
-        if let Some((index, value)) = array.indexed_iter().find(|(_, v)| !v.is_finite()) {
-            return Err(Error::tensor(
-                &file.path,
-                name,
-                format!(
-                    "holds the non-finite value {value} at index {:?}; a weight must be finite",
-                    index.slice()
-                ),
-            ));
-        }
         Ok((array, dtype))
+    }
+
+    /// Checks that a (shape-checked) float tensor holds no NaN or infinity, straight from its
+    /// stored bytes (no conversion, no allocation): the error names the tensor and the first
+    /// bad element's index. Both engines call this, so they refuse the same weights.
+    pub fn check_finite(&self, name: &str, shape: &[usize], dtype: WeightDtype) -> Result<()> {
+        let file = self.file_of(name).expect("checked by Checkpoint::check");
+        let bytes = file.bytes(name).expect("checked by Checkpoint::check");
+        // A value is NaN or infinite exactly when all its exponent bits are set.
+        let first_bad = match dtype {
+            WeightDtype::F32 => bytes.chunks_exact(4).position(|b| {
+                u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
+            }),
+            WeightDtype::BF16 => bytes
+                .chunks_exact(2)
+                .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
+            WeightDtype::F16 => bytes
+                .chunks_exact(2)
+                .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
+        };
+        let Some(flat) = first_bad else {
+            return Ok(());
+        };
+        let size = dtype.size();
+        let raw = &bytes[flat * size..(flat + 1) * size];
+        let value = match dtype {
+            WeightDtype::F32 => f32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]),
+            WeightDtype::BF16 => half::bf16::from_le_bytes([raw[0], raw[1]]).to_f32(),
+            WeightDtype::F16 => half::f16::from_le_bytes([raw[0], raw[1]]).to_f32(),
+        };
+        // Row-major multi-index of the flat position.
+        let mut index = vec![0; shape.len()];
+        let mut rest = flat;
+        for (slot, &extent) in index.iter_mut().zip(shape).rev() {
+            *slot = rest % extent.max(1);
+            rest /= extent.max(1);
+        }
+        Err(Error::tensor(
+            &file.path,
+            name,
+            format!(
+                "holds the non-finite value {value} at index {index:?}; a weight must be finite"
+            ),
+        ))
     }
 
     fn load1(&self, name: &str, n: usize) -> Result<Array1<f32>> {
