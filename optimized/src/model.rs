@@ -21,14 +21,14 @@
 use std::path::Path;
 
 use gemma4_reference::checkpoint::Checkpoint;
-use gemma4_reference::dump::{ActivationDump, Recorder};
+use gemma4_reference::dump::{input_ids_tensor, ActivationDump, Recorder};
 use gemma4_reference::embedding::embedding_scale;
 use gemma4_reference::error::Error;
 use gemma4_reference::faults::with_faults;
 use gemma4_reference::model::{embedding_token_ids, ple_token_ids, validate_token_ids};
 use gemma4_reference::rope::inverse_frequencies;
 use gemma4_reference::{ModelConfig, ModelPlan, Result};
-use ndarray::{Array1, Array2, ArrayD, IxDyn};
+use ndarray::{Array1, Array2};
 use rayon::prelude::*;
 
 use crate::attention::record;
@@ -283,14 +283,7 @@ impl Gemma4Optimized {
     pub fn dump(&self, token_ids: &[usize], decode_steps: usize) -> Result<ActivationDump> {
         let mut dump = ActivationDump::new();
         self.validate_token_ids(token_ids)?;
-        dump.insert_i64(
-            "input_ids",
-            ArrayD::from_shape_vec(
-                IxDyn(&[token_ids.len()]),
-                token_ids.iter().map(|&t| t as i64).collect(),
-            )
-            .expect("1-D"),
-        );
+        dump.insert_i64("input_ids", input_ids_tensor(token_ids));
         let mut cache = self.new_cache();
         let logits = self.forward(
             token_ids,

@@ -328,6 +328,15 @@ fn to_array<T>(
     })
 }
 
+/// The `input_ids` tensor of a dump: `[T]`, I64.
+pub fn input_ids_tensor(token_ids: &[usize]) -> ArrayD<i64> {
+    ArrayD::from_shape_vec(
+        IxDyn(&[token_ids.len()]),
+        token_ids.iter().map(|&t| t as i64).collect(),
+    )
+    .expect("a 1-D shape holds its own length")
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
 ///
 /// The temporary file (`.<name>.<pid>.<n>.partial`, unique per process and call) is written,

@@ -11,12 +11,12 @@
 
 use std::path::Path;
 
-use ndarray::{s, Array1, Array2, ArrayD, IxDyn};
+use ndarray::{s, Array1, Array2};
 
 use crate::checkpoint::{Checkpoint, TextWeights};
 use crate::config::{AttentionType, CheckpointLayout, ModelConfig, RopeParameters};
 use crate::decoder_layer::decoder_layer;
-use crate::dump::{ActivationDump, Recorder};
+use crate::dump::{input_ids_tensor, ActivationDump, Recorder};
 use crate::embedding::{embedding_scale, scaled_embedding};
 use crate::error::{Error, Result};
 use crate::faults::{fault_active, Fault};
@@ -196,14 +196,7 @@ impl Gemma4TextModel {
     pub fn dump(&self, token_ids: &[usize], decode_steps: usize) -> Result<ActivationDump> {
         let mut dump = ActivationDump::new();
         self.validate_token_ids(token_ids)?;
-        dump.insert_i64(
-            "input_ids",
-            ArrayD::from_shape_vec(
-                IxDyn(&[token_ids.len()]),
-                token_ids.iter().map(|&t| t as i64).collect(),
-            )
-            .expect("1-D"),
-        );
+        dump.insert_i64("input_ids", input_ids_tensor(token_ids));
         let mut cache = self.new_cache();
         let logits = self.forward(token_ids, &mut cache, &mut Recorder::new(&mut dump))?;
         if decode_steps > 0 {

@@ -207,19 +207,10 @@ fn ensure_cargo_fuzz() -> Result<()> {
 }
 
 fn run_status(command: &mut Command) -> Result<()> {
-    let shown = format!("{command:?}");
-    let status = command.status().map_err(|e| FuzzError::Command {
-        command: shown.clone(),
-        detail: format!("could not start: {e}"),
-    })?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(FuzzError::Command {
-            command: shown,
-            detail: format!("failed with {status}"),
-        })
-    }
+    crate::process::run(command).map_err(|failure| FuzzError::Command {
+        command: failure.command,
+        detail: failure.detail,
+    })
 }
 
 /// Starts one target in the background, its output going to `logs/<target>.log`.

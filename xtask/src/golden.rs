@@ -284,21 +284,11 @@ fn run_generators(
     Ok(())
 }
 
-/// Runs `command` with inherited stdio; an unsuccessful exit is an error.
 fn run_command(command: &mut Command) -> Result<()> {
-    let shown = format!("{command:?}");
-    let status = command.status().map_err(|e| GoldenError::Command {
-        command: shown.clone(),
-        detail: format!("could not start: {e}"),
-    })?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(GoldenError::Command {
-            command: shown,
-            detail: format!("failed ({status})"),
-        })
-    }
+    crate::process::run(command).map_err(|failure| GoldenError::Command {
+        command: failure.command,
+        detail: failure.detail,
+    })
 }
 
 /// One line per case of the generated manifest: name, file count, bytes.

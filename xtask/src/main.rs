@@ -8,6 +8,7 @@ mod bench;
 mod fuzz;
 mod golden;
 mod mutants;
+mod process;
 mod synth;
 
 use std::error::Error;
