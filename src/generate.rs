@@ -2,10 +2,92 @@
 
 use std::path::Path;
 
+use gemma4_optimized::linear::Precision;
+use gemma4_optimized::{Gemma4Optimized, Logits};
 use gemma4_reference::dump::Recorder;
-use gemma4_reference::model::argmax;
 use gemma4_reference::Gemma4TextModel;
+use gemma4_reference::ModelConfig;
 use tokenizers::Tokenizer;
+
+use crate::engine::Engine;
+
+/// How `generate` runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GenerateOptions {
+    /// Which implementation computes the logits.
+    pub engine: Engine,
+    /// Threads of the optimized engine (`None`: `RAYON_NUM_THREADS`, else one per core).
+    pub threads: Option<usize>,
+    /// Optimized engine, bf16 weights: the prompt's matrix products on activations rounded to
+    /// bf16 ([`Precision::Bf16Activations`]), as torch and llama.cpp do for bf16 models. Faster
+    /// prefill on AVX-512 BF16 CPUs; not the reference's arithmetic (the greedy continuation may
+    /// differ where two candidates are nearly tied).
+    pub fast_prefill: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            engine: Engine::Optimized,
+            threads: None,
+            fast_prefill: false,
+        }
+    }
+}
+
+/// A loaded model and its KV cache, of either engine: the next token's logits for each call.
+enum Session {
+    Reference(Box<Gemma4TextModel>, gemma4_reference::kv_cache::KvCache),
+    Optimized(Box<Gemma4Optimized>, gemma4_optimized::kv_cache::KvCache),
+}
+
+impl Session {
+    fn load(dir: &Path, options: GenerateOptions) -> Result<Session, String> {
+        let text = |e: gemma4_reference::Error| e.to_string();
+        Ok(match options.engine {
+            Engine::Reference => {
+                let model = Gemma4TextModel::load(dir).map_err(text)?;
+                let cache = model.new_cache();
+                Session::Reference(Box::new(model), cache)
+            }
+            Engine::Optimized => {
+                let precision = if options.fast_prefill {
+                    Precision::Bf16Activations
+                } else {
+                    Precision::F32
+                };
+                let model = Gemma4Optimized::load_with_threads(dir, options.threads)
+                    .map_err(text)?
+                    .with_precision(precision);
+                let cache = model.new_cache();
+                Session::Optimized(Box::new(model), cache)
+            }
+        })
+    }
+
+    fn config(&self) -> &ModelConfig {
+        match self {
+            Session::Reference(model, _) => &model.config,
+            Session::Optimized(model, _) => &model.config,
+        }
+    }
+
+    /// Runs `ids` after everything before them and returns the last position's logits.
+    fn next_logits(&mut self, ids: &[usize]) -> Result<Vec<f32>, String> {
+        let text = |e: gemma4_reference::Error| e.to_string();
+        match self {
+            Session::Reference(model, cache) => {
+                let logits = model
+                    .forward(ids, cache, &mut Recorder::checking_only())
+                    .map_err(text)?;
+                Ok(logits.row(logits.nrows() - 1).to_vec())
+            }
+            Session::Optimized(model, cache) => model
+                .forward(ids, cache, &mut Recorder::checking_only(), Logits::Last)
+                .map_err(text),
+        }
+    }
+}
 
 /// What a generation produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,35 +115,34 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, String> {
 
 /// Greedy generation of up to `max_new_tokens` tokens after `prompt`, calling `on_text` with
 /// each new piece of text as soon as it is decodable. Stops early at an end-of-sequence id
-/// (`eos_token_id` of config.json).
+/// (`eos_token_id` of config.json). The prompt runs in one pass (prefill), then one token at a
+/// time through the KV cache.
 pub fn generate(
     dir: &Path,
     prompt: &str,
     max_new_tokens: usize,
+    options: GenerateOptions,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation, String> {
     let tokenizer = load_tokenizer(dir)?;
-    let model = Gemma4TextModel::load(dir).map_err(|e| e.to_string())?;
+    let mut session = Session::load(dir, options)?;
     let encoding = tokenizer
         .encode(prompt, true)
         .map_err(|e| format!("cannot tokenize the prompt: {e}"))?;
     let mut prompt_ids: Vec<usize> = encoding.get_ids().iter().map(|&id| id as usize).collect();
     // Gemma expects a leading BOS; add it if the tokenizer's post-processor did not.
-    if let Some(bos) = model.config.special_tokens.bos_token_id {
+    if let Some(bos) = session.config().special_tokens.bos_token_id {
         if prompt_ids.first() != Some(&bos) {
             prompt_ids.insert(0, bos);
         }
     }
-    let eos = &model.config.special_tokens.eos_token_ids;
+    let eos = session.config().special_tokens.eos_token_ids.clone();
 
-    let mut cache = model.new_cache();
-    let mut logits = model
-        .forward(&prompt_ids, &mut cache, &mut Recorder::checking_only())
-        .map_err(|e| e.to_string())?;
+    let mut logits = session.next_logits(&prompt_ids)?;
     let mut generated_ids = Vec::new();
     let mut text = String::new();
     for _ in 0..max_new_tokens {
-        let next = argmax(logits.row(logits.nrows() - 1));
+        let next = gemma4_optimized::model::argmax(&logits);
         generated_ids.push(next);
         if eos.contains(&next) {
             break;
@@ -83,9 +164,7 @@ pub fn generate(
             on_text(&decoded[text.len()..]);
             text = decoded;
         }
-        logits = model
-            .forward(&[next], &mut cache, &mut Recorder::checking_only())
-            .map_err(|e| e.to_string())?;
+        logits = session.next_logits(&[next])?;
     }
     Ok(Generation {
         prompt_ids,

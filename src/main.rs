@@ -47,6 +47,17 @@ struct GenerateArgs {
     /// At most this many new tokens (fewer if an end-of-sequence id comes first).
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
+    /// Which engine computes the logits.
+    #[arg(long, value_enum, default_value = "optimized")]
+    engine: Engine,
+    /// Threads of the optimized engine (default: RAYON_NUM_THREADS, else one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Optimized engine on bf16 weights: run the prompt's matrix products on bf16-rounded
+    /// activations (AVX-512 BF16), as torch and llama.cpp do; faster, not the reference's
+    /// float32 arithmetic.
+    #[arg(long)]
+    fast_prefill: bool,
 }
 
 #[derive(Args)]
@@ -264,11 +275,25 @@ fn inspect_command(args: InspectArgs) -> ExitCode {
 
 fn generate_command(args: GenerateArgs) -> ExitCode {
     use std::io::Write;
-    let result =
-        gemma4::generate::generate(&args.model, &args.prompt, args.max_new_tokens, |piece| {
+    if args.fast_prefill && args.engine != Engine::Optimized {
+        eprintln!("gemma4 generate: --fast-prefill needs --engine optimized");
+        return ExitCode::from(2);
+    }
+    let options = gemma4::generate::GenerateOptions {
+        engine: args.engine,
+        threads: args.threads,
+        fast_prefill: args.fast_prefill,
+    };
+    let result = gemma4::generate::generate(
+        &args.model,
+        &args.prompt,
+        args.max_new_tokens,
+        options,
+        |piece| {
             print!("{piece}");
             let _ = std::io::stdout().flush();
-        });
+        },
+    );
     match result {
         Ok(generation) => {
             println!();

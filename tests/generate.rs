@@ -27,15 +27,17 @@ fn word_level_tokenizer(vocab_size: u32) -> Tokenizer {
 }
 
 #[test]
-fn generate_streams_the_greedy_continuation_e2b_like() {
+fn generate_streams_the_greedy_continuation_e2b_like_both_engines() {
     let dir = common::copy_golden_model("e2b_like");
     word_level_tokenizer(512)
         .save(dir.path().join("tokenizer.json"), false)
         .unwrap();
 
-    // Expected: BOS (2) + the prompt's ids, then greedy argmax steps.
+    // Expected: BOS (2) + the prompt's ids, then greedy argmax steps. Twelve prompt tokens: the
+    // optimized engine's prefill takes its matrix-product (not its single-row) kernels.
     let model = Gemma4TextModel::load(dir.path()).unwrap();
-    let prompt = [2usize, 5, 9, 12, 100, 7];
+    let words = [5usize, 9, 12, 100, 7, 301, 44, 17, 250, 3, 88];
+    let prompt: Vec<usize> = std::iter::once(2).chain(words).collect();
     let dump = model.dump(&prompt, 4).unwrap();
     let logits = dump.get("logits").unwrap().as_f32().unwrap();
     let first = argmax(logits.slice(s![prompt.len() - 1, ..]).view());
@@ -55,27 +57,56 @@ fn generate_streams_the_greedy_continuation_e2b_like() {
         .take_while(|id| !eos.contains(id))
         .map(|id| format!("w{id}"))
         .collect();
+    let prompt_text = words.map(|w| format!("w{w}")).join(" ");
 
+    for engine in ["reference", "optimized"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_gemma4"))
+            .args([
+                "generate",
+                "--model",
+                dir.path().to_str().unwrap(),
+                "--prompt",
+                &prompt_text,
+            ])
+            .args(["--max-new-tokens", "5", "--engine", engine])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "{engine}: generate failed: {stderr}"
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(
+            stdout.split_whitespace().collect::<Vec<_>>(),
+            expected_words,
+            "{engine}: stderr: {stderr}"
+        );
+        assert!(stderr.contains("12 prompt tokens"), "{engine}: {stderr}");
+    }
+}
+
+#[test]
+fn generate_fast_prefill_needs_the_optimized_engine() {
     let output = Command::new(env!("CARGO_BIN_EXE_gemma4"))
         .args([
             "generate",
             "--model",
-            dir.path().to_str().unwrap(),
+            common::golden_model("e2b_like").to_str().unwrap(),
             "--prompt",
-            "w5 w9 w12 w100 w7",
+            "hi",
+            "--engine",
+            "reference",
+            "--fast-prefill",
         ])
-        .args(["--max-new-tokens", "5"])
         .output()
         .unwrap();
+    assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "generate failed: {stderr}");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(
-        stdout.split_whitespace().collect::<Vec<_>>(),
-        expected_words,
-        "stderr: {stderr}"
+    assert!(
+        stderr.contains("--fast-prefill needs --engine optimized"),
+        "{stderr}"
     );
-    assert!(stderr.contains("6 prompt tokens"), "{stderr}");
 }
 
 #[test]

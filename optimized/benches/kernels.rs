@@ -1,8 +1,10 @@
 //! Kernel benchmarks (criterion): the matrix products that make up a forward pass, at E2B sizes.
 //!
 //! - decode GEMV, `[1, 1536] x [6144, 1536]ᵀ`: the AVX2 skinny kernel on bf16 and f32 weights;
-//! - prefill GEMM, `[128, 1536] x [6144, 1536]ᵀ`: `linear` (gemm crate on widened blocks) on bf16
-//!   and f32 weights.
+//! - prefill GEMM, `[128, 1536] x [6144, 1536]ᵀ` (and `[128, 6144] x [1536, 6144]ᵀ`, the down
+//!   projection): every prefill kernel of `linear` on bf16 weights — the `gemm` crate on widened
+//!   blocks (the fallback), the packed AVX-512 f32 GEMM (the default on AVX-512 CPUs), the
+//!   opt-in AVX-512 BF16 GEMM — and the `gemm` crate / AVX-512 f32 on f32 weights.
 //!
 //! With `--features openblas-bench` (needs `apt-get install libopenblas-dev`), the same shapes
 //! through OpenBLAS `cblas_sgemm` / `cblas_sgemv` (f32 only: OpenBLAS has no bf16 GEMM here),
@@ -12,7 +14,8 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use gemma4_optimized::checkpoint::Matrix;
-use gemma4_optimized::linear::linear;
+use gemma4_optimized::linear::{linear, linear_into_with, PrefillKernel, Threads};
+use gemma4_optimized::simd::Kind;
 use gemma4_optimized::synthetic::random_values;
 use half::bf16;
 
@@ -110,10 +113,45 @@ fn prefill_gemm(c: &mut Criterion) {
     let mut group = c.benchmark_group("prefill_gemm_128x1536x6144");
     group.throughput(Throughput::Elements((2 * T * D * F) as u64)); // FLOPs
     group.sample_size(20);
-    group.bench_function("gemm_crate_bf16_widened", |b| {
-        b.iter(|| linear(&x, T, &bf16_matrix))
-    });
-    group.bench_function("gemm_crate_f32", |b| b.iter(|| linear(&x, T, &f32_matrix)));
+    let mut y = vec![0.0f32; T * F];
+    for (name, matrix, kind, kernel) in [
+        (
+            "gemm_crate_bf16_widened",
+            &bf16_matrix,
+            Kind::BF16,
+            PrefillKernel::GemmCrate,
+        ),
+        (
+            "avx512_f32_bf16",
+            &bf16_matrix,
+            Kind::BF16,
+            PrefillKernel::Avx512,
+        ),
+        (
+            "avx512_bf16_dot",
+            &bf16_matrix,
+            Kind::BF16,
+            PrefillKernel::Avx512Bf16,
+        ),
+        (
+            "gemm_crate_f32",
+            &f32_matrix,
+            Kind::F32,
+            PrefillKernel::GemmCrate,
+        ),
+        (
+            "avx512_f32_f32",
+            &f32_matrix,
+            Kind::F32,
+            PrefillKernel::Avx512,
+        ),
+    ] {
+        if kernel.available(kind) {
+            group.bench_function(name, |b| {
+                b.iter(|| linear_into_with(&x, T, matrix, &mut y, Threads::Pool, kernel))
+            });
+        }
+    }
     #[cfg(feature = "openblas-bench")]
     {
         let mut y = vec![0.0f32; T * F];
@@ -138,6 +176,30 @@ fn prefill_gemm(c: &mut Criterion) {
                 )
             })
         });
+    }
+    group.finish();
+
+    // The down projection: K = 6144, N = 1536.
+    let down: Vec<bf16> = random_values(D * F, 4, 0.05)
+        .iter()
+        .map(|&v| bf16::from_f32(v))
+        .collect();
+    let down = Matrix::from_bf16(D, F, down);
+    let x = random_values(T * F, 5, 1.0);
+    let mut y = vec![0.0f32; T * D];
+    let mut group = c.benchmark_group("prefill_gemm_128x6144x1536");
+    group.throughput(Throughput::Elements((2 * T * D * F) as u64));
+    group.sample_size(20);
+    for (name, kernel) in [
+        ("gemm_crate_bf16_widened", PrefillKernel::GemmCrate),
+        ("avx512_f32_bf16", PrefillKernel::Avx512),
+        ("avx512_bf16_dot", PrefillKernel::Avx512Bf16),
+    ] {
+        if kernel.available(Kind::BF16) {
+            group.bench_function(name, |b| {
+                b.iter(|| linear_into_with(&x, T, &down, &mut y, Threads::Pool, kernel))
+            });
+        }
     }
     group.finish();
 }

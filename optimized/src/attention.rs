@@ -48,28 +48,34 @@ pub(crate) fn record(
     )
 }
 
-/// Runs the attention block for `positions.len()` query tokens (`normed`: `[T, D]`), staging this
-/// layer's new keys and values in `cache` when it owns them. Returns `[T, D]`.
+/// Runs the attention block for the tokens at `positions` (`normed`: `[T, D]`), staging this
+/// layer's new keys and values in `cache` when it owns them. Queries (and the output) are computed
+/// for rows `first_query..T` only; the rows before contribute keys and values. Returns
+/// `[T − first_query, D]`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     layer: &LayerPlan,
     weights: &AttentionWeights,
     normed: &[f32],
     positions: &[usize],
+    first_query: usize,
     inverse_frequencies: &[f32],
     eps: f64,
     cache: &mut KvCache,
     recorder: &mut Recorder,
 ) -> Result<Vec<f32>> {
-    let tokens = positions.len();
+    let all_tokens = positions.len();
     let (heads, kv_heads, d) = (layer.num_query_heads, layer.num_kv_heads, layer.head_dim);
     let prefix = format!("layers.{}.attn", layer.index);
-    let rope = RopeTable::new(inverse_frequencies, positions);
 
     // Queries: project, per-head q_norm, rotate.   [T, H, d]
-    let mut queries = linear(normed, tokens, &weights.q_proj);
+    let query_positions = &positions[first_query..];
+    let tokens = query_positions.len();
+    let query_rope = RopeTable::new(inverse_frequencies, query_positions);
+    let model_dim = normed.len() / all_tokens.max(1);
+    let mut queries = linear(&normed[first_query * model_dim..], tokens, &weights.q_proj);
     rms_norm_in_place(&mut queries, d, Some(&weights.q_norm), eps);
-    rope.apply(&mut queries, heads);
+    query_rope.apply(&mut queries, heads);
     record(
         recorder,
         &format!("{prefix}.q"),
@@ -79,6 +85,7 @@ pub fn attention(
 
     // Keys and values of this layer, unless it reads a producer's (KV sharing, text §7).
     if let (Some(k_proj), Some(k_norm)) = (&weights.k_proj, &weights.k_norm) {
+        let tokens = all_tokens;
         let raw_keys = linear(normed, tokens, k_proj);
         // K=V layers: the raw key projection is also the raw value (text §5.3).
         let mut values = match &weights.v_proj {
@@ -87,7 +94,11 @@ pub fn attention(
         };
         let mut keys = raw_keys;
         rms_norm_in_place(&mut keys, d, Some(k_norm), eps);
-        rope.apply(&mut keys, kv_heads);
+        if first_query == 0 {
+            query_rope.apply(&mut keys, kv_heads);
+        } else {
+            RopeTable::new(inverse_frequencies, positions).apply(&mut keys, kv_heads);
+        }
         rms_norm_in_place(&mut values, d, None, eps);
         record(
             recorder,
@@ -104,10 +115,10 @@ pub fn attention(
         cache.stage(layer.index, keys, values);
     }
 
-    let first_visible = *visible_keys(positions[0], layer.sliding_window).start();
+    let first_visible = *visible_keys(query_positions[0], layer.sliding_window).start();
     let segments = cache.segments(layer.kv_layer(), first_visible);
     let mut output = vec![0.0f32; tokens * heads * d];
-    attend(&queries, positions, layer, &segments, &mut output);
+    attend(&queries, query_positions, layer, &segments, &mut output);
 
     let attention_output = linear(&output, tokens, &weights.o_proj);
     record(
@@ -268,6 +279,7 @@ mod tests {
                 &ours,
                 x,
                 &positions,
+                0,
                 &inv,
                 1e-6,
                 &mut our_cache,

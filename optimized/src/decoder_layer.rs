@@ -27,6 +27,11 @@ use crate::rms_norm::{add_normed, rms_norm, rms_norm_in_place};
 ///
 /// `per_layer_input`: this layer's PLE slice `[T, P]` (PLE models); `positions`: the tokens'
 /// absolute positions; `inverse_frequencies`: the RoPE table of this layer's type.
+///
+/// `outputs_from`: the rows before it only give their keys and values to the cache (a producer
+/// layer whose later outputs are wanted for the last rows only, `Logits::Last`); the layer's
+/// output is computed, and `hidden` updated, for rows `outputs_from..` only (the rows before are
+/// left as they were).
 #[allow(clippy::too_many_arguments)]
 pub fn decoder_layer(
     layer: &LayerPlan,
@@ -35,13 +40,13 @@ pub fn decoder_layer(
     hidden: &mut [f32],
     per_layer_input: Option<&[f32]>,
     positions: &[usize],
+    outputs_from: usize,
     inverse_frequencies: &[f32],
     cache: &mut KvCache,
     recorder: &mut Recorder,
 ) -> Result<()> {
     let eps = config.rms_norm_eps;
     let d = config.hidden_size;
-    let tokens = positions.len();
     let name = |part: &str| format!("layers.{}.{part}", layer.index);
 
     // 1–3. Attention block with sandwich norms.
@@ -51,12 +56,19 @@ pub fn decoder_layer(
         &weights.attention,
         &normed,
         positions,
+        outputs_from,
         inverse_frequencies,
         eps,
         cache,
         recorder,
     )?;
     drop(normed);
+    // From here on, rows `outputs_from..` only.
+    let all_tokens = positions.len();
+    let hidden = &mut hidden[outputs_from * d..];
+    let per_layer_input =
+        per_layer_input.map(|ple| &ple[outputs_from * (ple.len() / all_tokens)..]);
+    let tokens = all_tokens - outputs_from;
     add_normed(
         hidden,
         &attention_output,

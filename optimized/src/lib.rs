@@ -9,14 +9,20 @@
 //! - weights **as stored**: bf16/f16/f32 checkpoints are memory-mapped and never converted;
 //!   16-bit weights are widened inside the kernels ([`checkpoint`], [`simd`]);
 //! - the PLE table stays on disk: only the rows of the tokens seen are read ([`ple`]);
-//! - decode GEMVs through a hand-written AVX2/FMA kernel streaming each weight row once, prefill
-//!   GEMMs through the `gemm` crate on widened blocks, both split over threads ([`linear`]);
+//! - decode GEMVs through a hand-written AVX2/FMA kernel streaming each weight row once; prefill
+//!   GEMMs through a packed AVX-512 kernel that widens 16-bit weights while packing them
+//!   ([`gemm512`]; the `gemm` crate on widened blocks on CPUs without AVX-512); both split over
+//!   threads in fixed blocks ([`linear`]);
+//! - an opt-in fast prefill for generation on bf16 weights (`Precision::Bf16Activations`,
+//!   `gemma4 generate --fast-prefill`): the prompt's products on bf16-rounded activations with
+//!   AVX-512 BF16, as torch and llama.cpp do; never used for dumps;
 //! - fused norms, residual adds, GeGLU and `layer_scalar` ([`rms_norm`], [`gelu`], [`ple`]);
 //! - attention over the visible key range only, straight from the cache ([`attention`], [`mask`]);
 //! - a KV cache that is a ring of `W` positions on sliding layers, one tensor on K=V layers and
 //!   nothing on KV-shared layers ([`kv_cache`]);
 //! - MoE that runs only the chosen experts, grouped by expert ([`moe`]);
-//! - prefill for generation runs KV-shared layers and the LM head on the last position only
+//! - prefill for generation runs KV-shared layers, the LM head, and everything of the last
+//!   cache-writing layer but its keys and values, on the last position only
 //!   ([`model::Logits::Last`]).
 //!
 //! Validation (config, layer plan, checkpoint headers, tensor shapes and dtypes, token ids) is the
@@ -27,6 +33,7 @@ pub mod checkpoint;
 pub mod decoder_layer;
 pub mod embedding;
 pub mod gelu;
+pub mod gemm512;
 pub mod kv_cache;
 pub mod linear;
 pub mod mask;

@@ -1,30 +1,113 @@
 //! Linear layers, `y = x · Wᵀ` with HF weight layout `[out, in]` (shared spec: text, notation),
 //! on weights in their storage dtype.
 //!
-//! Two kernels, chosen by the number of token rows `T`:
+//! Kernels, chosen by the number of token rows `T` and the CPU:
 //! - `T ≤ SKINNY_MAX_TOKENS` (decode, small expert groups): the hand-written AVX2 skinny kernel
 //!   (`simd::skinny_rows`), which streams each weight row from memory once, widening bf16/f16 in
 //!   registers. Memory-bound: this is what decode speed is made of.
-//! - larger `T` (prefill): the `gemm` crate's f32 GEMM on blocks of `GEMM_ROW_BLOCK` weight rows;
-//!   16-bit blocks are widened to f32 into a per-thread staging buffer first (the widening costs
-//!   one pass over the block, amortised over `T` tokens).
+//! - larger `T` (prefill) on an AVX-512 CPU: the packed AVX-512 GEMM of [`crate::gemm512`], which
+//!   widens bf16/f16 weights while packing them into L2-resident panels (no separate widening
+//!   pass) and runs an 8 × 48 f32 FMA micro-kernel; every output is one sequential f32 FMA chain
+//!   over `k`. With [`Precision::Bf16Activations`] (opt-in, bf16 weights, AVX-512 BF16 CPUs),
+//!   its `vdpbf16ps` twin on activations rounded to bf16 — twice the multiply-adds per
+//!   instruction, not the reference's arithmetic.
+//! - larger `T` on other CPUs: the `gemm` crate's f32 GEMM on blocks of `GEMM_ROW_BLOCK` weight
+//!   rows; 16-bit blocks are widened to f32 into a per-thread staging buffer first.
 //!
-//! Both split the work over output rows in **fixed** blocks, each computed by one thread in a
+//! All split the work over output rows in **fixed** blocks, each computed by one thread in a
 //! fixed order, so the result does not depend on the number of threads (bit for bit).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use rayon::prelude::*;
 
 use crate::checkpoint::{Elements, Matrix};
-use crate::simd::{skinny_rows, widen, Element};
+use crate::simd::{skinny_rows, widen, Element, Kind};
 
 /// Up to this many token rows, the skinny (GEMV-like) kernel is used.
 pub const SKINNY_MAX_TOKENS: usize = 8;
 /// Output rows per parallel task in the skinny kernel.
 const SKINNY_ROW_BLOCK: usize = 64;
-/// Weight rows per GEMM call (and per parallel task) in the prefill kernel.
+/// Weight rows per GEMM call (and per parallel task) in the `gemm` crate fallback.
 const GEMM_ROW_BLOCK: usize = 128;
+/// Weight rows per parallel task in the AVX-512 GEMM (two packed panels).
+const AVX512_ROW_BLOCK: usize = 2 * crate::gemm512::NR;
+
+/// The arithmetic of the prefill matrix products (more than `SKINNY_MAX_TOKENS` token rows).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 products of the exactly widened weights and the f32 activations, f32 sums: the
+    /// reference's arithmetic up to summation order. The default, and what dumps use.
+    #[default]
+    F32,
+    /// Opt-in fast prefill: activations rounded to bf16 (relative error ≤ 2⁻⁸, the bf16 unit roundoff) and multiplied by
+    /// bf16 weights with AVX-512 BF16 `vdpbf16ps` (f32 sums), as torch's bf16 CPU path does.
+    /// Twice the f32 multiply-add rate. Applies to bf16 weights on CPUs with AVX-512 BF16; other
+    /// cases, and every product of at most `SKINNY_MAX_TOKENS` rows (decode), stay [`F32`].
+    /// Not within the equivalence tolerance of the reference: never used for dumps.
+    ///
+    /// [`F32`]: Precision::F32
+    Bf16Activations,
+}
+
+thread_local! {
+    /// The precision of the matrix products started by this thread ([`with_precision`]).
+    static PRECISION: Cell<Precision> = const { Cell::new(Precision::F32) };
+}
+
+/// Runs `f` with the matrix products it starts on this thread (and their parallel tasks) in
+/// `precision`; restores the previous setting afterwards, even on panic.
+pub fn with_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
+    struct Restore(Precision);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PRECISION.with(|p| p.set(self.0));
+        }
+    }
+    let _restore = Restore(PRECISION.with(|p| p.replace(precision)));
+    f()
+}
+
+/// The precision set by the innermost enclosing [`with_precision`] on this thread.
+pub fn current_precision() -> Precision {
+    PRECISION.with(|p| p.get())
+}
+
+/// Which kernel computes a product of more than `SKINNY_MAX_TOKENS` token rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillKernel {
+    /// The `gemm` crate on widened blocks (any CPU).
+    GemmCrate,
+    /// The packed AVX-512 f32 GEMM.
+    Avx512,
+    /// The packed AVX-512 BF16 GEMM (bf16 weights and activations).
+    Avx512Bf16,
+}
+
+impl PrefillKernel {
+    /// The kernel `linear` picks for weights of `kind` under `precision` on this CPU.
+    pub fn select(kind: Kind, precision: Precision) -> PrefillKernel {
+        if crate::gemm512::has_avx512_bf16()
+            && kind == Kind::BF16
+            && precision == Precision::Bf16Activations
+        {
+            PrefillKernel::Avx512Bf16
+        } else if crate::gemm512::has_avx512() {
+            PrefillKernel::Avx512
+        } else {
+            PrefillKernel::GemmCrate
+        }
+    }
+
+    /// Whether this kernel can run here on weights of `kind`.
+    pub fn available(self, kind: Kind) -> bool {
+        match self {
+            PrefillKernel::GemmCrate => true,
+            PrefillKernel::Avx512 => crate::gemm512::has_avx512(),
+            PrefillKernel::Avx512Bf16 => crate::gemm512::has_avx512_bf16() && kind == Kind::BF16,
+        }
+    }
+}
 
 /// A raw pointer that may cross threads: each task writes a disjoint set of elements.
 #[derive(Clone, Copy)]
@@ -62,13 +145,39 @@ pub fn linear_into(x: &[f32], tokens: usize, weight: &Matrix, y: &mut [f32], thr
     if tokens == 0 || weight.rows == 0 {
         return;
     }
+    let kind = match weight.elements() {
+        Elements::F32(_) => Kind::F32,
+        Elements::BF16(_) => Kind::BF16,
+        Elements::F16(_) => Kind::F16,
+    };
+    let kernel = PrefillKernel::select(kind, current_precision());
+    linear_into_with(x, tokens, weight, y, threads, kernel);
+}
+
+/// Like [`linear_into`] with the kernel for more than `SKINNY_MAX_TOKENS` rows chosen by the
+/// caller (tests and benchmarks; `kernel` must be [`PrefillKernel::available`]).
+pub fn linear_into_with(
+    x: &[f32],
+    tokens: usize,
+    weight: &Matrix,
+    y: &mut [f32],
+    threads: Threads,
+    kernel: PrefillKernel,
+) {
+    assert_eq!(x.len(), tokens * weight.cols, "x is [tokens, in]");
+    assert_eq!(y.len(), tokens * weight.rows, "y is [tokens, out]");
+    if tokens == 0 || weight.rows == 0 {
+        return;
+    }
+    let (rows, cols) = (weight.rows, weight.cols);
     match weight.elements() {
-        Elements::F32(w) => dispatch(w, weight.rows, weight.cols, x, tokens, y, threads),
-        Elements::BF16(w) => dispatch(w, weight.rows, weight.cols, x, tokens, y, threads),
-        Elements::F16(w) => dispatch(w, weight.rows, weight.cols, x, tokens, y, threads),
+        Elements::F32(w) => dispatch(w, rows, cols, x, tokens, y, threads, kernel),
+        Elements::BF16(w) => dispatch(w, rows, cols, x, tokens, y, threads, kernel),
+        Elements::F16(w) => dispatch(w, rows, cols, x, tokens, y, threads, kernel),
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn dispatch<E: Element>(
     w: &[E],
     rows: usize,
@@ -77,6 +186,7 @@ fn dispatch<E: Element>(
     tokens: usize,
     y: &mut [f32],
     threads: Threads,
+    kernel: PrefillKernel,
 ) {
     let out = SendPtr(y.as_mut_ptr());
     if tokens <= SKINNY_MAX_TOKENS || cols == 0 {
@@ -101,6 +211,63 @@ fn dispatch<E: Element>(
         match threads {
             Threads::Pool if blocks > 1 => (0..blocks).into_par_iter().for_each(task),
             _ => (0..blocks).for_each(task),
+        }
+        return;
+    }
+    assert!(
+        kernel.available(E::KIND),
+        "{kernel:?} cannot run on {:?} weights on this CPU",
+        E::KIND
+    );
+    #[cfg(target_arch = "x86_64")]
+    if kernel != PrefillKernel::GemmCrate {
+        let blocks = rows.div_ceil(AVX512_ROW_BLOCK);
+        let run = |task: &(dyn Fn(usize) + Sync)| match threads {
+            Threads::Pool if blocks > 1 => (0..blocks).into_par_iter().for_each(task),
+            _ => (0..blocks).for_each(task),
+        };
+        let block = |b: usize| {
+            let start = b * AVX512_ROW_BLOCK;
+            (start, (start + AVX512_ROW_BLOCK).min(rows))
+        };
+        if kernel == PrefillKernel::Avx512Bf16 {
+            let mut pairs = Vec::new();
+            // SAFETY: AVX-512 BF16 checked by `available`.
+            unsafe { crate::gemm512::round_to_bf16_pairs(x, tokens, cols, &mut pairs) };
+            let w16 = w.as_ptr() as usize; // E is bf16 (checked by `available`)
+            let xb = pairs.as_ptr() as usize;
+            run(&|b: usize| {
+                let (start, end) = block(b);
+                // SAFETY: rows start..end of w exist; `pairs` is [tokens, ⌈cols/2⌉]; this task
+                // writes only columns start..end of y, which no other task writes.
+                unsafe {
+                    crate::gemm512::gemm_rows_bf16(
+                        w16 as *const half::bf16,
+                        cols,
+                        start..end,
+                        xb as *const u32,
+                        tokens,
+                        out.get().add(start),
+                        rows,
+                    )
+                }
+            });
+        } else {
+            run(&|b: usize| {
+                let (start, end) = block(b);
+                // SAFETY: as above; AVX-512F checked by `available`.
+                unsafe {
+                    crate::gemm512::gemm_rows_f32(
+                        w.as_ptr(),
+                        cols,
+                        start..end,
+                        x.as_ptr(),
+                        tokens,
+                        out.get().add(start),
+                        rows,
+                    )
+                }
+            });
         }
         return;
     }
@@ -249,5 +416,206 @@ mod tests {
             a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
             "results differ between 1 and 3 threads"
         );
+    }
+
+    /// The three storage types of a weight, made from the same values (rounded to the type).
+    fn matrices(rows: usize, cols: usize, seed: u64) -> Vec<(Kind, Matrix, Vec<f32>)> {
+        let w = random(rows * cols, seed);
+        let bf: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let hf: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+        vec![
+            (
+                Kind::F32,
+                Matrix::from_f32(rows, cols, w.clone()),
+                w.clone(),
+            ),
+            (
+                Kind::BF16,
+                Matrix::from_bf16(rows, cols, bf.clone()),
+                bf.iter().map(|v| v.to_f32()).collect(),
+            ),
+            (
+                Kind::F16,
+                Matrix::from_f16(rows, cols, hf.clone()),
+                hf.iter().map(|v| v.to_f32()).collect(),
+            ),
+        ]
+    }
+
+    /// Shapes that cross every blocking boundary of the prefill kernels: token counts around the
+    /// 8-row micro-tile, weight rows around the 48-row panel and the 96-row task, columns odd,
+    /// around the 16/32-column transposes and across the 512-column chunk.
+    const AWKWARD_SHAPES: [(usize, usize, usize); 7] = [
+        (9, 1, 1),
+        (9, 47, 31),
+        (17, 49, 33),
+        (16, 97, 64),
+        (23, 130, 513),
+        (33, 96, 1100),
+        (10, 200, 1537),
+    ];
+
+    /// The plain sequential f32 dot product of the reference arithmetic: one FMA chain over `k`.
+    fn sequential_fma(w: &[f32], x: &[f32], tokens: usize, rows: usize, cols: usize) -> Vec<f32> {
+        let mut y = vec![0.0f32; tokens * rows];
+        for t in 0..tokens {
+            for r in 0..rows {
+                let mut acc = 0.0f32;
+                for k in 0..cols {
+                    acc = w[r * cols + k].mul_add(x[t * cols + k], acc);
+                }
+                y[t * rows + r] = acc;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn every_f32_prefill_kernel_matches_the_sequential_dot_product_on_awkward_shapes() {
+        for &(tokens, rows, cols) in &AWKWARD_SHAPES {
+            let x = random(tokens * cols, 5 + cols as u64);
+            for (kind, matrix, widened) in matrices(rows, cols, 3 + rows as u64) {
+                let expected = sequential_fma(&widened, &x, tokens, rows, cols);
+                for kernel in [PrefillKernel::GemmCrate, PrefillKernel::Avx512] {
+                    if !kernel.available(kind) {
+                        continue;
+                    }
+                    let mut got = vec![f32::NAN; tokens * rows];
+                    linear_into_with(&x, tokens, &matrix, &mut got, Threads::Pool, kernel);
+                    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                        let exact = g.to_bits() == e.to_bits();
+                        // The AVX-512 kernel *is* the sequential FMA chain (exact widening, one
+                        // chain per output, chunks stored and reloaded exactly): bit for bit.
+                        // The gemm crate sums in its own order: f32 reassociation of `cols`
+                        // products of size <= 1, bounded by about cols·2^-23.
+                        let close = (g - e).abs() <= cols as f32 * 1.2e-7 + 1e-6;
+                        let ok = if kernel == PrefillKernel::Avx512 {
+                            exact
+                        } else {
+                            close
+                        };
+                        assert!(
+                            ok,
+                            "{kernel:?} on {kind:?} weights, tokens={tokens} rows={rows} cols={cols}: y[{}, {}] = {g}, sequential FMA {e}",
+                            i / rows,
+                            i % rows
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_activation_kernel_error_is_bounded_by_the_activation_rounding() {
+        if !PrefillKernel::Avx512Bf16.available(Kind::BF16) {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        for &(tokens, rows, cols) in &AWKWARD_SHAPES {
+            let x = random(tokens * cols, 5 + cols as u64);
+            let x_rounded: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+            let (_, matrix, widened) = matrices(rows, cols, 3 + rows as u64).remove(1);
+            let mut got = vec![f32::NAN; tokens * rows];
+            linear_into_with(
+                &x,
+                tokens,
+                &matrix,
+                &mut got,
+                Threads::Pool,
+                PrefillKernel::Avx512Bf16,
+            );
+            let exact_inputs = sequential_fma(&widened, &x, tokens, rows, cols);
+            let rounded_inputs = sequential_fma(&widened, &x_rounded, tokens, rows, cols);
+            for t in 0..tokens {
+                for r in 0..rows {
+                    let i = t * rows + r;
+                    let magnitude: f32 = (0..cols)
+                        .map(|k| (widened[r * cols + k] * x[t * cols + k]).abs())
+                        .sum();
+                    // On the bf16-rounded activations the products are exact and only the f32
+                    // summation order differs (pairs, denormals flushed): cols·2^-23 of Σ|w·x|.
+                    let summation = magnitude * cols as f32 * 1.2e-7 + 1e-6;
+                    assert!(
+                        (got[i] - rounded_inputs[i]).abs() <= summation,
+                        "tokens={tokens} rows={rows} cols={cols}: y[{t}, {r}] = {}, on rounded inputs {}",
+                        got[i],
+                        rounded_inputs[i]
+                    );
+                    // Against the f32 activations: each is rounded by at most 2^-8 relative (bf16 unit roundoff).
+                    let rounding = magnitude * 2f32.powi(-8) + summation;
+                    assert!(
+                        (got[i] - exact_inputs[i]).abs() <= rounding,
+                        "tokens={tokens} rows={rows} cols={cols}: y[{t}, {r}] = {}, f32 {}, bound {rounding}",
+                        got[i],
+                        exact_inputs[i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_prefill_kernel_is_independent_of_thread_count() {
+        let (tokens, rows, cols) = (20, 700, 600);
+        let x = random(tokens * cols, 4);
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let three = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for (kind, matrix, _) in matrices(rows, cols, 3) {
+            for kernel in [
+                PrefillKernel::GemmCrate,
+                PrefillKernel::Avx512,
+                PrefillKernel::Avx512Bf16,
+            ] {
+                if !kernel.available(kind) {
+                    continue;
+                }
+                let run = |pool: &rayon::ThreadPool| {
+                    let mut y = vec![0.0f32; tokens * rows];
+                    pool.install(|| {
+                        linear_into_with(&x, tokens, &matrix, &mut y, Threads::Pool, kernel)
+                    });
+                    y
+                };
+                let (a, b) = (run(&one), run(&three));
+                assert!(
+                    a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{kernel:?} on {kind:?}: results differ between 1 and 3 threads"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn precision_selects_the_kernel_and_is_restored() {
+        assert_eq!(current_precision(), Precision::F32);
+        with_precision(Precision::Bf16Activations, || {
+            assert_eq!(current_precision(), Precision::Bf16Activations);
+            let expected = if crate::gemm512::has_avx512_bf16() {
+                PrefillKernel::Avx512Bf16
+            } else {
+                PrefillKernel::select(Kind::BF16, Precision::F32)
+            };
+            assert_eq!(
+                PrefillKernel::select(Kind::BF16, current_precision()),
+                expected
+            );
+            // f32 and f16 weights never take the bf16 path.
+            assert_ne!(
+                PrefillKernel::select(Kind::F32, current_precision()),
+                PrefillKernel::Avx512Bf16
+            );
+            assert_ne!(
+                PrefillKernel::select(Kind::F16, current_precision()),
+                PrefillKernel::Avx512Bf16
+            );
+        });
+        assert_eq!(current_precision(), Precision::F32);
     }
 }

@@ -13,7 +13,13 @@
 //! last position's logits are wanted ([`Logits::Last`], prefill for generation) — the KV-shared
 //! layers and the LM head run on the last position only: consumer layers write no cache, so the
 //! other positions' outputs there feed nothing but their own logits (HF `logits_to_keep=1`).
+//! The same holds for the last layer that does write a cache, after its key/value projections:
+//! its queries, attention output, MLP and PLE branch run on the last position only.
 //! A dump ([`Logits::All`]) computes every position of every layer.
+//!
+//! Precision: matrix products run in f32 ([`Precision::F32`], the default); a model may opt in to
+//! [`Precision::Bf16Activations`] for its prefill products ([`Gemma4Optimized::with_precision`]),
+//! which [`Gemma4Optimized::dump`] never uses.
 //!
 //! Threads: one rayon pool per model, of `threads` threads (default: `RAYON_NUM_THREADS`, else
 //! one per core). Work is split into fixed blocks, so results do not depend on the thread count.
@@ -36,7 +42,7 @@ use crate::checkpoint::TextWeights;
 use crate::decoder_layer::decoder_layer;
 use crate::embedding::scaled_embedding;
 use crate::kv_cache::KvCache;
-use crate::linear::linear;
+use crate::linear::{linear, with_precision, Precision};
 use crate::ple::per_layer_inputs;
 use crate::rms_norm::rms_norm;
 
@@ -60,6 +66,8 @@ pub struct Gemma4Optimized {
     ple_token_scale: f32,
     /// RoPE inverse frequencies of every layer.
     inverse_frequencies: Vec<Vec<f32>>,
+    /// Arithmetic of the prefill matrix products in [`Gemma4Optimized::forward`].
+    precision: Precision,
     pool: rayon::ThreadPool,
     /// The mapped checkpoint files the weights point into. Declared last: dropped after them.
     _checkpoint: Checkpoint,
@@ -104,6 +112,7 @@ impl Gemma4Optimized {
                 embed_scale,
                 ple_token_scale,
                 inverse_frequencies,
+                precision: Precision::F32,
                 pool,
                 _checkpoint: checkpoint,
             })
@@ -113,6 +122,19 @@ impl Gemma4Optimized {
     /// Threads in this model's pool.
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
+    }
+
+    /// This model with its prefill matrix products in `precision` (default [`Precision::F32`]).
+    /// [`Precision::Bf16Activations`] is an opt-in fast mode for generation, not the
+    /// reference's arithmetic; [`Gemma4Optimized::dump`] ignores it and always runs in f32.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// The precision of [`Gemma4Optimized::forward`]'s matrix products.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Bytes of weights one decode step reads: every layer matrix (of MoE experts, only the `k`
@@ -179,6 +201,18 @@ impl Gemma4Optimized {
         recorder: &mut Recorder,
         logits: Logits,
     ) -> Result<Vec<f32>> {
+        self.forward_in(token_ids, cache, recorder, logits, self.precision)
+    }
+
+    /// [`Gemma4Optimized::forward`] in the given precision.
+    fn forward_in(
+        &self,
+        token_ids: &[usize],
+        cache: &mut KvCache,
+        recorder: &mut Recorder,
+        logits: Logits,
+        precision: Precision,
+    ) -> Result<Vec<f32>> {
         self.validate_token_ids(token_ids)?;
         let (embed_ids, ple_ids) = with_faults(&[], || {
             (
@@ -186,8 +220,11 @@ impl Gemma4Optimized {
                 ple_token_ids(&self.config, token_ids),
             )
         });
-        self.pool
-            .install(|| self.forward_in_pool(&embed_ids, &ple_ids, cache, recorder, logits))
+        self.pool.install(|| {
+            with_precision(precision, || {
+                self.forward_in_pool(&embed_ids, &ple_ids, cache, recorder, logits)
+            })
+        })
     }
 
     fn forward_in_pool(
@@ -222,6 +259,12 @@ impl Gemma4Optimized {
         let mut positions: Vec<usize> = (first_position..first_position + tokens).collect();
         // Row of the pass (0..T) of each row of `hidden`.
         let mut rows: Vec<usize> = (0..tokens).collect();
+        // The last layer that writes a cache: after it, only the last position matters.
+        let last_producer = self
+            .plan
+            .layers
+            .iter()
+            .rposition(|layer| layer.computes_own_kv());
         for (layer, weights) in self.plan.layers.iter().zip(&self.weights.layers) {
             if logits == Logits::Last && !layer.computes_own_kv() && rows.len() > 1 {
                 // KV-shared layers write no cache: only the last position matters from here on.
@@ -230,6 +273,13 @@ impl Gemma4Optimized {
                 positions.drain(..last);
                 rows.drain(..last);
             }
+            // The last producer needs every position's keys and values, and nothing else of the
+            // positions before the last one.
+            let outputs_from = if logits == Logits::Last && Some(layer.index) == last_producer {
+                rows.len() - 1
+            } else {
+                0
+            };
             let layer_input = ple.as_ref().map(|(ple, p)| {
                 let mut slice = Vec::with_capacity(rows.len() * p);
                 for &t in &rows {
@@ -245,10 +295,16 @@ impl Gemma4Optimized {
                 &mut hidden,
                 layer_input.as_deref(),
                 &positions,
+                outputs_from,
                 &self.inverse_frequencies[layer.index],
                 cache,
                 recorder,
             )?;
+            if outputs_from > 0 {
+                hidden.drain(..outputs_from * d);
+                positions.drain(..outputs_from);
+                rows.drain(..outputs_from);
+            }
         }
         cache.commit();
         if logits == Logits::Last && rows.len() > 1 {
@@ -285,11 +341,12 @@ impl Gemma4Optimized {
         self.validate_token_ids(token_ids)?;
         dump.insert_i64("input_ids", input_ids_tensor(token_ids));
         let mut cache = self.new_cache();
-        let logits = self.forward(
+        let logits = self.forward_in(
             token_ids,
             &mut cache,
             &mut Recorder::new(&mut dump),
             Logits::All,
+            Precision::F32,
         )?;
         if decode_steps > 0 {
             let vocab = self.config.text.vocab_size;

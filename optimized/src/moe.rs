@@ -17,7 +17,7 @@
 use rayon::prelude::*;
 
 use crate::checkpoint::MoeWeights;
-use crate::linear::{linear, linear_into, Threads};
+use crate::linear::{current_precision, linear, linear_into, with_precision, Threads};
 use crate::rms_norm::rms_norm_in_place;
 
 /// The router's choice for every token.
@@ -96,31 +96,36 @@ pub fn experts(
         .filter(|(_, a)| !a.is_empty())
         .collect();
     // Each used expert: gather its tokens, [g; u] = X · gate_upᵀ, GeGLU, · downᵀ.
+    // The experts run on the pool's threads: each task takes this thread's matrix-product
+    // precision with it, so the kernel does not depend on which thread picks a task up.
+    let precision = current_precision();
     let outputs: Vec<Vec<f32>> = used
         .par_iter()
         .map(|&(expert, pairs)| {
-            let n = pairs.len();
-            let mut gathered = Vec::with_capacity(n * d);
-            for &(t, _) in pairs {
-                gathered.extend_from_slice(&x[t * d..(t + 1) * d]);
-            }
-            let gate_up = weights
-                .gate_up_proj
-                .rows_view(expert * 2 * inner, 2 * inner);
-            let mut hidden = vec![0.0f32; n * 2 * inner];
-            linear_into(&gathered, n, &gate_up, &mut hidden, Threads::Current);
-            let mut activated = vec![0.0f32; n * inner];
-            for (row, out) in hidden
-                .chunks_exact(2 * inner)
-                .zip(activated.chunks_exact_mut(inner))
-            {
-                out.copy_from_slice(&row[..inner]);
-                crate::simd::geglu(out, &row[inner..]);
-            }
-            let down = weights.down_proj.rows_view(expert * d, d);
-            let mut y = vec![0.0f32; n * d];
-            linear_into(&activated, n, &down, &mut y, Threads::Current);
-            y
+            with_precision(precision, || {
+                let n = pairs.len();
+                let mut gathered = Vec::with_capacity(n * d);
+                for &(t, _) in pairs {
+                    gathered.extend_from_slice(&x[t * d..(t + 1) * d]);
+                }
+                let gate_up = weights
+                    .gate_up_proj
+                    .rows_view(expert * 2 * inner, 2 * inner);
+                let mut hidden = vec![0.0f32; n * 2 * inner];
+                linear_into(&gathered, n, &gate_up, &mut hidden, Threads::Current);
+                let mut activated = vec![0.0f32; n * inner];
+                for (row, out) in hidden
+                    .chunks_exact(2 * inner)
+                    .zip(activated.chunks_exact_mut(inner))
+                {
+                    out.copy_from_slice(&row[..inner]);
+                    crate::simd::geglu(out, &row[inner..]);
+                }
+                let down = weights.down_proj.rows_view(expert * d, d);
+                let mut y = vec![0.0f32; n * d];
+                linear_into(&activated, n, &down, &mut y, Threads::Current);
+                y
+            })
         })
         .collect();
     // Per (token, slot) expert outputs, then the weighted sum in slot order.

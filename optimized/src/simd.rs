@@ -32,8 +32,18 @@ pub fn has_avx2() -> bool {
     }
 }
 
+/// Which of the three storage types an [`Element`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    F32,
+    BF16,
+    F16,
+}
+
 /// An element type a weight can be stored in: f32, bf16 (as raw `u16` bits) or f16.
 pub trait Element: Copy + Send + Sync + 'static {
+    /// The storage type, for kernels that handle the bits themselves.
+    const KIND: Kind;
     /// Widens one element to f32 (exact for all three types).
     fn to_f32(self) -> f32;
     /// Loads 8 consecutive elements widened to f32 (unaligned load).
@@ -45,6 +55,7 @@ pub trait Element: Copy + Send + Sync + 'static {
 }
 
 impl Element for f32 {
+    const KIND: Kind = Kind::F32;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -57,6 +68,7 @@ impl Element for f32 {
 }
 
 impl Element for bf16 {
+    const KIND: Kind = Kind::BF16;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
@@ -71,6 +83,7 @@ impl Element for bf16 {
 }
 
 impl Element for f16 {
+    const KIND: Kind = Kind::F16;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)

@@ -7,9 +7,10 @@
 //! 1-minute load average to fall below `--max-load`, and the load it ran under is reported:
 //! other processes on a 2-core machine change decode speed several-fold.
 //!
-//! Workload (the same for every engine): a prompt of `--prompt` random token ids (seeded), one
-//! prefill pass producing the last position's logits, then `--decode` greedy single-token steps
-//! through the KV cache. A warm-up pass of the same workload (the prompt + 1 step) runs first, so
+//! Workload (the same for every engine): a prompt of `--prompt` random token ids (seeded), three
+//! prefill passes from an empty cache producing the last position's logits (the median time is
+//! reported: one pass on a shared 2-core machine varies by ±10%), then `--decode` greedy
+//! single-token steps through the KV cache. A warm-up pass of the same workload (the prompt + 1 step) runs first, so
 //! mapped weights and the prompt's PLE rows are paged in before timing (llama.cpp's
 //! `llama-bench` warms up likewise; the HF script does the same).
 
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use gemma4_optimized::linear::Precision;
 use gemma4_optimized::{Gemma4Optimized, Logits};
 use gemma4_reference::dump::Recorder;
 use gemma4_reference::Gemma4TextModel;
@@ -52,6 +54,10 @@ pub struct BenchArgs {
     /// Give up waiting for a quiet machine after this many seconds (and report the load).
     #[arg(long, default_value_t = 300)]
     pub max_wait: u64,
+    /// Also run the reference on the full model (converts every weight to f32 in RAM: about
+    /// 23 GB peak for E2B; needs a machine with that much memory).
+    #[arg(long)]
+    pub reference_full: bool,
     /// Where to write the report.
     #[arg(long, default_value = "docs/performance.md")]
     pub out: PathBuf,
@@ -71,6 +77,13 @@ pub struct BenchEngineArgs {
     pub prompt: usize,
     #[arg(long, default_value_t = 32)]
     pub decode: usize,
+    /// Prefill passes (each from an empty cache); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub prefill_runs: usize,
+    /// Optimized engine: arithmetic of the prompt's matrix products, `f32` (the default, the
+    /// reference's) or `bf16` (`--fast-prefill`: bf16-rounded activations, AVX-512 BF16).
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
 }
 
 /// The prompt: `n` token ids in `[3, vocab)`, reproducible.
@@ -103,14 +116,27 @@ fn argmax(values: &[f32]) -> usize {
     gemma4_optimized::model::argmax(values)
 }
 
+/// The median of `times` (not empty).
+fn median(times: &[f64]) -> f64 {
+    let mut sorted = times.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
 /// The child process: one engine, one workload, one JSON line on stdout.
 pub fn run_engine(args: &BenchEngineArgs) -> Result<(), String> {
     let err = |e: gemma4_reference::Error| e.to_string();
     let started = Instant::now();
     let result = match args.engine.as_str() {
         "optimized" => {
-            let model =
-                Gemma4Optimized::load_with_threads(&args.model, Some(args.threads)).map_err(err)?;
+            let precision = match args.precision.as_str() {
+                "f32" => Precision::F32,
+                "bf16" => Precision::Bf16Activations,
+                other => return Err(format!("--precision {other}: expected f32 or bf16")),
+            };
+            let model = Gemma4Optimized::load_with_threads(&args.model, Some(args.threads))
+                .map_err(err)?
+                .with_precision(precision);
             let load_s = started.elapsed().as_secs_f64();
             let vocab = model.config.text.vocab_size;
             let ids = prompt_ids(args.prompt, vocab);
@@ -132,17 +158,24 @@ pub fn run_engine(args: &BenchEngineArgs) -> Result<(), String> {
                     Logits::Last,
                 )
                 .map_err(err)?;
-            let mut cache = model.new_cache();
-            let t0 = Instant::now();
-            let logits = model
-                .forward(
-                    &ids,
-                    &mut cache,
-                    &mut Recorder::checking_only(),
-                    Logits::Last,
-                )
-                .map_err(err)?;
-            let prefill_s = t0.elapsed().as_secs_f64();
+            let mut prefill_times = Vec::new();
+            let mut prefilled = None;
+            for _ in 0..args.prefill_runs.max(1) {
+                let mut cache = model.new_cache();
+                let t0 = Instant::now();
+                let logits = model
+                    .forward(
+                        &ids,
+                        &mut cache,
+                        &mut Recorder::checking_only(),
+                        Logits::Last,
+                    )
+                    .map_err(err)?;
+                prefill_times.push(t0.elapsed().as_secs_f64());
+                prefilled = Some((logits, cache));
+            }
+            let (logits, mut cache) = prefilled.expect("at least one prefill");
+            let prefill_s = median(&prefill_times);
             let mut next = argmax(&logits);
             let t1 = Instant::now();
             for _ in 0..args.decode {
@@ -158,9 +191,12 @@ pub fn run_engine(args: &BenchEngineArgs) -> Result<(), String> {
             }
             let decode_s = t1.elapsed().as_secs_f64();
             json!({
-                "load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s,
+                "load_s": load_s, "prefill_s": prefill_s, "prefill_runs_s": prefill_times,
+                "decode_s": decode_s,
                 "decode_weight_bytes": model.decode_weight_bytes(),
                 "threads": model.threads(),
+                "precision": args.precision,
+                "bf16_kernel": gemma4_optimized::gemm512::has_avx512_bf16(),
             })
         }
         "reference" => {
@@ -168,12 +204,19 @@ pub fn run_engine(args: &BenchEngineArgs) -> Result<(), String> {
             let load_s = started.elapsed().as_secs_f64();
             let vocab = model.config.text.vocab_size;
             let ids = prompt_ids(args.prompt, vocab);
-            let mut cache = model.new_cache();
-            let t0 = Instant::now();
-            let logits = model
-                .forward(&ids, &mut cache, &mut Recorder::checking_only())
-                .map_err(err)?;
-            let prefill_s = t0.elapsed().as_secs_f64();
+            let mut prefill_times = Vec::new();
+            let mut prefilled = None;
+            for _ in 0..args.prefill_runs.max(1) {
+                let mut cache = model.new_cache();
+                let t0 = Instant::now();
+                let logits = model
+                    .forward(&ids, &mut cache, &mut Recorder::checking_only())
+                    .map_err(err)?;
+                prefill_times.push(t0.elapsed().as_secs_f64());
+                prefilled = Some((logits, cache));
+            }
+            let (logits, mut cache) = prefilled.expect("at least one prefill");
+            let prefill_s = median(&prefill_times);
             let last = logits.row(logits.nrows() - 1).to_vec();
             let mut next = argmax(&last);
             let t1 = Instant::now();
@@ -184,7 +227,10 @@ pub fn run_engine(args: &BenchEngineArgs) -> Result<(), String> {
                 next = argmax(logits.row(0).as_slice().expect("contiguous"));
             }
             let decode_s = t1.elapsed().as_secs_f64();
-            json!({"load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s, "threads": 1})
+            json!({
+                "load_s": load_s, "prefill_s": prefill_s, "prefill_runs_s": prefill_times,
+                "decode_s": decode_s, "threads": 1,
+            })
         }
         other => return Err(format!("--engine {other}: expected reference or optimized")),
     };
@@ -310,16 +356,31 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         args,
         "optimized, full model",
     )?;
+    let mut fast = engine_command("optimized", &args.model, args);
+    fast.args(["--precision", "bf16"]);
+    let fast_full = measure(fast, args, "optimized fast prefill, full model")?;
     let optimized_reduced = measure(
         engine_command("optimized", &args.reduced_model, args),
         args,
         "optimized, reduced model",
     )?;
+    let mut fast = engine_command("optimized", &args.reduced_model, args);
+    fast.args(["--precision", "bf16"]);
+    let fast_reduced = measure(fast, args, "optimized fast prefill, reduced model")?;
     let reference_reduced = measure(
         engine_command("reference", &args.reduced_model, args),
         args,
         "reference, reduced model",
     )?;
+    let reference_full = if args.reference_full {
+        Some(measure(
+            engine_command("reference", &args.model, args),
+            args,
+            "reference, full model",
+        )?)
+    } else {
+        None
+    };
     let hf = if args.skip_hf {
         None
     } else {
@@ -351,10 +412,15 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         bandwidth_load,
         full_layers,
         reduced_layers,
-        &optimized_full,
-        &optimized_reduced,
-        &reference_reduced,
-        hf.as_ref(),
+        Measured {
+            optimized_full: &optimized_full,
+            fast_full: &fast_full,
+            optimized_reduced: &optimized_reduced,
+            fast_reduced: &fast_reduced,
+            reference_reduced: &reference_reduced,
+            reference_full: reference_full.as_ref(),
+            hf: hf.as_ref(),
+        },
     );
     let out = repo_root().join(&args.out);
     if let Some(parent) = out.parent() {
@@ -369,7 +435,18 @@ fn gib(bytes: f64) -> String {
     format!("{:.2} GiB", bytes / (1u64 << 30) as f64)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The child processes' results.
+struct Measured<'a> {
+    optimized_full: &'a Value,
+    /// `--precision bf16`
+    fast_full: &'a Value,
+    optimized_reduced: &'a Value,
+    fast_reduced: &'a Value,
+    reference_reduced: &'a Value,
+    reference_full: Option<&'a Value>,
+    hf: Option<&'a Value>,
+}
+
 fn report(
     args: &BenchArgs,
     bandwidth: f64,
@@ -377,11 +454,17 @@ fn report(
     bandwidth_load: f64,
     full_layers: usize,
     reduced_layers: usize,
-    optimized_full: &Value,
-    optimized_reduced: &Value,
-    reference_reduced: &Value,
-    hf: Option<&Value>,
+    measured: Measured,
 ) -> String {
+    let Measured {
+        optimized_full,
+        fast_full,
+        optimized_reduced,
+        fast_reduced,
+        reference_reduced,
+        reference_full,
+        hf,
+    } = measured;
     let f = |v: &Value, key: &str| v[key].as_f64().unwrap_or(f64::NAN);
     let row = |name: &str, model: &str, v: &Value| {
         format!(
@@ -401,8 +484,8 @@ fn report(
     out.push_str(&format!(
         "Measured by `cargo xtask bench` on this project's machine ({}), {} threads, random-weight bf16 \
          checkpoints with the real E2B dimensions made by `cargo xtask synth`. Workload: a {}-token prompt \
-         (one prefill pass, logits of the last position), then {} greedy decode steps through the KV cache, \
-         after one warm-up run of the same workload. Load = 1-minute load average before / after each run \
+         (three prefill passes from an empty cache, logits of the last position; the median is reported), \
+         then {} greedy decode steps through the KV cache, after one warm-up run of the same workload. Load = 1-minute load average before / after each run \
          (each run waits up to {} s for < {}); the benchmark ran at niceness {}.\n\n",
         cpu_description(),
         args.threads,
@@ -413,15 +496,20 @@ fn report(
         own_niceness(),
     ));
     out.push_str("| engine | model | prefill tok/s | decode tok/s | peak RSS | load |\n|---|---|---|---|---|---|\n");
-    out.push_str(&row(
-        "gemma4-optimized",
-        &format!("E2B, {full_layers} layers (full)"),
-        optimized_full,
-    ));
+    let full = format!("E2B, {full_layers} layers (full)");
+    let reduced = format!("E2B dims, first {reduced_layers} layers");
+    const OPTIMIZED: &str = "gemma4-optimized (f32 arithmetic, the default)";
+    const FAST: &str = "gemma4-optimized `--fast-prefill` (bf16 activations in prefill)";
+    const REFERENCE: &str = "gemma4-reference (f32, 1 thread)";
+    out.push_str(&row(OPTIMIZED, &full, optimized_full));
+    out.push_str(&row(FAST, &full, fast_full));
+    if let Some(reference_full) = reference_full {
+        out.push_str(&row(REFERENCE, &full, reference_full));
+    }
     if let Some(hf) = hf {
         out.push_str(&row(
             "HF transformers (torch CPU, bf16, `logits_to_keep=1`)",
-            &format!("E2B, {full_layers} layers (full)"),
+            &full,
             hf,
         ));
     } else {
@@ -432,24 +520,39 @@ fn report(
     out.push_str(
         "| llama.cpp bf16 GGUF (`llama-bench -t 2 -p 128 -n 32`), from `shared/deps-and-machine.md`, not re-measured here | E2B (full) | ≈ 10.2 | ≈ 2.85 | 4.6 GiB | |\n",
     );
-    out.push_str(&row(
-        "gemma4-optimized",
-        &format!("E2B dims, first {reduced_layers} layers"),
+    out.push_str(&row(OPTIMIZED, &reduced, optimized_reduced));
+    out.push_str(&row(FAST, &reduced, fast_reduced));
+    out.push_str(&row(REFERENCE, &reduced, reference_reduced));
+    let ratio = |a: &Value, b: &Value, key: &str| f(a, key) / f(b, key);
+    out.push_str("\n| optimized / reference | prefill, f32 | prefill, `--fast-prefill` | decode |\n|---|---|---|---|\n");
+    let mut ratios = vec![(
+        reduced.clone(),
         optimized_reduced,
-    ));
-    out.push_str(&row(
-        "gemma4-reference (f32, 1 thread)",
-        &format!("E2B dims, first {reduced_layers} layers"),
+        fast_reduced,
         reference_reduced,
-    ));
+    )];
+    if let Some(reference_full) = reference_full {
+        ratios.insert(0, (full.clone(), optimized_full, fast_full, reference_full));
+    }
+    for (model, optimized, fast, reference) in ratios {
+        out.push_str(&format!(
+            "| {model} | **{:.1}x** | **{:.1}x** | **{:.1}x** |\n",
+            ratio(optimized, reference, "prefill_tok_s"),
+            ratio(fast, reference, "prefill_tok_s"),
+            ratio(optimized, reference, "decode_tok_s"),
+        ));
+    }
     out.push_str(&format!(
-        "\nOptimized / reference on the {reduced_layers}-layer model: prefill **{:.0}x**, decode **{:.0}x**. \
-         The reference converts every weight (the PLE table included) to f32 in RAM, about 18.5 GB for the full \
-         E2B, so it is measured on the reduced model only. It runs on one thread (plain `ndarray`) and computes every \
-         position's logits and every layer's positions; the optimized engine's prefill skips the KV-shared layers and the \
-         LM head for all but the last position (as HF's `logits_to_keep=1`).\n\n",
-        f(optimized_reduced, "prefill_tok_s") / f(reference_reduced, "prefill_tok_s"),
-        f(optimized_reduced, "decode_tok_s") / f(reference_reduced, "decode_tok_s"),
+        "\nThe reference converts every weight (the PLE table included) to f32 in RAM (about 23 GB peak for the \
+         full E2B: run with `--reference-full` only on a machine with that much memory{}). It runs on one thread \
+         (plain `ndarray`) and computes every position's logits and every layer's positions; the optimized engine's \
+         prefill runs the KV-shared layers, the LM head and the last cache-writing layer's queries, attention output \
+         and MLP for the last position only (as HF's `logits_to_keep=1`). \
+         `--fast-prefill` rounds the prompt's matrix-product inputs to bf16 and multiplies with AVX-512 BF16 \
+         `vdpbf16ps` (what torch and llama.cpp do for bf16 weights); it applies on this CPU: {}. Decode steps are f32 \
+         in both modes.\n\n",
+        if reference_full.is_some() { "; this run did" } else { "; this run did not" },
+        gemma4_optimized::gemm512::has_avx512_bf16(),
     ));
     out.push_str(&format!(
         "## Decode bound\n\nMeasured read bandwidth: **{bandwidth:.1} GB/s** on {} threads ({bandwidth_one:.1} GB/s on one; load {bandwidth_load:.2}). \
@@ -470,7 +573,10 @@ fn report(
     out.push_str("## Raw results\n\n```\n");
     for v in [
         Some(optimized_full),
+        Some(fast_full),
+        reference_full,
         Some(optimized_reduced),
+        Some(fast_reduced),
         Some(reference_reduced),
         hf,
     ]
@@ -481,13 +587,14 @@ fn report(
     }
     out.push_str("```\n\n");
     out.push_str(&format!(
-        "## Rerun\n\n```sh\ncargo xtask synth --variant e2b --out {}\ncargo xtask synth --variant e2b --layers {reduced_layers} --out {}\ncargo xtask bench --model {} --reduced-model {}\n```\n\n\
+        "## Rerun\n\n```sh\ncargo xtask synth --variant e2b --out {}\ncargo xtask synth --variant e2b --layers {reduced_layers} --out {}\ncargo xtask bench --model {} --reduced-model {}{}\n```\n\n\
          The Hugging Face row needs the oracle virtualenv (`~/.cache/gemma4/oracle-venv`, made by `cargo xtask golden`); \
          its script is `xtask/scripts/bench_hf.py`. Kernel micro-benchmarks: `cargo bench -p gemma4-optimized`.\n",
         args.model.display(),
         args.reduced_model.display(),
         args.model.display(),
         args.reduced_model.display(),
+        if reference_full.is_some() { " --reference-full" } else { "" },
     ));
     out
 }
@@ -513,8 +620,15 @@ fn cpu_description() -> String {
         .into_iter()
         .filter(|f| has(f))
         .collect();
+    let prefill = if gemma4_optimized::gemm512::has_avx512_bf16() {
+        "AVX-512F prefill GEMM (AVX-512 BF16 with `--fast-prefill`)"
+    } else if gemma4_optimized::gemm512::has_avx512() {
+        "AVX-512F prefill GEMM"
+    } else {
+        "the `gemm` crate's prefill GEMM"
+    };
     format!(
-        "{cores} vCPU {model}, {}; the engine's kernels use AVX2 + FMA + F16C",
+        "{cores} vCPU {model}, {}; the engine uses its AVX2 + FMA + F16C decode kernel and the {prefill}",
         extensions.join(" ")
     )
 }
