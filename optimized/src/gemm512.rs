@@ -40,6 +40,22 @@ pub const MR: usize = 8;
 /// Reduction columns per packed chunk (a panel chunk is `KC · NR · 4` = 48 KiB).
 pub const KC: usize = 512;
 
+/// Calls `kernel::<M>(args)` with the tile height `m` (1..=8) as the const generic `M`.
+macro_rules! with_tile_height {
+    ($m:expr, $kernel:ident($($arg:expr),* $(,)?)) => {
+        match $m {
+            8 => $kernel::<8>($($arg),*),
+            7 => $kernel::<7>($($arg),*),
+            6 => $kernel::<6>($($arg),*),
+            5 => $kernel::<5>($($arg),*),
+            4 => $kernel::<4>($($arg),*),
+            3 => $kernel::<3>($($arg),*),
+            2 => $kernel::<2>($($arg),*),
+            _ => $kernel::<1>($($arg),*),
+        }
+    };
+}
+
 /// True when the AVX-512 (F) kernels may run (checked once; `GEMMA4_NO_AVX512` or
 /// `GEMMA4_NO_SIMD` in the environment turn them off).
 pub fn has_avx512() -> bool {
@@ -118,7 +134,7 @@ pub unsafe fn gemm_rows_f32<E: Element>(
                     let m = (tokens - t).min(MR);
                     let a = x.add(t * cols + k0);
                     let c = y.add(t * y_stride + (r0 - rows.start));
-                    tile_f32(m, kc, packed, a, cols, c, y_stride, k0 > 0, masks);
+                    with_tile_height!(m, tile_f32(kc, packed, a, cols, c, y_stride, k0 > 0, masks));
                     t += MR;
                 }
                 prefetch.finish();
@@ -264,7 +280,7 @@ pub unsafe fn gemm_rows_bf16(
                     let m = (tokens - t).min(MR);
                     let a = xb.add(t * kp + k0);
                     let c = y.add(t * y_stride + (r0 - rows.start));
-                    tile_bf16(m, kc, packed, a, kp, c, y_stride, k0 > 0, masks);
+                    with_tile_height!(m, tile_bf16(kc, packed, a, kp, c, y_stride, k0 > 0, masks));
                     t += MR;
                 }
                 prefetch.finish();
@@ -506,46 +522,17 @@ unsafe fn transpose16(r: &mut [__m512i; 16]) {
     }
 }
 
-/// One `m × 48` tile (m ≤ 8) of `c` over `kc` packed columns, f32 FMA.
+/// The `M × 48` accumulators of a tile: the partial sums stored in `c` by the previous `k`
+/// chunk (`accumulate`), else zero.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_f32(
-    m: usize,
-    kc: usize,
-    b: *const f32,
-    a: *const f32,
-    lda: usize,
-    c: *mut f32,
+#[inline]
+unsafe fn load_tile<const M: usize>(
+    c: *const f32,
     ldc: usize,
     accumulate: bool,
     masks: [u16; 3],
-) {
-    match m {
-        8 => tile_f32_m::<8>(kc, b, a, lda, c, ldc, accumulate, masks),
-        7 => tile_f32_m::<7>(kc, b, a, lda, c, ldc, accumulate, masks),
-        6 => tile_f32_m::<6>(kc, b, a, lda, c, ldc, accumulate, masks),
-        5 => tile_f32_m::<5>(kc, b, a, lda, c, ldc, accumulate, masks),
-        4 => tile_f32_m::<4>(kc, b, a, lda, c, ldc, accumulate, masks),
-        3 => tile_f32_m::<3>(kc, b, a, lda, c, ldc, accumulate, masks),
-        2 => tile_f32_m::<2>(kc, b, a, lda, c, ldc, accumulate, masks),
-        _ => tile_f32_m::<1>(kc, b, a, lda, c, ldc, accumulate, masks),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_f32_m<const M: usize>(
-    kc: usize,
-    b: *const f32,
-    a: *const f32,
-    lda: usize,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-    masks: [u16; 3],
-) {
+) -> [[__m512; 3]; M] {
     let mut acc = [[_mm512_setzero_ps(); 3]; M];
     if accumulate {
         for (i, row) in acc.iter_mut().enumerate() {
@@ -554,6 +541,41 @@ unsafe fn tile_f32_m<const M: usize>(
             }
         }
     }
+    acc
+}
+
+/// Stores the tile's accumulators to `c` (the valid rows of the panel only).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_tile<const M: usize>(
+    acc: &[[__m512; 3]; M],
+    c: *mut f32,
+    ldc: usize,
+    masks: [u16; 3],
+) {
+    for (i, row) in acc.iter().enumerate() {
+        for (v, value) in row.iter().enumerate() {
+            _mm512_mask_storeu_ps(c.add(i * ldc + 16 * v), masks[v], *value);
+        }
+    }
+}
+
+/// One `M × 48` tile (M ≤ 8 tokens) of `c` over `kc` packed columns, f32 FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_f32<const M: usize>(
+    kc: usize,
+    b: *const f32,
+    a: *const f32,
+    lda: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    masks: [u16; 3],
+) {
+    let mut acc = load_tile::<M>(c, ldc, accumulate, masks);
     let mut rows = [a; M];
     for (i, row) in rows.iter_mut().enumerate() {
         *row = a.add(i * lda);
@@ -570,19 +592,14 @@ unsafe fn tile_f32_m<const M: usize>(
             acc[i][2] = _mm512_fmadd_ps(av, b2, acc[i][2]);
         }
     }
-    for (i, row) in acc.iter().enumerate() {
-        for (v, value) in row.iter().enumerate() {
-            _mm512_mask_storeu_ps(c.add(i * ldc + 16 * v), masks[v], *value);
-        }
-    }
+    store_tile(&acc, c, ldc, masks);
 }
 
-/// One `m × 48` tile (m ≤ 8) over `kc` packed bf16 pairs, `vdpbf16ps`.
+/// One `M × 48` tile (M ≤ 8 tokens) over `kc` packed bf16 pairs, `vdpbf16ps`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_bf16(
-    m: usize,
+unsafe fn tile_bf16<const M: usize>(
     kc: usize,
     b: *const u32,
     a: *const u32,
@@ -592,39 +609,7 @@ unsafe fn tile_bf16(
     accumulate: bool,
     masks: [u16; 3],
 ) {
-    match m {
-        8 => tile_bf16_m::<8>(kc, b, a, lda, c, ldc, accumulate, masks),
-        7 => tile_bf16_m::<7>(kc, b, a, lda, c, ldc, accumulate, masks),
-        6 => tile_bf16_m::<6>(kc, b, a, lda, c, ldc, accumulate, masks),
-        5 => tile_bf16_m::<5>(kc, b, a, lda, c, ldc, accumulate, masks),
-        4 => tile_bf16_m::<4>(kc, b, a, lda, c, ldc, accumulate, masks),
-        3 => tile_bf16_m::<3>(kc, b, a, lda, c, ldc, accumulate, masks),
-        2 => tile_bf16_m::<2>(kc, b, a, lda, c, ldc, accumulate, masks),
-        _ => tile_bf16_m::<1>(kc, b, a, lda, c, ldc, accumulate, masks),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_bf16_m<const M: usize>(
-    kc: usize,
-    b: *const u32,
-    a: *const u32,
-    lda: usize,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-    masks: [u16; 3],
-) {
-    let mut acc = [[_mm512_setzero_ps(); 3]; M];
-    if accumulate {
-        for (i, row) in acc.iter_mut().enumerate() {
-            for (v, value) in row.iter_mut().enumerate() {
-                *value = _mm512_maskz_loadu_ps(masks[v], c.add(i * ldc + 16 * v));
-            }
-        }
-    }
+    let mut acc = load_tile::<M>(c, ldc, accumulate, masks);
     let mut rows = [a; M];
     for (i, row) in rows.iter_mut().enumerate() {
         *row = a.add(i * lda);
@@ -641,9 +626,5 @@ unsafe fn tile_bf16_m<const M: usize>(
             acc[i][2] = _mm512_dpbf16_ps(acc[i][2], av, b2);
         }
     }
-    for (i, row) in acc.iter().enumerate() {
-        for (v, value) in row.iter().enumerate() {
-            _mm512_mask_storeu_ps(c.add(i * ldc + 16 * v), masks[v], *value);
-        }
-    }
+    store_tile(&acc, c, ldc, masks);
 }

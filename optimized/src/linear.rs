@@ -397,27 +397,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn linear_result_is_independent_of_thread_count() {
-        let (tokens, rows, cols) = (20, 700, 96);
-        let w = Matrix::from_f32(rows, cols, random(rows * cols, 3));
-        let x = random(tokens * cols, 4);
-        let one = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
-        let three = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
-        let a = one.install(|| linear(&x, tokens, &w));
-        let b = three.install(|| linear(&x, tokens, &w));
-        assert!(
-            a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
-            "results differ between 1 and 3 threads"
-        );
-    }
-
     /// The three storage types of a weight, made from the same values (rounded to the type).
     fn matrices(rows: usize, cols: usize, seed: u64) -> Vec<(Kind, Matrix, Vec<f32>)> {
         let w = random(rows * cols, seed);

@@ -123,6 +123,52 @@ fn median(times: &[f64]) -> f64 {
     sorted[sorted.len() / 2]
 }
 
+/// Times of the workload on one engine.
+struct Timings {
+    /// The median prefill pass, seconds.
+    prefill_s: f64,
+    prefill_runs_s: Vec<f64>,
+    /// All decode steps, seconds.
+    decode_s: f64,
+}
+
+/// The workload: (a warm-up prompt + one step, if `warm_up`), `--prefill-runs` prefills of `ids`
+/// from an empty cache, then `--decode` greedy steps after the last one. `run(cache, ids)` runs
+/// `ids` after the cache's contents and returns the last position's logits.
+fn timed_workload<C>(
+    ids: &[usize],
+    args: &BenchEngineArgs,
+    warm_up: bool,
+    new_cache: impl Fn() -> C,
+    run: impl Fn(&mut C, &[usize]) -> Result<Vec<f32>, String>,
+) -> Result<Timings, String> {
+    if warm_up {
+        let mut cache = new_cache();
+        let logits = run(&mut cache, ids)?;
+        run(&mut cache, &[argmax(&logits)])?;
+    }
+    let mut prefill_runs_s = Vec::new();
+    let mut prefilled = None;
+    for _ in 0..args.prefill_runs.max(1) {
+        let mut cache = new_cache();
+        let t0 = Instant::now();
+        let logits = run(&mut cache, ids)?;
+        prefill_runs_s.push(t0.elapsed().as_secs_f64());
+        prefilled = Some((logits, cache));
+    }
+    let (logits, mut cache) = prefilled.expect("at least one prefill");
+    let mut next = argmax(&logits);
+    let t0 = Instant::now();
+    for _ in 0..args.decode {
+        next = argmax(&run(&mut cache, &[next])?);
+    }
+    Ok(Timings {
+        prefill_s: median(&prefill_runs_s),
+        prefill_runs_s,
+        decode_s: t0.elapsed().as_secs_f64(),
+    })
+}
+
 /// The child process: one engine, one workload, one JSON line on stdout.
 pub fn run_engine(args: &BenchEngineArgs) -> Result<(), String> {
     let err = |e: gemma4_reference::Error| e.to_string();
@@ -138,61 +184,22 @@ pub fn run_engine(args: &BenchEngineArgs) -> Result<(), String> {
                 .map_err(err)?
                 .with_precision(precision);
             let load_s = started.elapsed().as_secs_f64();
-            let vocab = model.config.text.vocab_size;
-            let ids = prompt_ids(args.prompt, vocab);
+            let ids = prompt_ids(args.prompt, model.config.text.vocab_size);
             // Warm-up: pages the mapped weights and the prompt's PLE rows in.
-            let mut cache = model.new_cache();
-            let logits = model
-                .forward(
-                    &ids,
-                    &mut cache,
-                    &mut Recorder::checking_only(),
-                    Logits::Last,
-                )
-                .map_err(err)?;
-            model
-                .forward(
-                    &[argmax(&logits)],
-                    &mut cache,
-                    &mut Recorder::checking_only(),
-                    Logits::Last,
-                )
-                .map_err(err)?;
-            let mut prefill_times = Vec::new();
-            let mut prefilled = None;
-            for _ in 0..args.prefill_runs.max(1) {
-                let mut cache = model.new_cache();
-                let t0 = Instant::now();
-                let logits = model
-                    .forward(
-                        &ids,
-                        &mut cache,
-                        &mut Recorder::checking_only(),
-                        Logits::Last,
-                    )
-                    .map_err(err)?;
-                prefill_times.push(t0.elapsed().as_secs_f64());
-                prefilled = Some((logits, cache));
-            }
-            let (logits, mut cache) = prefilled.expect("at least one prefill");
-            let prefill_s = median(&prefill_times);
-            let mut next = argmax(&logits);
-            let t1 = Instant::now();
-            for _ in 0..args.decode {
-                let logits = model
-                    .forward(
-                        &[next],
-                        &mut cache,
-                        &mut Recorder::checking_only(),
-                        Logits::Last,
-                    )
-                    .map_err(err)?;
-                next = argmax(&logits);
-            }
-            let decode_s = t1.elapsed().as_secs_f64();
+            let timings = timed_workload(
+                &ids,
+                args,
+                true,
+                || model.new_cache(),
+                |cache, ids| {
+                    model
+                        .forward(ids, cache, &mut Recorder::checking_only(), Logits::Last)
+                        .map_err(err)
+                },
+            )?;
             json!({
-                "load_s": load_s, "prefill_s": prefill_s, "prefill_runs_s": prefill_times,
-                "decode_s": decode_s,
+                "load_s": load_s, "prefill_s": timings.prefill_s, "prefill_runs_s": timings.prefill_runs_s,
+                "decode_s": timings.decode_s,
                 "decode_weight_bytes": model.decode_weight_bytes(),
                 "threads": model.threads(),
                 "precision": args.precision,
@@ -202,34 +209,23 @@ pub fn run_engine(args: &BenchEngineArgs) -> Result<(), String> {
         "reference" => {
             let model = Gemma4TextModel::load(&args.model).map_err(err)?;
             let load_s = started.elapsed().as_secs_f64();
-            let vocab = model.config.text.vocab_size;
-            let ids = prompt_ids(args.prompt, vocab);
-            let mut prefill_times = Vec::new();
-            let mut prefilled = None;
-            for _ in 0..args.prefill_runs.max(1) {
-                let mut cache = model.new_cache();
-                let t0 = Instant::now();
-                let logits = model
-                    .forward(&ids, &mut cache, &mut Recorder::checking_only())
-                    .map_err(err)?;
-                prefill_times.push(t0.elapsed().as_secs_f64());
-                prefilled = Some((logits, cache));
-            }
-            let (logits, mut cache) = prefilled.expect("at least one prefill");
-            let prefill_s = median(&prefill_times);
-            let last = logits.row(logits.nrows() - 1).to_vec();
-            let mut next = argmax(&last);
-            let t1 = Instant::now();
-            for _ in 0..args.decode {
-                let logits = model
-                    .forward(&[next], &mut cache, &mut Recorder::checking_only())
-                    .map_err(err)?;
-                next = argmax(logits.row(0).as_slice().expect("contiguous"));
-            }
-            let decode_s = t1.elapsed().as_secs_f64();
+            let ids = prompt_ids(args.prompt, model.config.text.vocab_size);
+            // No warm-up: the reference holds every weight in RAM from the load on.
+            let timings = timed_workload(
+                &ids,
+                args,
+                false,
+                || model.new_cache(),
+                |cache, ids| {
+                    let logits = model
+                        .forward(ids, cache, &mut Recorder::checking_only())
+                        .map_err(err)?;
+                    Ok(logits.row(logits.nrows() - 1).to_vec())
+                },
+            )?;
             json!({
-                "load_s": load_s, "prefill_s": prefill_s, "prefill_runs_s": prefill_times,
-                "decode_s": decode_s, "threads": 1,
+                "load_s": load_s, "prefill_s": timings.prefill_s, "prefill_runs_s": timings.prefill_runs_s,
+                "decode_s": timings.decode_s, "threads": 1,
             })
         }
         other => return Err(format!("--engine {other}: expected reference or optimized")),
