@@ -561,6 +561,12 @@ unsafe fn store_tile<const M: usize>(
     }
 }
 
+/// Pointers to the `M` token rows of a tile's activations, `lda` elements apart.
+#[inline(always)]
+unsafe fn token_rows<T, const M: usize>(a: *const T, lda: usize) -> [*const T; M] {
+    std::array::from_fn(|i| a.add(i * lda))
+}
+
 /// One `M × 48` tile (M ≤ 8 tokens) of `c` over `kc` packed columns, f32 FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -576,10 +582,7 @@ unsafe fn tile_f32<const M: usize>(
     masks: [u16; 3],
 ) {
     let mut acc = load_tile::<M>(c, ldc, accumulate, masks);
-    let mut rows = [a; M];
-    for (i, row) in rows.iter_mut().enumerate() {
-        *row = a.add(i * lda);
-    }
+    let rows = token_rows::<_, M>(a, lda);
     for k in 0..kc {
         let bk = b.add(k * NR);
         let b0 = _mm512_loadu_ps(bk);
@@ -610,10 +613,7 @@ unsafe fn tile_bf16<const M: usize>(
     masks: [u16; 3],
 ) {
     let mut acc = load_tile::<M>(c, ldc, accumulate, masks);
-    let mut rows = [a; M];
-    for (i, row) in rows.iter_mut().enumerate() {
-        *row = a.add(i * lda);
-    }
+    let rows = token_rows::<_, M>(a, lda);
     for k in 0..kc {
         let bk = b.add(k * NR);
         let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bk as *const __m512i));

@@ -177,6 +177,23 @@ pub fn linear_into_with(
     }
 }
 
+/// Runs `task` on the weight rows `0..rows` cut into blocks of `block` rows, each block on one
+/// thread of the pool (or all here, for `Threads::Current` or a single block). The blocks do not
+/// depend on the thread count, so neither does the result.
+fn for_each_row_block(
+    rows: usize,
+    block: usize,
+    threads: Threads,
+    task: impl Fn(std::ops::Range<usize>) + Sync + Send,
+) {
+    let blocks = rows.div_ceil(block);
+    let run = |b: usize| task(b * block..((b + 1) * block).min(rows));
+    match threads {
+        Threads::Pool if blocks > 1 => (0..blocks).into_par_iter().for_each(run),
+        _ => (0..blocks).for_each(run),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn dispatch<E: Element>(
     w: &[E],
@@ -189,29 +206,24 @@ fn dispatch<E: Element>(
     kernel: PrefillKernel,
 ) {
     let out = SendPtr(y.as_mut_ptr());
+    // In every kernel below, a task computes the columns `block` of y (its weight rows), which
+    // no other task writes; rows `block` of w exist and x is [tokens, cols].
     if tokens <= SKINNY_MAX_TOKENS || cols == 0 {
-        let blocks = rows.div_ceil(SKINNY_ROW_BLOCK);
-        let task = |b: usize| {
-            let start = b * SKINNY_ROW_BLOCK;
-            let end = (start + SKINNY_ROW_BLOCK).min(rows);
-            // SAFETY: rows start..end of w exist; x is [tokens, cols]; this task writes only
-            // columns start..end of y, which no other task writes.
+        for_each_row_block(rows, SKINNY_ROW_BLOCK, threads, |block| {
+            let start = block.start;
+            // SAFETY: see above.
             unsafe {
                 skinny_rows(
                     w.as_ptr(),
                     cols,
-                    start..end,
+                    block,
                     x.as_ptr(),
                     tokens,
                     out.get().add(start),
                     rows,
                 )
             };
-        };
-        match threads {
-            Threads::Pool if blocks > 1 => (0..blocks).into_par_iter().for_each(task),
-            _ => (0..blocks).for_each(task),
-        }
+        });
         return;
     }
     assert!(
@@ -220,67 +232,51 @@ fn dispatch<E: Element>(
         E::KIND
     );
     #[cfg(target_arch = "x86_64")]
-    if kernel != PrefillKernel::GemmCrate {
-        let blocks = rows.div_ceil(AVX512_ROW_BLOCK);
-        let run = |task: &(dyn Fn(usize) + Sync)| match threads {
-            Threads::Pool if blocks > 1 => (0..blocks).into_par_iter().for_each(task),
-            _ => (0..blocks).for_each(task),
-        };
-        let block = |b: usize| {
-            let start = b * AVX512_ROW_BLOCK;
-            (start, (start + AVX512_ROW_BLOCK).min(rows))
-        };
-        if kernel == PrefillKernel::Avx512Bf16 {
-            let mut pairs = Vec::new();
-            // SAFETY: AVX-512 BF16 checked by `available`.
-            unsafe { crate::gemm512::round_to_bf16_pairs(x, tokens, cols, &mut pairs) };
-            let w16 = w.as_ptr() as usize; // E is bf16 (checked by `available`)
-            let xb = pairs.as_ptr() as usize;
-            run(&|b: usize| {
-                let (start, end) = block(b);
-                // SAFETY: rows start..end of w exist; `pairs` is [tokens, ⌈cols/2⌉]; this task
-                // writes only columns start..end of y, which no other task writes.
-                unsafe {
-                    crate::gemm512::gemm_rows_bf16(
-                        w16 as *const half::bf16,
-                        cols,
-                        start..end,
-                        xb as *const u32,
-                        tokens,
-                        out.get().add(start),
-                        rows,
-                    )
-                }
-            });
-        } else {
-            run(&|b: usize| {
-                let (start, end) = block(b);
-                // SAFETY: as above; AVX-512F checked by `available`.
-                unsafe {
-                    crate::gemm512::gemm_rows_f32(
-                        w.as_ptr(),
-                        cols,
-                        start..end,
-                        x.as_ptr(),
-                        tokens,
-                        out.get().add(start),
-                        rows,
-                    )
-                }
-            });
-        }
+    if kernel == PrefillKernel::Avx512Bf16 {
+        let mut pairs = Vec::new();
+        // SAFETY: AVX-512 BF16 checked by `available`.
+        unsafe { crate::gemm512::round_to_bf16_pairs(x, tokens, cols, &mut pairs) };
+        let w16 = w.as_ptr() as usize; // E is bf16 (checked by `available`)
+        let xb = pairs.as_ptr() as usize;
+        for_each_row_block(rows, AVX512_ROW_BLOCK, threads, |block| {
+            let start = block.start;
+            // SAFETY: see above; `pairs` is [tokens, ⌈cols/2⌉].
+            unsafe {
+                crate::gemm512::gemm_rows_bf16(
+                    w16 as *const half::bf16,
+                    cols,
+                    block,
+                    xb as *const u32,
+                    tokens,
+                    out.get().add(start),
+                    rows,
+                )
+            }
+        });
         return;
     }
-    let blocks = rows.div_ceil(GEMM_ROW_BLOCK);
-    let task = |b: usize| {
-        let start = b * GEMM_ROW_BLOCK;
-        let end = (start + GEMM_ROW_BLOCK).min(rows);
-        gemm_block(w, cols, start..end, x, tokens, out, rows);
-    };
-    match threads {
-        Threads::Pool if blocks > 1 => (0..blocks).into_par_iter().for_each(task),
-        _ => (0..blocks).for_each(task),
+    #[cfg(target_arch = "x86_64")]
+    if kernel == PrefillKernel::Avx512 {
+        for_each_row_block(rows, AVX512_ROW_BLOCK, threads, |block| {
+            let start = block.start;
+            // SAFETY: see above; AVX-512F checked by `available`.
+            unsafe {
+                crate::gemm512::gemm_rows_f32(
+                    w.as_ptr(),
+                    cols,
+                    block,
+                    x.as_ptr(),
+                    tokens,
+                    out.get().add(start),
+                    rows,
+                )
+            }
+        });
+        return;
     }
+    for_each_row_block(rows, GEMM_ROW_BLOCK, threads, |block| {
+        gemm_block(w, cols, block, x, tokens, out, rows)
+    });
 }
 
 thread_local! {
