@@ -6,9 +6,9 @@
 //! same last logits and leaves the same cache as the full prefill.
 //!
 //! Tolerance 5e-5 of the largest element: the same f32 arithmetic on the same values, except
-//! that the matrix kernels' summation order depends on the number of rows (the skinny kernel up
-//! to 8 rows; above, the `gemm` crate, whose blocking changes with the row count): a few ulps per
-//! product, which these random tiny models amplify layer after layer (unscaled attention). The
+//! that the matrix kernels' summation order depends on the number of rows (the skinny kernel,
+//! four partial sums, up to 8 rows; above, one sequential FMA chain on AVX-512 CPUs, else the
+//! `gemm` crate, whose blocking changes with the row count): a few ulps per product, which these random tiny models amplify layer after layer (unscaled attention). The
 //! largest measured gap is 1.5e-5 (e2b_like logits, the most chaotic case; 31b/26b ≤ 3e-6); HF's
 //! own decode and full forward differ by up to 1.6e-4 on the same models (golden/README.md).
 //! A cache bug (a wrong window, a stale or overwritten ring slot, a key rebuilt wrongly on a K=V
