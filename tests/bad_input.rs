@@ -476,17 +476,10 @@ fn checkpoint_non_finite_weight_is_named_at_load() {
 // the command line: exit code 2, a message, never a panic
 // ---------------------------------------------------------------------------------------
 
+/// Runs `gemma4 ARGS`, which must not panic; returns the exit code and stderr.
 fn run_cli(args: &[&str]) -> (i32, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_gemma4"))
-        .args(args)
-        .output()
-        .expect("runs");
-    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
-    assert!(
-        !stderr.contains("panicked"),
-        "the command panicked: {stderr}"
-    );
-    (output.status.code().unwrap_or(-1), stderr)
+    let (code, _, stderr) = run_cli_full(args, &[]);
+    (code, stderr)
 }
 
 #[test]
@@ -1193,22 +1186,15 @@ fn forward_absurd_decode_step_count_is_refused_before_allocation() {
 // ---------------------------------------------------------------------------------------
 
 /// Runs the CLI with extra environment variables; returns (exit code, stdout, stderr).
+/// Runs `gemma4 ARGS` with the extra environment `env`, which must not panic; returns the exit
+/// code, stdout and stderr.
 fn run_cli_full(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_gemma4"))
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .expect("runs");
-    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    let (code, stdout, stderr) = common::run_gemma4(args, env);
     assert!(
         !stderr.contains("panicked"),
         "the command panicked: {stderr}"
     );
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).to_string(),
-        stderr,
-    )
+    (code, stdout, stderr)
 }
 
 fn golden_expected() -> std::path::PathBuf {

@@ -9,7 +9,7 @@ use gemma4::compare::{compare, compare_and_diagnose, CompareReport, ModelFacts};
 use gemma4::compare_diagnosis::{perturb_weights, FaultLibrary, FaultRun};
 use gemma4::compare_structure::ErrorStructure;
 use gemma4::comparison::Status;
-use gemma4::golden::{load_cases, GoldenCase};
+use gemma4::golden::GoldenCase;
 use gemma4_reference::faults::{with_faults, Fault};
 use gemma4_reference::{ActivationDump, Gemma4TextModel};
 
@@ -31,11 +31,7 @@ fn fixture(name: &str) -> &'static Fixture {
 }
 
 fn build_fixture(name: &str) -> Fixture {
-    let case = load_cases(&common::golden_dir())
-        .expect("golden fixtures intact")
-        .into_iter()
-        .find(|c| c.name == name)
-        .unwrap_or_else(|| panic!("no golden case {name}"));
+    let case = common::golden_case(name);
     let (model, clean) = with_faults(&[], || {
         let model = Gemma4TextModel::load(&case.model_dir()).expect("golden model loads");
         let clean = model

@@ -4,21 +4,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use gemma4::golden::{load_cases, GoldenCase};
+use gemma4::golden::GoldenCase;
 use gemma4_reference::dump::DumpTensor;
 use gemma4_reference::faults::{with_faults, Fault};
 use gemma4_reference::{ActivationDump, Gemma4TextModel};
 use serde_json::Value;
 
-fn golden_case(name: &str) -> GoldenCase {
-    load_cases(&common::golden_dir())
-        .expect("golden fixtures intact")
-        .into_iter()
-        .find(|c| c.name == name)
-        .unwrap_or_else(|| panic!("no golden case {name}"))
-}
+use common::golden_case;
 
 fn token_list(case: &GoldenCase) -> String {
     case.tokens
@@ -39,16 +32,7 @@ fn reference_dump(case: &GoldenCase, faults: &[Fault], decode_steps: usize) -> A
 
 /// Runs `gemma4 compare ARGS`; returns the exit code, stdout and stderr.
 fn run_compare(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_gemma4"))
-        .arg("compare")
-        .args(args)
-        .output()
-        .expect("gemma4 runs");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    common::run_gemma4(&[&["compare"], args].concat(), &[])
 }
 
 fn json(stdout: &str) -> Value {

@@ -13,16 +13,10 @@ use std::sync::{Mutex, OnceLock};
 use gemma4::comparison::{Status, TensorReport};
 use gemma4::conform::compare_with_case;
 use gemma4::engine::Engine;
-use gemma4::golden::{load_cases, GoldenCase};
+use gemma4::golden::load_cases;
 use gemma4_reference::ActivationDump;
 
-fn golden_case(name: &str) -> GoldenCase {
-    load_cases(&common::golden_dir())
-        .expect("golden manifest and fixtures are intact")
-        .into_iter()
-        .find(|c| c.name == name)
-        .unwrap_or_else(|| panic!("no golden case {name}"))
-}
+use common::golden_case;
 
 /// Per-tensor reports of the reference engine on a case (computed once per case).
 fn reports(case_name: &str, engine: Engine) -> Vec<TensorReport> {

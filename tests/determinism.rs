@@ -4,17 +4,11 @@
 
 mod common;
 
-use gemma4::golden::{load_cases, GoldenCase};
+use gemma4::golden::GoldenCase;
 use gemma4_reference::dump::DumpTensor;
 use gemma4_reference::{ActivationDump, Gemma4TextModel};
 
-fn golden_case(name: &str) -> GoldenCase {
-    load_cases(&common::golden_dir())
-        .expect("golden fixtures are intact")
-        .into_iter()
-        .find(|c| c.name == name)
-        .unwrap_or_else(|| panic!("no golden case {name}"))
-}
+use common::golden_case;
 
 /// Loads the case's model and computes its dump (prefill and greedy decode).
 fn reference_dump(case: &GoldenCase) -> ActivationDump {

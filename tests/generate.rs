@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
+use std::path::Path;
 
 use gemma4_reference::model::argmax;
 use gemma4_reference::Gemma4TextModel;
@@ -24,6 +24,14 @@ fn word_level_tokenizer(vocab_size: u32) -> Tokenizer {
     let mut tokenizer = Tokenizer::new(model);
     tokenizer.with_pre_tokenizer(Some(Whitespace {}));
     tokenizer
+}
+
+/// Runs `gemma4 generate --model MODEL --prompt PROMPT EXTRA...`; returns the exit code, stdout
+/// and stderr.
+fn run_generate(model: &Path, prompt: &str, extra: &[&str]) -> (i32, String, String) {
+    let model = model.to_str().unwrap();
+    let args = [&["generate", "--model", model, "--prompt", prompt], extra].concat();
+    common::run_gemma4(&args, &[])
 }
 
 #[test]
@@ -60,23 +68,12 @@ fn generate_streams_the_greedy_continuation_e2b_like_both_engines() {
     let prompt_text = words.map(|w| format!("w{w}")).join(" ");
 
     for engine in ["reference", "optimized"] {
-        let output = Command::new(env!("CARGO_BIN_EXE_gemma4"))
-            .args([
-                "generate",
-                "--model",
-                dir.path().to_str().unwrap(),
-                "--prompt",
-                &prompt_text,
-            ])
-            .args(["--max-new-tokens", "5", "--engine", engine])
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(
-            output.status.success(),
-            "{engine}: generate failed: {stderr}"
+        let (code, stdout, stderr) = run_generate(
+            dir.path(),
+            &prompt_text,
+            &["--max-new-tokens", "5", "--engine", engine],
         );
-        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(code, 0, "{engine}: generate failed: {stderr}");
         assert_eq!(
             stdout.split_whitespace().collect::<Vec<_>>(),
             expected_words,
@@ -88,21 +85,12 @@ fn generate_streams_the_greedy_continuation_e2b_like_both_engines() {
 
 #[test]
 fn generate_fast_prefill_needs_the_optimized_engine() {
-    let output = Command::new(env!("CARGO_BIN_EXE_gemma4"))
-        .args([
-            "generate",
-            "--model",
-            common::golden_model("e2b_like").to_str().unwrap(),
-            "--prompt",
-            "hi",
-            "--engine",
-            "reference",
-            "--fast-prefill",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (code, _, stderr) = run_generate(
+        &common::golden_model("e2b_like"),
+        "hi",
+        &["--engine", "reference", "--fast-prefill"],
+    );
+    assert_eq!(code, 2);
     assert!(
         stderr.contains("--fast-prefill needs --engine optimized"),
         "{stderr}"
@@ -111,18 +99,8 @@ fn generate_fast_prefill_needs_the_optimized_engine() {
 
 #[test]
 fn generate_without_tokenizer_names_the_missing_file() {
-    let output = Command::new(env!("CARGO_BIN_EXE_gemma4"))
-        .args([
-            "generate",
-            "--model",
-            common::golden_model("e2b_like").to_str().unwrap(),
-            "--prompt",
-            "hi",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (code, _, stderr) = run_generate(&common::golden_model("e2b_like"), "hi", &[]);
+    assert_eq!(code, 2);
     assert!(
         stderr.contains("tokenizer.json") && !stderr.contains("panicked"),
         "{stderr}"

@@ -23,24 +23,7 @@ use gemma4_reference::dump::{ActivationDump, Recorder};
 const TOLERANCE: f32 = 5e-5;
 
 fn assert_rows_close(what: &str, columns: usize, full: &[f32], incremental: &[f32]) {
-    assert_eq!(full.len(), incremental.len(), "{what}: lengths differ");
-    let scale = full.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let mut worst = (0.0f32, 0usize);
-    for (i, (a, b)) in full.iter().zip(incremental).enumerate() {
-        if (a - b).abs() > worst.0 || (a - b).is_nan() {
-            worst = ((a - b).abs(), i);
-        }
-    }
-    assert!(
-        worst.0 <= TOLERANCE * scale,
-        "{what}: incremental differs from the full forward by {:.3e} (relative {:.3e}) at [{}, {}]: full {}, incremental {}",
-        worst.0,
-        worst.0 / scale,
-        worst.1 / columns,
-        worst.1 % columns,
-        full[worst.1],
-        incremental[worst.1]
-    );
+    common::assert_rows_close(what, TOLERANCE, columns, full, incremental);
 }
 
 fn tensor(dump: &ActivationDump, name: &str) -> Vec<f32> {

@@ -360,10 +360,11 @@ unsafe fn pack_f32<E: Element>(
 ) {
     for g in 0..NR / 16 {
         let first = g * 16;
+        // Columns packed by the vector loop (16 full rows only); the rest, one by one below.
+        let mut k = 0;
         if first + 16 <= n {
-            // 16 full rows: blocks of 16 (f32) or 32 (16-bit) columns by in-register transposes.
+            // Blocks of 16 (f32) or 32 (16-bit) columns by in-register transposes.
             let base = w.add((r0 + first) * cols + k0);
-            let mut k = 0;
             match E::KIND {
                 Kind::F32 => {
                     while k + 16 <= kc {
@@ -415,20 +416,14 @@ unsafe fn pack_f32<E: Element>(
                     }
                 }
             }
-            for kk in k..kc {
-                for j in 0..16 {
-                    *out.add(kk * NR + first + j) = (*base.add(j * cols + kk)).to_f32();
-                }
-            }
-        } else {
-            for kk in 0..kc {
-                for j in first..first + 16 {
-                    *out.add(kk * NR + j) = if j < n {
-                        (*w.add((r0 + j) * cols + k0 + kk)).to_f32()
-                    } else {
-                        0.0
-                    };
-                }
+        }
+        for kk in k..kc {
+            for j in first..first + 16 {
+                *out.add(kk * NR + j) = if j < n {
+                    (*w.add((r0 + j) * cols + k0 + kk)).to_f32()
+                } else {
+                    0.0
+                };
             }
         }
     }
@@ -459,8 +454,9 @@ unsafe fn pack_pairs(
     };
     for g in 0..NR / 16 {
         let first = g * 16;
+        // Pairs packed by the vector loop (16 full rows only); the rest, one by one below.
+        let mut k = 0;
         if first + 16 <= n {
-            let mut k = 0;
             // Whole pairs only (2·(k0 + k + 16) ≤ cols), 16 pairs per transpose.
             while k + 16 <= kc && 2 * (k0 + k + 16) <= cols {
                 let mut v = [_mm512_setzero_si512(); 16];
@@ -475,16 +471,10 @@ unsafe fn pack_pairs(
                 }
                 k += 16;
             }
-            for kk in k..kc {
-                for j in 0..16 {
-                    *out.add(kk * NR + first + j) = pair(r0 + first + j, k0 + kk);
-                }
-            }
-        } else {
-            for kk in 0..kc {
-                for j in first..first + 16 {
-                    *out.add(kk * NR + j) = if j < n { pair(r0 + j, k0 + kk) } else { 0 };
-                }
+        }
+        for kk in k..kc {
+            for j in first..first + 16 {
+                *out.add(kk * NR + j) = if j < n { pair(r0 + j, k0 + kk) } else { 0 };
             }
         }
     }

@@ -31,7 +31,9 @@ use gemma4_reference::dump::{input_ids_tensor, ActivationDump, Recorder};
 use gemma4_reference::embedding::embedding_scale;
 use gemma4_reference::error::Error;
 use gemma4_reference::faults::with_faults;
-use gemma4_reference::model::{embedding_token_ids, ple_token_ids, validate_token_ids};
+use gemma4_reference::model::{
+    check_decode_logits_fit, embedding_token_ids, ple_token_ids, validate_token_ids,
+};
 use gemma4_reference::rope::inverse_frequencies;
 use gemma4_reference::{ModelConfig, ModelPlan, Result};
 use ndarray::{Array1, Array2};
@@ -371,6 +373,7 @@ impl Gemma4Optimized {
         steps: usize,
     ) -> Result<(Array2<f32>, Array1<usize>)> {
         let vocab = self.config.text.vocab_size;
+        check_decode_logits_fit(steps, vocab)?;
         let mut decode_logits = Array2::<f32>::zeros((steps, vocab));
         let mut continuation = Array1::<usize>::zeros(steps);
         let mut next = argmax(last_logits);
@@ -389,13 +392,8 @@ impl Gemma4Optimized {
     }
 }
 
-/// Index of the largest value (the first one on ties, as `torch.argmax`).
+/// Index of the largest value (the first one on ties, as `torch.argmax`): the reference's
+/// `argmax` on a slice.
 pub fn argmax(values: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in values.iter().enumerate() {
-        if v > values[best] {
-            best = i;
-        }
-    }
-    best
+    gemma4_reference::model::argmax(ndarray::ArrayView1::from(values))
 }

@@ -220,14 +220,7 @@ impl Gemma4TextModel {
         steps: usize,
     ) -> Result<(Array2<f32>, Array1<usize>)> {
         let vocab = self.config.text.vocab_size;
-        let bytes = array_bytes(&[steps, vocab], 4);
-        if bytes.is_none_or(|b| available_memory().is_some_and(|available| b > available)) {
-            return Err(Error::input(format!(
-                "{steps} decode steps need a [{steps}, {vocab}] f32 logits array ({} bytes), \
-                 more than the memory available",
-                bytes.map_or("too many".to_string(), |b| b.to_string())
-            )));
-        }
+        check_decode_logits_fit(steps, vocab)?;
         let mut decode_logits = Array2::<f32>::zeros((steps, vocab));
         let mut continuation = Array1::<usize>::zeros(steps);
         let mut next = argmax(prefill_logits.row(prefill_logits.nrows() - 1));
@@ -239,6 +232,20 @@ impl Gemma4TextModel {
         }
         Ok((decode_logits, continuation))
     }
+}
+
+/// Refuses `steps` decode steps whose `[steps, vocab]` f32 logits would not fit in the memory
+/// available, before allocating them. Shared with the optimized engine.
+pub fn check_decode_logits_fit(steps: usize, vocab: usize) -> Result<()> {
+    let bytes = array_bytes(&[steps, vocab], 4);
+    if bytes.is_none_or(|b| available_memory().is_some_and(|available| b > available)) {
+        return Err(Error::input(format!(
+            "{steps} decode steps need a [{steps}, {vocab}] f32 logits array ({} bytes), \
+             more than the memory available",
+            bytes.map_or("too many".to_string(), |b| b.to_string())
+        )));
+    }
+    Ok(())
 }
 
 /// Checks token ids against the vocabularies of `config`: non-empty, every id `< vocab_size`

@@ -5,6 +5,15 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+/// The bundled golden case called `name` (panics naming it if there is none).
+pub fn golden_case(name: &str) -> gemma4::golden::GoldenCase {
+    gemma4::golden::load_cases(&golden_dir())
+        .expect("golden manifest and fixtures are intact")
+        .into_iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no golden case {name}"))
+}
+
 /// `golden/` next to the sources.
 pub fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("golden")
@@ -145,4 +154,49 @@ impl RawSafetensors {
             .map(|v| v.as_u64().unwrap() as usize)
             .collect()
     }
+}
+
+/// Asserts that `incremental` (rows of `columns` values) equals `full` within `tolerance` of the
+/// largest magnitude in `full`; on failure names the worst element as `[row, column]`. A NaN on
+/// either side fails.
+pub fn assert_rows_close(
+    what: &str,
+    tolerance: f32,
+    columns: usize,
+    full: &[f32],
+    incremental: &[f32],
+) {
+    assert_eq!(full.len(), incremental.len(), "{what}: lengths differ");
+    let scale = full.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let mut worst = (0.0f32, 0usize);
+    for (i, (a, b)) in full.iter().zip(incremental).enumerate() {
+        if (a - b).abs() > worst.0 || (a - b).is_nan() {
+            worst = ((a - b).abs(), i);
+        }
+    }
+    assert!(
+        worst.0 <= tolerance * scale,
+        "{what}: incremental differs from the full forward by {:.3e} (relative {:.3e}) at [{}, {}]: full {}, incremental {}",
+        worst.0,
+        worst.0 / scale,
+        worst.1 / columns,
+        worst.1 % columns,
+        full[worst.1],
+        incremental[worst.1]
+    );
+}
+
+/// Runs the `gemma4` binary with `args` and the extra environment variables `env`; returns its
+/// exit code (-1 if a signal ended it), stdout and stderr.
+pub fn run_gemma4(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_gemma4"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("gemma4 runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }

@@ -19,12 +19,14 @@ use std::process::Command;
 use std::time::Instant;
 
 use gemma4_optimized::linear::Precision;
+use gemma4_optimized::model::argmax;
 use gemma4_optimized::{Gemma4Optimized, Logits};
 use gemma4_reference::dump::Recorder;
 use gemma4_reference::Gemma4TextModel;
 use serde_json::{json, Value};
 
-use crate::synth::repo_root;
+use crate::golden::venv_dir;
+use crate::process::repo_root;
 
 /// Arguments of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
@@ -45,7 +47,8 @@ pub struct BenchArgs {
     /// Skip the Hugging Face transformers run.
     #[arg(long)]
     pub skip_hf: bool,
-    /// The oracle virtualenv with torch + transformers [default: ~/.cache/gemma4/oracle-venv].
+    /// The oracle virtualenv with torch + transformers [default: $GEMMA4_ORACLE_VENV, else
+    /// ~/.cache/gemma4/oracle-venv].
     #[arg(long)]
     pub venv: Option<PathBuf>,
     /// Wait for the 1-minute load average to drop below this before each measurement.
@@ -110,10 +113,6 @@ fn load_average() -> f64 {
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
         .unwrap_or(f64::NAN)
-}
-
-fn argmax(values: &[f32]) -> usize {
-    gemma4_optimized::model::argmax(values)
 }
 
 /// The median of `times` (not empty).
@@ -312,18 +311,27 @@ fn measure(mut command: Command, args: &BenchArgs, label: &str) -> Result<Value,
     Ok(value)
 }
 
-fn engine_command(engine: &str, model: &Path, args: &BenchArgs) -> Command {
+/// Measures one engine (`reference` or `optimized`) on `model` in a child process, its prefill
+/// products in `precision` (`f32` or `bf16`; the reference is f32 throughout).
+fn measure_engine(
+    engine: &str,
+    model: &Path,
+    precision: &str,
+    args: &BenchArgs,
+    label: &str,
+) -> Result<Value, String> {
     let mut command = Command::new(std::env::current_exe().expect("own path"));
     command
         .arg("bench-engine")
         .args(["--engine", engine])
         .arg("--model")
         .arg(model)
+        .args(["--precision", precision])
         .args(["--threads", &args.threads.to_string()])
         .args(["--prompt", &args.prompt.to_string()])
         .args(["--decode", &args.decode.to_string()])
         .env("RAYON_NUM_THREADS", args.threads.to_string());
-    command
+    measure(command, args, label)
 }
 
 fn layers_of(model: &Path) -> usize {
@@ -347,30 +355,41 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
 
     let full_layers = layers_of(&args.model);
     let reduced_layers = layers_of(&args.reduced_model);
-    let optimized_full = measure(
-        engine_command("optimized", &args.model, args),
+    let (full, reduced) = (args.model.as_path(), args.reduced_model.as_path());
+    let optimized_full = measure_engine("optimized", full, "f32", args, "optimized, full model")?;
+    let fast_full = measure_engine(
+        "optimized",
+        full,
+        "bf16",
         args,
-        "optimized, full model",
+        "optimized fast prefill, full model",
     )?;
-    let mut fast = engine_command("optimized", &args.model, args);
-    fast.args(["--precision", "bf16"]);
-    let fast_full = measure(fast, args, "optimized fast prefill, full model")?;
-    let optimized_reduced = measure(
-        engine_command("optimized", &args.reduced_model, args),
+    let optimized_reduced = measure_engine(
+        "optimized",
+        reduced,
+        "f32",
         args,
         "optimized, reduced model",
     )?;
-    let mut fast = engine_command("optimized", &args.reduced_model, args);
-    fast.args(["--precision", "bf16"]);
-    let fast_reduced = measure(fast, args, "optimized fast prefill, reduced model")?;
-    let reference_reduced = measure(
-        engine_command("reference", &args.reduced_model, args),
+    let fast_reduced = measure_engine(
+        "optimized",
+        reduced,
+        "bf16",
+        args,
+        "optimized fast prefill, reduced model",
+    )?;
+    let reference_reduced = measure_engine(
+        "reference",
+        reduced,
+        "f32",
         args,
         "reference, reduced model",
     )?;
     let reference_full = if args.reference_full {
-        Some(measure(
-            engine_command("reference", &args.model, args),
+        Some(measure_engine(
+            "reference",
+            full,
+            "f32",
             args,
             "reference, full model",
         )?)
@@ -380,11 +399,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     let hf = if args.skip_hf {
         None
     } else {
-        let venv = args.venv.clone().unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-            home.join(".cache/gemma4/oracle-venv")
-        });
-        let mut command = Command::new(venv.join("bin/python"));
+        let mut command = Command::new(venv_dir(args.venv.as_deref()).join("bin/python"));
         command
             .arg(repo_root().join("xtask/scripts/bench_hf.py"))
             .arg("--model")

@@ -28,6 +28,8 @@ use gemma4_reference::checkpoint::{full_name, text_tensor_specs};
 use gemma4_reference::{ModelConfig, ModelPlan};
 use serde_json::{json, Map, Value};
 
+use crate::process::repo_root;
+
 /// Every fuzz target (a `[[bin]]` of `fuzz/Cargo.toml` and a function of `fuzz/harness.rs`).
 pub const TARGETS: &[&str] = &[
     "safetensors_file",
@@ -105,12 +107,6 @@ type Result<T> = std::result::Result<T, FuzzError>;
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> FuzzError {
     let what = what.into();
     move |source| FuzzError::Io { what, source }
-}
-
-/// The workspace root (the parent of this crate's directory).
-fn repo_root() -> PathBuf {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
 }
 
 /// Entry point of `cargo xtask fuzz`.

@@ -18,6 +18,8 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+use crate::process::repo_root;
+
 /// Arguments of `cargo xtask golden`.
 #[derive(Debug, clap::Args)]
 pub struct GoldenArgs {
@@ -136,14 +138,8 @@ pub fn run(args: &GoldenArgs) -> Result<()> {
     }
 }
 
-/// The workspace root (the parent of this crate's directory).
-fn repo_root() -> PathBuf {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
-}
-
 /// `--venv`, else `$GEMMA4_ORACLE_VENV`, else `~/.cache/gemma4/oracle-venv`.
-fn venv_dir(flag: Option<&Path>) -> PathBuf {
+pub fn venv_dir(flag: Option<&Path>) -> PathBuf {
     if let Some(dir) = flag {
         return dir.to_path_buf();
     }

@@ -23,6 +23,8 @@ use std::process::Command;
 use gemma4_reference::faults::Fault;
 use serde_json::Value;
 
+use crate::process::repo_root;
+
 /// Arguments of `cargo xtask mutants`.
 #[derive(Debug, clap::Args)]
 pub struct MutantsArgs {
@@ -163,13 +165,6 @@ pub fn run(args: &MutantsArgs) -> Result<()> {
     } else {
         Err(MutantsError::Survivors { faults: survivors })
     }
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the repository root")
-        .to_path_buf()
 }
 
 /// `cargo test --workspace --release --no-run --message-format=json`, keeping the test

@@ -1,6 +1,13 @@
-//! Running the programs xtask tasks drive (pip, python, cargo fuzz, ...).
+//! Running the programs xtask tasks drive (pip, python, cargo fuzz, ...), and where they run.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The repository root (the parent of `xtask/`).
+pub fn repo_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
 
 /// A program that could not be started or exited unsuccessfully.
 #[derive(Debug)]

@@ -7,10 +7,12 @@
 //! names renamed into place). Full E2B is about 10 GB, mostly the PLE table: write it outside the
 //! repository (e.g. `/work/bench-data/e2b` or `~/.cache/gemma4/e2b`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use gemma4_optimized::synthetic::{released_text_config, write_checkpoint};
 use gemma4_reference::checkpoint::WeightDtype;
+
+use crate::process::repo_root;
 
 /// Arguments of `cargo xtask synth`.
 #[derive(Debug, clap::Args)]
@@ -30,11 +32,6 @@ pub struct SynthArgs {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 4)]
     pub seed: u64,
-}
-
-pub fn repo_root() -> PathBuf {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
 }
 
 pub fn run(args: &SynthArgs) -> Result<(), String> {
