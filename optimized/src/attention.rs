@@ -71,11 +71,11 @@ pub fn attention(
     // Queries: project, per-head q_norm, rotate.   [T, H, d]
     let query_positions = &positions[first_query..];
     let tokens = query_positions.len();
-    let query_rope = RopeTable::new(inverse_frequencies, query_positions);
+    let rope = RopeTable::new(inverse_frequencies, positions);
     let model_dim = normed.len() / all_tokens.max(1);
     let mut queries = linear(&normed[first_query * model_dim..], tokens, &weights.q_proj);
     rms_norm_in_place(&mut queries, d, Some(&weights.q_norm), eps);
-    query_rope.apply(&mut queries, heads);
+    rope.apply_from(&mut queries, heads, first_query);
     record(
         recorder,
         &format!("{prefix}.q"),
@@ -94,11 +94,7 @@ pub fn attention(
         };
         let mut keys = raw_keys;
         rms_norm_in_place(&mut keys, d, Some(k_norm), eps);
-        if first_query == 0 {
-            query_rope.apply(&mut keys, kv_heads);
-        } else {
-            RopeTable::new(inverse_frequencies, positions).apply(&mut keys, kv_heads);
-        }
+        rope.apply(&mut keys, kv_heads);
         rms_norm_in_place(&mut values, d, None, eps);
         record(
             recorder,

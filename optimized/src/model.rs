@@ -261,22 +261,15 @@ impl Gemma4Optimized {
         let mut positions: Vec<usize> = (first_position..first_position + tokens).collect();
         // Row of the pass (0..T) of each row of `hidden`.
         let mut rows: Vec<usize> = (0..tokens).collect();
-        // The last layer that writes a cache: after it, only the last position matters.
+        // The last layer that writes a cache: after its key/value projections, only the last
+        // position matters when only its logits are wanted (the KV-shared layers after it write
+        // no cache, so the other positions' outputs there would feed nothing but their logits).
         let last_producer = self
             .plan
             .layers
             .iter()
             .rposition(|layer| layer.computes_own_kv());
         for (layer, weights) in self.plan.layers.iter().zip(&self.weights.layers) {
-            if logits == Logits::Last && !layer.computes_own_kv() && rows.len() > 1 {
-                // KV-shared layers write no cache: only the last position matters from here on.
-                let last = rows.len() - 1;
-                hidden.drain(..last * d);
-                positions.drain(..last);
-                rows.drain(..last);
-            }
-            // The last producer needs every position's keys and values, and nothing else of the
-            // positions before the last one.
             let outputs_from = if logits == Logits::Last && Some(layer.index) == last_producer {
                 rows.len() - 1
             } else {
@@ -309,11 +302,6 @@ impl Gemma4Optimized {
             }
         }
         cache.commit();
-        if logits == Logits::Last && rows.len() > 1 {
-            let last = rows.len() - 1;
-            hidden.drain(..last * d);
-            rows.drain(..last);
-        }
         let kept = rows.len();
 
         let normed = rms_norm(&hidden, d, &self.weights.final_norm, eps);

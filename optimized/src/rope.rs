@@ -67,10 +67,16 @@ impl RopeTable {
 
     /// Rotates `x` (`[T, heads, d]`, row-major): token `t` by table row `t`.
     pub fn apply(&self, x: &mut [f32], heads: usize) {
+        self.apply_from(x, heads, 0);
+    }
+
+    /// [`RopeTable::apply`] to tokens that start at table row `first_row` (`x` holds the
+    /// tokens `first_row..` of the table's positions).
+    pub fn apply_from(&self, x: &mut [f32], heads: usize, first_row: usize) {
         let d = 2 * self.half;
         for (t, token) in x.chunks_exact_mut(heads * d).enumerate() {
             for head in token.chunks_exact_mut(d) {
-                self.rotate(head, t);
+                self.rotate(head, first_row + t);
             }
         }
     }
