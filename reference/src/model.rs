@@ -195,9 +195,9 @@ impl Gemma4TextModel {
     /// `greedy_continuation[s] = f_{s+1} = argmax(decode_logits[s])`.
     pub fn dump(&self, token_ids: &[usize], decode_steps: usize) -> Result<ActivationDump> {
         let mut dump = ActivationDump::new();
-        self.validate_token_ids(token_ids)?;
         dump.insert_i64("input_ids", input_ids_tensor(token_ids));
         let mut cache = self.new_cache();
+        // `forward` validates the token ids first.
         let logits = self.forward(token_ids, &mut cache, &mut Recorder::new(&mut dump))?;
         if decode_steps > 0 {
             let (decode_logits, continuation) =
@@ -282,7 +282,7 @@ pub fn validate_token_ids(config: &ModelConfig, token_ids: &[usize]) -> Result<(
 
 /// Is `id` a multimodal soft-token placeholder (image, video or audio)? Only the
 /// conditional-generation model treats them specially (multimodal spec §3.2).
-fn is_placeholder(config: &ModelConfig, id: usize) -> bool {
+pub fn is_placeholder(config: &ModelConfig, id: usize) -> bool {
     let tokens = &config.special_tokens;
     config.layout == CheckpointLayout::ConditionalGeneration
         && [
