@@ -28,6 +28,17 @@ const INDEX_PATH: &str = "fuzz-input/model.safetensors.index.json";
 /// A golden activation dump, the "expected" side when fuzzing candidate dumps.
 const EXPECTED_DUMP: &[u8] = include_bytes!("../golden/e2b_bf16/expected.safetensors");
 
+/// The bytes of a safetensors file: its little-endian `u64` header length, the header JSON
+/// (padded with spaces to a multiple of 8 bytes), then the data section.
+fn safetensors_bytes(header: serde_json::Map<String, serde_json::Value>, data: &[u8]) -> Vec<u8> {
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&json);
+    bytes.extend_from_slice(data);
+    bytes
+}
+
 /// Asserts that an error message names the file it is about.
 fn assert_names(message: &str, what: &str) {
     assert!(
@@ -132,11 +143,7 @@ fn fixed_shards() -> Vec<SafetensorsFile> {
                 serde_json::json!({"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}),
             );
         }
-        let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
-        json.resize(json.len().div_ceil(8) * 8, b' ');
-        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
-        bytes.extend_from_slice(&json);
-        bytes.extend(std::iter::repeat_n(0u8, 4 * tensors.len()));
+        let bytes = safetensors_bytes(header, &vec![0u8; 4 * tensors.len()]);
         SafetensorsFile::from_bytes(Path::new(name), bytes).expect("a valid shard")
     };
     vec![
@@ -256,14 +263,6 @@ pub fn split_checkpoint_input(data: &[u8]) -> Option<(&[u8], &[u8])> {
     let length = u32::from_le_bytes(data.get(..4)?.try_into().ok()?) as usize;
     let config = data.get(4..4usize.checked_add(length)?)?;
     Some((config, &data[4 + length..]))
-}
-
-/// Joins a config and a safetensors file into one checkpoint input.
-pub fn join_checkpoint_input(config: &[u8], safetensors: &[u8]) -> Vec<u8> {
-    let mut data = (config.len() as u32).to_le_bytes().to_vec();
-    data.extend_from_slice(config);
-    data.extend_from_slice(safetensors);
-    data
 }
 
 /// A whole checkpoint (config + weights): load, then a 3-token forward pass and one greedy
@@ -439,11 +438,7 @@ pub fn forward_generated(data: &[u8]) {
 
     // Weights of exactly the planned shapes.
     let plan = ModelPlan::from_config(&config.text);
-    let prefix = if nested {
-        "model.language_model."
-    } else {
-        "model."
-    };
+    let prefix = config.layout.text_prefix();
     let mut header = serde_json::Map::new();
     let mut weights = Vec::new();
     for spec in text_tensor_specs(&config.text, &plan) {
@@ -463,13 +458,11 @@ pub fn forward_generated(data: &[u8]) {
             serde_json::json!({"dtype": "F32", "shape": spec.shape, "data_offsets": [start, weights.len()]}),
         );
     }
-    let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
-    json.resize(json.len().div_ceil(8) * 8, b' ');
-    let mut file = (json.len() as u64).to_le_bytes().to_vec();
-    file.extend_from_slice(&json);
-    file.extend_from_slice(&weights);
-    let file = SafetensorsFile::from_bytes(Path::new(SAFETENSORS_PATH), file)
-        .expect("a generated file is valid");
+    let file = SafetensorsFile::from_bytes(
+        Path::new(SAFETENSORS_PATH),
+        safetensors_bytes(header, &weights),
+    )
+    .expect("a generated file is valid");
     let checkpoint = Checkpoint::from_files(Path::new("fuzz-input"), vec![file]).expect("one file");
     let model = match Gemma4TextModel::from_checkpoint(config, &checkpoint) {
         Ok(model) => model,

@@ -27,8 +27,8 @@ use crate::compare_diagnosis::{
 };
 use crate::compare_structure::{error_structure, ErrorStructure};
 use crate::comparison::{
-    compare_dumps, depth_of, is_index_tensor, layers_in_dump, round_to_bf16, tolerance_for,
-    Precision, Status, TensorReport,
+    bf16_rounded, compare_dumps, compare_dumps_exact_bf16_embeddings, depth_of, is_index_tensor,
+    layers_in_dump, tolerance_for, Bf16Rounding, Precision, Status, TensorReport,
 };
 
 /// Depth assumed for the final norm, logits and decode steps when nothing says how many layers
@@ -297,7 +297,6 @@ pub fn attach_diagnosis(
         .map(|r| ScoredTensor {
             name: r.name.clone(),
             tolerance: r.tolerance,
-            exact_bf16: r.tolerance == 0.0,
         })
         .collect();
     let diagnosis = diagnose(library, candidate, &scored, &first);
@@ -396,38 +395,21 @@ pub fn compare(
 
     // Embeddings of a bf16 computation are exact after one rounding: the oracle computes
     // bf16(row · bf16(sqrt(D))), and a bf16 x bf16 product is exact in f32, so both sides
-    // rounded to bf16 must be equal (see `conform::compare_with_case`). This holds when the
-    // table is bf16: known from --model, or evident from an expected dump holding bf16 values.
+    // rounded to bf16 must be equal (see `compare_dumps_exact_bf16_embeddings`). This holds
+    // when the table is bf16: known from --model, or evident from an expected dump holding
+    // bf16 values.
     let exact_bf16_embeddings = precision == Precision::BFloat16
         && (facts.embed_dtype == Some(WeightDtype::BF16)
             || expected.get("embeddings").is_some_and(is_bf16_exact));
-    let (expected_view, candidate_view);
-    let (expected, candidate) = if exact_bf16_embeddings {
-        let round = |dump: &ActivationDump| {
-            let mut dump = dump.clone();
-            if let Some(DumpTensor::F32(e)) = dump.get("embeddings") {
-                let rounded = round_to_bf16(e);
-                dump.insert_f32("embeddings", rounded);
-            }
-            dump
-        };
-        expected_view = round(expected);
-        candidate_view = round(candidate);
+    let tolerance = |name: &str| tolerance_for(name, precision, depth_of(name, num_layers));
+    let tensors = if exact_bf16_embeddings {
         notes.push(
             "bfloat16: embeddings compared exactly after rounding both sides to bf16".to_string(),
         );
-        (&expected_view, &candidate_view)
+        compare_dumps_exact_bf16_embeddings(expected, candidate, Bf16Rounding::Both, tolerance)
     } else {
-        (expected, candidate)
+        compare_dumps(expected, candidate, tolerance)
     };
-    let tolerance = |name: &str| {
-        if exact_bf16_embeddings && name == "embeddings" {
-            0.0
-        } else {
-            tolerance_for(name, precision, depth_of(name, num_layers))
-        }
-    };
-    let tensors = compare_dumps(expected, candidate, tolerance);
 
     let missing: Vec<String> = tensors
         .iter()
@@ -458,6 +440,11 @@ pub fn compare(
             return None;
         }
         let (e, c) = (expected.get(&r.name)?, candidate.get(&r.name)?);
+        if exact_bf16_embeddings && r.name == "embeddings" {
+            // The structure of what was compared: both sides rounded to bf16.
+            let (e, c) = (bf16_rounded(e), bf16_rounded(c));
+            return Some(error_structure(&r.name, &e, &c, r.tolerance, facts));
+        }
         Some(error_structure(&r.name, e, c, r.tolerance, facts))
     });
     if first.is_some_and(|r| r.name == "input_ids") {

@@ -29,17 +29,19 @@
 //!    [`NOISE_FLOOR`], so that two faults both within noise of the candidate are a tie, not a
 //!    win). Otherwise the answer is "no known fault explains this", with the ranking shown.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
-use gemma4_reference::config::{AttentionType, CheckpointLayout, RopeKind};
+use gemma4_reference::config::{AttentionType, RopeKind};
 use gemma4_reference::dump::{model_order_key, ActivationDump, DumpTensor};
 use gemma4_reference::faults::{with_faults, Fault};
 use gemma4_reference::layer_plan::KvSource;
+use gemma4_reference::model::is_placeholder;
 use gemma4_reference::{Gemma4TextModel, ModelPlan};
 use rayon::prelude::*;
 
-use crate::comparison::round_to_bf16;
+use crate::comparison::bf16_rounded;
 
 /// A fault is named only if its dump reproduces the candidate within this many allowances
 /// (tolerance, or the fault's noise envelope where larger; see [`Hypothesis::envelope`]) on
@@ -382,14 +384,7 @@ fn not_applicable(fault: Fault, model: &Gemma4TextModel, tokens: &[usize]) -> Op
         | Fault::PleNoTokenScale
         | Fault::PleNoProjectionScale => reason(!no_ple, "the model has no Per-Layer Embeddings"),
         Fault::PlePlaceholderNotPad => {
-            let tokens_ = &model.config.special_tokens;
-            let placeholders = [
-                tokens_.image_token_id,
-                tokens_.video_token_id,
-                tokens_.audio_token_id,
-            ];
-            let has_placeholder = model.config.layout == CheckpointLayout::ConditionalGeneration
-                && tokens.iter().any(|&t| placeholders.contains(&Some(t)));
+            let has_placeholder = tokens.iter().any(|&t| is_placeholder(&model.config, t));
             reason(!no_ple, "the model has no Per-Layer Embeddings").or_else(|| {
                 reason(
                     has_placeholder,
@@ -469,13 +464,19 @@ fn first_difference(clean: &ActivationDump, other: &ActivationDump) -> Option<St
         .map(String::from)
 }
 
-/// A tensor the diagnosis scores, with its tolerance. `exact_bf16`: compared after rounding
-/// both sides to bf16, where any difference is a real one (bf16 embeddings).
+/// A tensor the diagnosis scores, with its tolerance.
 #[derive(Clone, Debug)]
 pub struct ScoredTensor {
     pub name: String,
     pub tolerance: f64,
-    pub exact_bf16: bool,
+}
+
+impl ScoredTensor {
+    /// Compared after rounding both sides to bf16, where any difference is a real one: the
+    /// tensors with tolerance 0 (bf16 embeddings; index tensors are not scored).
+    pub fn exact_bf16(&self) -> bool {
+        self.tolerance == 0.0
+    }
 }
 
 /// How well one hypothesis reproduces the candidate.
@@ -559,10 +560,12 @@ fn relative_error(expected: &DumpTensor, candidate: &DumpTensor) -> Option<f64> 
     })
 }
 
-/// How well `hypothesis` reproduces `candidate` over `scored` tensors.
-pub fn fit(
+/// How well `hypothesis` reproduces `candidate` over `scored` tensors; `candidate_inputs` are
+/// the candidate's [`DecodeInputs`].
+fn fit(
     label: &str,
     candidate: &ActivationDump,
+    candidate_inputs: &DecodeInputs,
     hypothesis: &Hypothesis,
     scored: &[ScoredTensor],
 ) -> Fit {
@@ -574,7 +577,7 @@ pub fn fit(
         first_unexplained: None,
         tensors: 0,
     };
-    let decode_rows = comparable_decode_rows(candidate, &hypothesis.dump);
+    let decode_rows = candidate_inputs.comparable_rows(&DecodeInputs::of(&hypothesis.dump));
     for tensor in scored {
         let (Some(c), Some(h)) = (
             candidate.get(&tensor.name),
@@ -585,16 +588,13 @@ pub fn fit(
         let (c, h) = match (tensor.name.as_str(), decode_rows) {
             ("decode_logits", Some(0)) => continue,
             ("decode_logits", Some(rows)) => (first_rows(c, rows), first_rows(h, rows)),
-            _ => (c.clone(), h.clone()),
+            _ => (Cow::Borrowed(c), Cow::Borrowed(h)),
         };
-        let (c, h) = (&c, &h);
-        let misfit = if tensor.exact_bf16 {
-            let rounded = |t: &DumpTensor| match t {
-                DumpTensor::F32(a) => DumpTensor::F32(round_to_bf16(a)),
-                other => other.clone(),
-            };
+        let (c, h) = (c.as_ref(), h.as_ref());
+        let misfit = if tensor.exact_bf16() {
             // In units of one bf16 rounding (2^-9 relative): any difference is at least that.
-            relative_error(&rounded(h), &rounded(c)).unwrap_or(f64::INFINITY) / 2f64.powi(-9)
+            relative_error(&bf16_rounded(h), &bf16_rounded(c)).unwrap_or(f64::INFINITY)
+                / 2f64.powi(-9)
         } else {
             let allowance = hypothesis
                 .envelope
@@ -623,34 +623,58 @@ pub fn fit(
 
 /// The tokens fed to the decode steps: `f₀ = argmax(logits[T−1])` (when the dump has logits),
 /// then the greedy continuation (`greedy_continuation`, else the argmax of each decode row).
-fn decode_inputs(dump: &ActivationDump) -> (Option<usize>, Vec<usize>) {
-    let argmax = |row: ndarray::ArrayViewD<f32>| {
-        row.iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                if v > best.1 {
-                    (i, v)
-                } else {
-                    best
-                }
-            })
-            .0
-    };
-    let first = dump
-        .get("logits")
-        .and_then(DumpTensor::as_f32)
-        .filter(|l| l.ndim() == 2 && l.shape()[0] > 0)
-        .map(|l| argmax(l.index_axis(ndarray::Axis(0), l.shape()[0] - 1)));
-    let continuation = match dump.get("greedy_continuation").and_then(DumpTensor::as_i64) {
-        Some(tokens) => tokens.iter().map(|&t| t as usize).collect(),
-        None => dump
-            .get("decode_logits")
+struct DecodeInputs {
+    first: Option<usize>,
+    continuation: Vec<usize>,
+}
+
+impl DecodeInputs {
+    fn of(dump: &ActivationDump) -> Self {
+        let argmax = |row: ndarray::ArrayViewD<f32>| {
+            row.iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                    if v > best.1 {
+                        (i, v)
+                    } else {
+                        best
+                    }
+                })
+                .0
+        };
+        let first = dump
+            .get("logits")
             .and_then(DumpTensor::as_f32)
-            .filter(|l| l.ndim() == 2)
-            .map(|l| l.outer_iter().map(argmax).collect())
-            .unwrap_or_default(),
-    };
-    (first, continuation)
+            .filter(|l| l.ndim() == 2 && l.shape()[0] > 0)
+            .map(|l| argmax(l.index_axis(ndarray::Axis(0), l.shape()[0] - 1)));
+        let continuation = match dump.get("greedy_continuation").and_then(DumpTensor::as_i64) {
+            Some(tokens) => tokens.iter().map(|&t| t as usize).collect(),
+            None => dump
+                .get("decode_logits")
+                .and_then(DumpTensor::as_f32)
+                .filter(|l| l.ndim() == 2)
+                .map(|l| l.outer_iter().map(argmax).collect())
+                .unwrap_or_default(),
+        };
+        DecodeInputs {
+            first,
+            continuation,
+        }
+    }
+
+    /// See [`comparable_decode_rows`].
+    fn comparable_rows(&self, other: &DecodeInputs) -> Option<usize> {
+        if let (Some(x), Some(y)) = (self.first, other.first) {
+            if x != y {
+                return Some(0);
+            }
+        }
+        self.continuation
+            .iter()
+            .zip(&other.continuation)
+            .position(|(x, y)| x != y)
+            .map(|s| s + 1)
+    }
 }
 
 /// How many leading `decode_logits` rows of two dumps are logits of the same token sequence
@@ -659,28 +683,17 @@ fn decode_inputs(dump: &ActivationDump) -> (Option<usize>, Vec<usize>) {
 /// float noise tips a near-tie that way is not contradicting the hypothesis. The row where
 /// the choices first differ is still comparable (it produced them).
 pub fn comparable_decode_rows(a: &ActivationDump, b: &ActivationDump) -> Option<usize> {
-    let (first_a, continuation_a) = decode_inputs(a);
-    let (first_b, continuation_b) = decode_inputs(b);
-    if let (Some(x), Some(y)) = (first_a, first_b) {
-        if x != y {
-            return Some(0);
-        }
-    }
-    continuation_a
-        .iter()
-        .zip(&continuation_b)
-        .position(|(x, y)| x != y)
-        .map(|s| s + 1)
+    DecodeInputs::of(a).comparable_rows(&DecodeInputs::of(b))
 }
 
 /// The first `rows` rows of a float tensor (the tensor itself otherwise).
-fn first_rows(tensor: &DumpTensor, rows: usize) -> DumpTensor {
+fn first_rows(tensor: &DumpTensor, rows: usize) -> Cow<'_, DumpTensor> {
     match tensor {
-        DumpTensor::F32(a) if a.ndim() >= 1 && a.shape()[0] > rows => DumpTensor::F32(
+        DumpTensor::F32(a) if a.ndim() >= 1 && a.shape()[0] > rows => Cow::Owned(DumpTensor::F32(
             a.slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..rows))
                 .to_owned(),
-        ),
-        other => other.clone(),
+        )),
+        other => Cow::Borrowed(other),
     }
 }
 
@@ -694,7 +707,15 @@ pub fn diagnose(
     scored: &[ScoredTensor],
     first_divergence: &str,
 ) -> Diagnosis {
-    let mut clean = fit("clean", candidate, &library.clean, scored);
+    // The candidate's decode inputs are the same against every hypothesis.
+    let candidate_inputs = DecodeInputs::of(candidate);
+    let mut clean = fit(
+        "clean",
+        candidate,
+        &candidate_inputs,
+        &library.clean,
+        scored,
+    );
     clean.relative_to_clean = 1.0;
     let divergence_key = model_order_key(first_divergence);
     let mut ranking = Vec::new();
@@ -719,7 +740,13 @@ pub fn diagnose(
                     });
                     continue;
                 }
-                let mut f = fit(entry.fault.id(), candidate, hypothesis, scored);
+                let mut f = fit(
+                    entry.fault.id(),
+                    candidate,
+                    &candidate_inputs,
+                    hypothesis,
+                    scored,
+                );
                 f.relative_to_clean = f.misfit / clean.misfit;
                 ranking.push(f);
             }

@@ -204,14 +204,13 @@ fn row_pattern(
         format!("all {count} {noun}")
     } else if diverging == [0] {
         format!("only {} 0", if decode { "step" } else { "position" })
-    } else if diverging.len() == count - 1 && diverging[0] == 1 {
+    } else if every_row_but_first(&diverging, count) {
         format!(
             "every {} but the first ({noun} 1..{})",
             &noun[..noun.len() - 1],
             count - 1
         )
-    } else if diverging.last() == Some(&(count - 1)) && diverging.len() == count - diverging[0] {
-        let from = diverging[0];
+    } else if let Some(from) = diverging_suffix(&diverging, count) {
         let window = facts
             .sliding_window
             .filter(|_| !decode)
@@ -227,6 +226,21 @@ fn row_pattern(
         of: count,
         summary,
     }
+}
+
+/// Do exactly the rows `1..count` diverge (every row but the first, of at least two)?
+fn every_row_but_first(diverging: &[usize], count: usize) -> bool {
+    count > 1 && diverging.len() == count - 1 && diverging.first() == Some(&1)
+}
+
+/// `Some(from)` when exactly the rows `from..count` diverge, some but not all (`diverging`:
+/// ascending indices below `count`).
+fn diverging_suffix(diverging: &[usize], count: usize) -> Option<usize> {
+    let &from = diverging.first()?;
+    (diverging.len() < count
+        && diverging.last() == Some(&(count - 1))
+        && diverging.len() == count - from)
+        .then_some(from)
 }
 
 /// Describes diverging channels of a q/k/v tensor, relating them to RoPE's rotate-half pairs
@@ -297,27 +311,19 @@ fn hints(name: &str, structure: &ErrorStructure, facts: &ModelFacts) -> Vec<Stri
     let mut hints = Vec::new();
     let is_qk = name.ends_with(".attn.q") || name.ends_with(".attn.k");
     if let Some(rows) = &structure.rows {
-        let d = &rows.diverging;
-        let every_but_first = rows.of > 1 && d.len() == rows.of - 1 && d.first() == Some(&1);
-        if is_qk && every_but_first {
+        if is_qk && every_row_but_first(&rows.diverging, rows.of) {
             hints.push(
                 "every position but 0 diverges: position-dependent, as RoPE is (position 0 is not rotated)"
                     .to_string(),
             );
         }
-        if rows.axis == "prompt_positions"
-            && !d.is_empty()
-            && d.len() < rows.of
-            && d.last() == Some(&(rows.of - 1))
-            && d.len() == rows.of - d[0]
-        {
-            if let Some(window) = facts.sliding_window {
-                let from = d[0];
-                if name.ends_with(".attn.output") && (from == window || from + 1 == window) {
-                    hints.push(format!(
-                        "only queries from position {from} on diverge, and W = {window}: the sliding window admits a different number of keys (W+1 keys first matters at position W, W-1 keys at W-1)"
-                    ));
-                }
+        let suffix =
+            diverging_suffix(&rows.diverging, rows.of).filter(|_| rows.axis == "prompt_positions");
+        if let (Some(from), Some(window)) = (suffix, facts.sliding_window) {
+            if name.ends_with(".attn.output") && (from == window || from + 1 == window) {
+                hints.push(format!(
+                    "only queries from position {from} on diverge, and W = {window}: the sliding window admits a different number of keys (W+1 keys first matters at position W, W-1 keys at W-1)"
+                ));
             }
         }
         if rows.axis == "decode_steps" {

@@ -224,7 +224,7 @@ pub fn depth_of(name: &str, num_layers: usize) -> usize {
 /// oracle rounds after every operation; against a float32 engine the measured gap grows from
 /// 1e-2 (layer 0) to 1.3e-1 (layer 4 attention output) on `e2b_bf16`. Such a case catches
 /// structural bugs and bf16 loading errors (O(1) effects), not percent-level slips; exact
-/// checks (see `conform::compare_with_case`) cover what bf16 can pin down.
+/// checks ([`compare_dumps_exact_bf16_embeddings`]) cover what bf16 can pin down.
 ///
 /// Float16: the bfloat16 policy divided by 8, the ratio of the two formats' unit roundoffs
 /// (2^-9 for bf16, 2^-12 for f16): `6.25e-3 + 5e-3 · depth`.
@@ -260,9 +260,9 @@ pub fn layers_in_dump(dump: &ActivationDump) -> Option<usize> {
         .map(|i| i + 1)
 }
 
-/// Tensors of integer ids that must match exactly.
+/// Tensors of integer ids that must match exactly (the dump contract's index tensors).
 pub fn is_index_tensor(name: &str) -> bool {
-    name == "input_ids" || name == "greedy_continuation" || name.ends_with("router.top_k_index")
+    gemma4_reference::dump::is_index_tensor_name(name)
 }
 
 /// Compares every tensor of `expected` (in model order) with `candidate`.
@@ -271,15 +271,66 @@ pub fn compare_dumps(
     candidate: &ActivationDump,
     tolerance: impl Fn(&str) -> f64,
 ) -> Vec<TensorReport> {
+    compare_dumps_by(expected, candidate, &tolerance, |name, e, c| {
+        compare_tensor(name, e, c, tolerance(name))
+    })
+}
+
+/// Which sides of an exact bf16 `embeddings` comparison are rounded to bfloat16 first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Rounding {
+    /// Only the candidate's (the expected tensor is a bf16 oracle's, exact bf16 already).
+    Candidate,
+    /// Both sides'.
+    Both,
+}
+
+/// Like [`compare_dumps`], but `embeddings` is compared with tolerance 0 after rounding it to
+/// bf16 (on the sides `rounding` says). A bf16 oracle computes `bf16(row · bf16(√D))`, and a
+/// float32 engine that uses the bf16-rounded scale gets the same bits after one rounding (the
+/// bf16 x bf16 product is exact in f32), so any difference is a real bug (e.g. an unrounded
+/// embedding scale).
+pub fn compare_dumps_exact_bf16_embeddings(
+    expected: &ActivationDump,
+    candidate: &ActivationDump,
+    rounding: Bf16Rounding,
+    tolerance: impl Fn(&str) -> f64,
+) -> Vec<TensorReport> {
+    let tolerance = |name: &str| {
+        if name == "embeddings" {
+            0.0
+        } else {
+            tolerance(name)
+        }
+    };
+    compare_dumps_by(expected, candidate, &tolerance, |name, e, c| {
+        if name == "embeddings" {
+            let c = bf16_rounded(c);
+            match rounding {
+                Bf16Rounding::Candidate => compare_tensor(name, e, &c, 0.0),
+                Bf16Rounding::Both => compare_tensor(name, &bf16_rounded(e), &c, 0.0),
+            }
+        } else {
+            compare_tensor(name, e, c, tolerance(name))
+        }
+    })
+}
+
+/// Walks `expected` in model order, comparing each tensor the candidate holds with `compare`
+/// and reporting the others as missing (with their `tolerance`).
+fn compare_dumps_by(
+    expected: &ActivationDump,
+    candidate: &ActivationDump,
+    tolerance: &impl Fn(&str) -> f64,
+    compare: impl Fn(&str, &DumpTensor, &DumpTensor) -> TensorReport,
+) -> Vec<TensorReport> {
     expected
         .names_in_model_order()
         .into_iter()
         .map(|name| {
             let expected_tensor = expected.get(name).expect("listed");
             match candidate.get(name) {
-                Some(candidate_tensor) => {
-                    compare_tensor(name, expected_tensor, candidate_tensor, tolerance(name))
-                }
+                Some(candidate_tensor) => compare(name, expected_tensor, candidate_tensor),
                 None => TensorReport {
                     name: name.to_string(),
                     status: Status::Missing,
@@ -302,4 +353,12 @@ pub fn compare_dumps(
 /// bf16 oracle where the oracle's only rounding is one bf16 store).
 pub fn round_to_bf16(tensor: &ArrayD<f32>) -> ArrayD<f32> {
     tensor.mapv(|v| half::bf16::from_f32(v).to_f32())
+}
+
+/// A dump tensor with every float value rounded to bfloat16 (an index tensor as it is).
+pub fn bf16_rounded(tensor: &DumpTensor) -> DumpTensor {
+    match tensor {
+        DumpTensor::F32(values) => DumpTensor::F32(round_to_bf16(values)),
+        DumpTensor::I64(_) => tensor.clone(),
+    }
 }

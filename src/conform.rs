@@ -1,10 +1,10 @@
 //! `gemma4 conform`: every bundled golden case through every engine, one table, one verdict.
 
-use gemma4_reference::dump::{ActivationDump, DumpTensor};
+use gemma4_reference::dump::ActivationDump;
 
 use crate::comparison::{
-    compare_dumps, depth_of, layers_in_dump, round_to_bf16, tolerance_for, Precision, Status,
-    TensorReport,
+    compare_dumps, compare_dumps_exact_bf16_embeddings, depth_of, layers_in_dump, tolerance_for,
+    Bf16Rounding, Precision, Status, TensorReport,
 };
 use crate::engine::Engine;
 use crate::golden::GoldenCase;
@@ -52,58 +52,54 @@ pub fn case_precision(case: &GoldenCase) -> Precision {
 /// Compares a candidate dump with a golden case's expected dump, using the case's tolerances.
 ///
 /// For a bf16 oracle, `embeddings` is compared after rounding the candidate to bf16 with
-/// tolerance 0: the oracle computes `bf16(row · bf16(√D))`, and a float32 engine that uses the
-/// bf16-rounded scale gets the same bits after one rounding (the bf16 x bf16 product is exact
-/// in f32), so any difference is a real bug (e.g. an unrounded embedding scale).
+/// tolerance 0 (see [`compare_dumps_exact_bf16_embeddings`]).
 pub fn compare_with_case(
     case: &GoldenCase,
     expected: &ActivationDump,
     candidate: &ActivationDump,
 ) -> Vec<TensorReport> {
     let precision = case_precision(case);
-    let mut candidate = candidate.clone();
-    if precision == Precision::BFloat16 {
-        if let Some(DumpTensor::F32(embeddings)) = candidate.get("embeddings") {
-            let rounded = round_to_bf16(embeddings);
-            candidate.insert_f32("embeddings", rounded);
-        }
-    }
     let num_layers = layers_in_dump(expected).unwrap_or(0);
-    compare_dumps(expected, &candidate, |name| {
-        if precision == Precision::BFloat16 && name == "embeddings" {
-            0.0
-        } else {
-            tolerance_for(name, precision, depth_of(name, num_layers))
-        }
-    })
-}
-
-/// Runs one case on one engine.
-pub fn run_case(case: &GoldenCase, engine: Engine) -> CaseOutcome {
-    run_case_with_threads(case, engine, None)
-}
-
-/// Runs one case on one engine; `threads` sizes the optimized engine's pool (`None`: the
-/// `RAYON_NUM_THREADS` default).
-pub fn run_case_with_threads(
-    case: &GoldenCase,
-    engine: Engine,
-    threads: Option<usize>,
-) -> CaseOutcome {
-    let outcome = |reports, error| CaseOutcome {
-        case: case.name.clone(),
-        engine,
-        reports,
-        error,
-    };
-    let expected = match ActivationDump::read(&case.expected_path()) {
-        Ok(d) => d,
-        Err(e) => return outcome(Vec::new(), Some(e.to_string())),
-    };
-    match engine.dump_with_threads(&case.model_dir(), &case.tokens, case.decode_steps, threads) {
-        Ok(candidate) => outcome(compare_with_case(case, &expected, &candidate), None),
-        Err(e) => outcome(Vec::new(), Some(e.to_string())),
+    let tolerance = |name: &str| tolerance_for(name, precision, depth_of(name, num_layers));
+    if precision == Precision::BFloat16 {
+        compare_dumps_exact_bf16_embeddings(expected, candidate, Bf16Rounding::Candidate, tolerance)
+    } else {
+        compare_dumps(expected, candidate, tolerance)
     }
+}
+
+/// Runs one case on each of `engines`, reading its expected dump once; `threads` sizes the
+/// optimized engine's pool (`None`: the `RAYON_NUM_THREADS` default). One outcome per engine,
+/// in order (each with the error if the expected dump cannot be read).
+pub fn run_case_on_engines(
+    case: &GoldenCase,
+    engines: &[Engine],
+    threads: Option<usize>,
+) -> Vec<CaseOutcome> {
+    let expected = ActivationDump::read(&case.expected_path()).map_err(|e| e.to_string());
+    engines
+        .iter()
+        .map(|&engine| {
+            let (reports, error) = match &expected {
+                Ok(expected) => match engine.dump_with_threads(
+                    &case.model_dir(),
+                    &case.tokens,
+                    case.decode_steps,
+                    threads,
+                ) {
+                    Ok(candidate) => (compare_with_case(case, expected, &candidate), None),
+                    Err(e) => (Vec::new(), Some(e.to_string())),
+                },
+                Err(e) => (Vec::new(), Some(e.clone())),
+            };
+            CaseOutcome {
+                case: case.name.clone(),
+                engine,
+                reports,
+                error,
+            }
+        })
+        .collect()
 }
 
 /// Formats the conform table.

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use gemma4::compare::{format_report, run_compare, ExpectedSource};
-use gemma4::conform::{format_table, run_case_with_threads};
+use gemma4::conform::{format_table, run_case_on_engines};
 use gemma4::engine::Engine;
 use gemma4::golden::{golden_dir, load_cases};
 use gemma4::inspect::{format_inspection, inspect};
@@ -160,9 +160,7 @@ fn conform(args: ConformArgs) -> ExitCode {
             .as_ref()
             .is_none_or(|f| c.name.contains(f.as_str()))
     }) {
-        for &engine in &engines {
-            outcomes.push(run_case_with_threads(case, engine, args.threads));
-        }
+        outcomes.extend(run_case_on_engines(case, &engines, args.threads));
     }
     if outcomes.is_empty() {
         eprintln!(

@@ -15,8 +15,8 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use gemma4_optimized::checkpoint::Matrix;
 use gemma4_optimized::linear::{linear, linear_into_with, PrefillKernel, Threads};
-use gemma4_optimized::simd::Kind;
 use gemma4_optimized::synthetic::random_values;
+use gemma4_reference::checkpoint::WeightDtype;
 use half::bf16;
 
 const D: usize = 1536;
@@ -118,31 +118,31 @@ fn prefill_gemm(c: &mut Criterion) {
         (
             "gemm_crate_bf16_widened",
             &bf16_matrix,
-            Kind::BF16,
+            WeightDtype::BF16,
             PrefillKernel::GemmCrate,
         ),
         (
             "avx512_f32_bf16",
             &bf16_matrix,
-            Kind::BF16,
+            WeightDtype::BF16,
             PrefillKernel::Avx512,
         ),
         (
             "avx512_bf16_dot",
             &bf16_matrix,
-            Kind::BF16,
+            WeightDtype::BF16,
             PrefillKernel::Avx512Bf16,
         ),
         (
             "gemm_crate_f32",
             &f32_matrix,
-            Kind::F32,
+            WeightDtype::F32,
             PrefillKernel::GemmCrate,
         ),
         (
             "avx512_f32_f32",
             &f32_matrix,
-            Kind::F32,
+            WeightDtype::F32,
             PrefillKernel::Avx512,
         ),
     ] {
@@ -195,7 +195,7 @@ fn prefill_gemm(c: &mut Criterion) {
         ("avx512_f32_bf16", PrefillKernel::Avx512),
         ("avx512_bf16_dot", PrefillKernel::Avx512Bf16),
     ] {
-        if kernel.available(Kind::BF16) {
+        if kernel.available(WeightDtype::BF16) {
             group.bench_function(name, |b| {
                 b.iter(|| linear_into_with(&x, T, &down, &mut y, Threads::Pool, kernel))
             });

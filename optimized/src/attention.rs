@@ -27,21 +27,17 @@ use crate::kv_cache::{KvCache, Segment};
 use crate::linear::linear;
 use crate::mask::visible_keys;
 use crate::rms_norm::rms_norm_in_place;
-use crate::rope::RopeTable;
+use crate::rope::RopeRows;
 use crate::simd::{dot, scaled_add};
 
-/// Records a row-major tensor of `shape` held in `data` (and checks it is finite, with the
-/// reference's error naming the tensor and the first bad index). Without a dump attached, a
-/// finite tensor is only scanned — a plain slice scan, far cheaper than the view's indexed walk.
+/// Records a row-major tensor of `shape` held in `data` through the reference's recorder (which
+/// checks it is finite, naming the tensor and the first bad index).
 pub(crate) fn record(
     recorder: &mut Recorder,
     name: &str,
     shape: &[usize],
     data: &[f32],
 ) -> Result<()> {
-    if !recorder.is_recording() && data.iter().all(|v| v.is_finite()) {
-        return Ok(());
-    }
     recorder.record(
         name,
         ArrayViewD::from_shape(IxDyn(shape), data).expect("shape matches the buffer"),
@@ -49,9 +45,9 @@ pub(crate) fn record(
 }
 
 /// Runs the attention block for the tokens at `positions` (`normed`: `[T, D]`), staging this
-/// layer's new keys and values in `cache` when it owns them. Queries (and the output) are computed
-/// for rows `first_query..T` only; the rows before contribute keys and values. Returns
-/// `[T − first_query, D]`.
+/// layer's new keys and values in `cache` when it owns them, `rope` the RoPE rows of these
+/// tokens. Queries (and the output) are computed for rows `first_query..T` only; the rows before
+/// contribute keys and values. Returns `[T − first_query, D]`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     layer: &LayerPlan,
@@ -59,7 +55,7 @@ pub fn attention(
     normed: &[f32],
     positions: &[usize],
     first_query: usize,
-    inverse_frequencies: &[f32],
+    rope: RopeRows,
     eps: f64,
     cache: &mut KvCache,
     recorder: &mut Recorder,
@@ -71,11 +67,10 @@ pub fn attention(
     // Queries: project, per-head q_norm, rotate.   [T, H, d]
     let query_positions = &positions[first_query..];
     let tokens = query_positions.len();
-    let rope = RopeTable::new(inverse_frequencies, positions);
     let model_dim = normed.len() / all_tokens.max(1);
     let mut queries = linear(&normed[first_query * model_dim..], tokens, &weights.q_proj);
     rms_norm_in_place(&mut queries, d, Some(&weights.q_norm), eps);
-    rope.apply_from(&mut queries, heads, first_query);
+    rope.skip(first_query).apply(&mut queries, heads);
     record(
         recorder,
         &format!("{prefix}.q"),
@@ -199,6 +194,8 @@ mod tests {
     use gemma4_reference::kv_cache::KvCache as ReferenceCache;
     use gemma4_reference::layer_plan::{KvSource, ModelPlan};
     use gemma4_reference::rope::inverse_frequencies;
+
+    use crate::rope::RopeTable;
     use ndarray::Array1;
 
     /// One layer (sliding with window 3, or full with K=V), fed a 5-token prefill then 3 single
@@ -276,7 +273,7 @@ mod tests {
                 x,
                 &positions,
                 0,
-                &inv,
+                RopeTable::new(&inv, &positions).rows_from(0),
                 1e-6,
                 &mut our_cache,
                 &mut Recorder::new(&mut our_dump),

@@ -2,24 +2,30 @@
 //!
 //! Validation is the reference's: the config, the layer plan, the shard index and every
 //! safetensors header are checked by `gemma4_reference::checkpoint::Checkpoint` and
-//! `Checkpoint::check`, in the reference loader's order, so a damaged checkpoint fails here with
-//! exactly the reference's error. What differs is what happens after the check:
+//! [`check_text_headers`] (every header before any value, as the reference loader does), and
+//! values are checked for NaN/inf in the reference loader's order, so a damaged checkpoint fails
+//! here with exactly the reference's error. What differs is what happens after the check:
 //! - matrices are not converted: a [`Matrix`] points into the mapped file and kernels widen
 //!   16-bit values to f32 in registers (`simd`);
 //! - vectors (norm weights, scalars, router scales) are small and are copied to f32;
 //! - the PLE table (`[262144, L·P]`, 4.7 GB in bf16 for E2B) is never read as a whole: only the
 //!   rows of the tokens seen are touched ("PLE in flash", see `ple`).
 //!
-//! Tensor names come from the reference ([`LayerNames`], [`full_name`]): HF names live there.
+//! Tensor names and shapes come from the reference ([`LayerNames`], [`text_tensor_specs`]): HF
+//! names live there.
 
 use std::any::Any;
 use std::sync::Arc;
 
-use gemma4_reference::checkpoint::{full_name, Checkpoint, LayerNames, WeightDtype};
+use gemma4_reference::checkpoint::{
+    check_text_headers, text_tensor_specs, CheckedTensor, Checkpoint, LayerNames, TextTensors,
+    WeightDtype,
+};
 use gemma4_reference::config::ModelConfig;
 use gemma4_reference::layer_plan::ModelPlan;
 use gemma4_reference::Result;
 use half::{bf16, f16};
+use ndarray::Ix1;
 
 /// A weight matrix `[rows, cols]` (HF layout `[out, in]`) in its storage dtype.
 ///
@@ -57,39 +63,34 @@ pub enum Elements<'a> {
 impl Matrix {
     /// An owned f32 matrix (tests and misaligned tensors).
     pub fn from_f32(rows: usize, cols: usize, values: Vec<f32>) -> Matrix {
-        assert_eq!(values.len(), rows * cols);
-        let owner: Arc<Vec<f32>> = Arc::new(values);
-        Matrix {
-            ptr: owner.as_ptr() as *const u8,
-            rows,
-            cols,
-            dtype: WeightDtype::F32,
-            _owner: Some(owner),
-        }
+        Matrix::owned(rows, cols, values, WeightDtype::F32)
     }
 
-    /// An owned bf16 matrix (tests).
+    /// An owned bf16 matrix (tests and misaligned tensors).
     pub fn from_bf16(rows: usize, cols: usize, values: Vec<bf16>) -> Matrix {
-        assert_eq!(values.len(), rows * cols);
-        let owner: Arc<Vec<bf16>> = Arc::new(values);
-        Matrix {
-            ptr: owner.as_ptr() as *const u8,
-            rows,
-            cols,
-            dtype: WeightDtype::BF16,
-            _owner: Some(owner),
-        }
+        Matrix::owned(rows, cols, values, WeightDtype::BF16)
     }
 
-    /// An owned f16 matrix (tests).
+    /// An owned f16 matrix (tests and misaligned tensors).
     pub fn from_f16(rows: usize, cols: usize, values: Vec<f16>) -> Matrix {
+        Matrix::owned(rows, cols, values, WeightDtype::F16)
+    }
+
+    /// An owned matrix of `T`, the element type of `dtype` (the callers above pair them).
+    fn owned<T: Send + Sync + 'static>(
+        rows: usize,
+        cols: usize,
+        values: Vec<T>,
+        dtype: WeightDtype,
+    ) -> Matrix {
         assert_eq!(values.len(), rows * cols);
-        let owner: Arc<Vec<f16>> = Arc::new(values);
+        debug_assert_eq!(std::mem::size_of::<T>(), dtype.size());
+        let owner: Arc<Vec<T>> = Arc::new(values);
         Matrix {
             ptr: owner.as_ptr() as *const u8,
             rows,
             cols,
-            dtype: WeightDtype::F16,
+            dtype,
             _owner: Some(owner),
         }
     }
@@ -194,15 +195,6 @@ impl Matrix {
         }
     }
 
-    /// The whole matrix as f32 (tests and tiny tensors only).
-    pub fn to_f32_vec(&self) -> Vec<f32> {
-        let mut out = vec![0.0; self.rows * self.cols];
-        for r in 0..self.rows {
-            self.row_scaled_into(r, 1.0, &mut out[r * self.cols..(r + 1) * self.cols]);
-        }
-        out
-    }
-
     /// Bytes this matrix occupies in its storage dtype.
     pub fn bytes(&self) -> usize {
         self.rows * self.cols * self.dtype.size()
@@ -301,167 +293,136 @@ pub struct TextWeights {
     pub lm_head: Option<Matrix>,
 }
 
-/// Reads matrices and vectors from a validated checkpoint.
+/// Reads matrices and vectors from a checkpoint whose text headers were all checked.
 struct Loader<'a> {
     checkpoint: &'a Checkpoint,
-    prefix: &'static str,
+    tensors: TextTensors<'a>,
 }
 
 impl Loader<'_> {
-    fn name(&self, n: &str) -> String {
-        full_name(self.prefix, n)
+    /// A matrix with its spec'd shape (2-D, or 3-D stacked into 2-D), every value checked
+    /// finite as the reference loader does.
+    fn matrix(&self, spec_name: &str) -> Result<Matrix> {
+        let tensor = self.tensors.get(spec_name);
+        self.checkpoint
+            .check_finite(&tensor.name, &tensor.shape, tensor.dtype)?;
+        Ok(self.map(tensor))
     }
 
-    /// A matrix of `shape` (2-D, or 3-D stacked into 2-D), after the reference's checks
-    /// (shape, dtype, and every value finite).
-    fn matrix(&self, spec_name: &str, shape: &[usize]) -> Result<Matrix> {
-        let name = self.name(spec_name);
-        let dtype = self.checkpoint.check(&name, shape)?;
-        self.checkpoint.check_finite(&name, shape, dtype)?;
-        self.map(&name, shape, dtype)
+    /// The PLE table: its values are not scanned at load — the table stays on disk and only
+    /// the rows of the tokens seen are ever read (a non-finite value there surfaces as a
+    /// non-finite `per_layer_inputs`, named by the recorder).
+    fn table(&self, spec_name: &str) -> Matrix {
+        self.map(self.tensors.get(spec_name))
     }
 
-    /// The PLE table: shape and dtype checked, but its values are not scanned at load — the
-    /// table stays on disk and only the rows of the tokens seen are ever read (a non-finite
-    /// value there surfaces as a non-finite `per_layer_inputs`, named by the recorder).
-    fn table(&self, spec_name: &str, shape: &[usize]) -> Result<Matrix> {
-        let name = self.name(spec_name);
-        let dtype = self.checkpoint.check(&name, shape)?;
-        self.map(&name, shape, dtype)
-    }
-
-    fn map(&self, name: &str, shape: &[usize], dtype: WeightDtype) -> Result<Matrix> {
+    fn map(&self, tensor: &CheckedTensor) -> Matrix {
         let bytes = self
             .checkpoint
-            .file_of(name)
-            .and_then(|f| f.bytes(name))
-            .expect("checked above");
-        let cols = *shape.last().expect("non-empty shape");
-        let rows = shape.iter().product::<usize>() / cols.max(1);
+            .file_of(&tensor.name)
+            .and_then(|f| f.bytes(&tensor.name))
+            .expect("checked by check_text_headers");
+        let cols = *tensor.shape.last().expect("non-empty shape");
+        let rows = tensor.shape.iter().product::<usize>() / cols.max(1);
         // SAFETY: the bytes belong to the checkpoint's read-only maps, which the model keeps
         // alive (and unchanged) for as long as its weights exist.
-        Ok(unsafe { Matrix::from_mapped(bytes, rows, cols, dtype) })
+        unsafe { Matrix::from_mapped(bytes, rows, cols, tensor.dtype) }
     }
 
-    /// A vector of `n` values as f32 (the reference's own loader, same checks).
-    fn vector(&self, spec_name: &str, n: usize) -> Result<Vec<f32>> {
-        let (values, _) = self.checkpoint.load_f32(&self.name(spec_name), &[n])?;
+    /// A vector with its spec'd length, as f32 (the reference's own loader, same checks).
+    fn vector(&self, spec_name: &str) -> Result<Vec<f32>> {
+        let values = self.tensors.load::<Ix1>(spec_name)?;
         Ok(values.into_raw_vec_and_offset().0)
     }
 }
 
 impl TextWeights {
-    /// Loads every text weight the plan needs, checking them in the reference loader's order
-    /// (so the first problem found is the one the reference reports).
+    /// Loads every text weight the plan needs, with the shapes the reference's
+    /// [`text_tensor_specs`] gives them: every header first ([`check_text_headers`]), then the
+    /// values in the reference loader's order (so the first problem found is the one the
+    /// reference reports).
     pub fn load(checkpoint: &Checkpoint, config: &ModelConfig, plan: &ModelPlan) -> Result<Self> {
         let text = &config.text;
+        let specs = text_tensor_specs(text, plan);
         let loader = Loader {
             checkpoint,
-            prefix: checkpoint.text_prefix()?,
+            tensors: check_text_headers(checkpoint, checkpoint.text_prefix()?, &specs)?,
         };
-        let d = text.hidden_size;
-        let v = text.vocab_size;
-        let embed_tokens = loader.matrix("embed_tokens.weight", &[v, d])?;
-        let p = text.hidden_size_per_layer_input;
-        let num_layers = text.num_hidden_layers;
-        let per_layer_embeddings = if p > 0 {
+        let embed_tokens = loader.matrix("embed_tokens.weight")?;
+        let per_layer_embeddings = if text.hidden_size_per_layer_input > 0 {
             Some(PleWeights {
-                table: loader.table(
-                    "embed_tokens_per_layer.weight",
-                    &[text.vocab_size_per_layer_input, num_layers * p],
-                )?,
-                model_projection: loader
-                    .matrix("per_layer_model_projection.weight", &[num_layers * p, d])?,
-                projection_norm: loader.vector("per_layer_projection_norm.weight", p)?,
+                table: loader.table("embed_tokens_per_layer.weight"),
+                model_projection: loader.matrix("per_layer_model_projection.weight")?,
+                projection_norm: loader.vector("per_layer_projection_norm.weight")?,
             })
         } else {
             None
         };
-        let mut layers = Vec::with_capacity(num_layers);
+        let mut layers = Vec::with_capacity(plan.layers.len());
         for layer in &plan.layers {
             let names = LayerNames::new(layer.index);
-            let (h, k, hd, f) = (
-                layer.num_query_heads,
-                layer.num_kv_heads,
-                layer.head_dim,
-                layer.mlp_width,
-            );
             let own_kv = layer.computes_own_kv();
             let attention = AttentionWeights {
-                q_proj: loader.matrix(&names.q_proj(), &[h * hd, d])?,
-                q_norm: loader.vector(&names.q_norm(), hd)?,
-                k_proj: own_kv
-                    .then(|| loader.matrix(&names.k_proj(), &[k * hd, d]))
-                    .transpose()?,
+                q_proj: loader.matrix(&names.q_proj())?,
+                q_norm: loader.vector(&names.q_norm())?,
+                k_proj: own_kv.then(|| loader.matrix(&names.k_proj())).transpose()?,
                 v_proj: (own_kv && !layer.key_equals_value)
-                    .then(|| loader.matrix(&names.v_proj(), &[k * hd, d]))
+                    .then(|| loader.matrix(&names.v_proj()))
                     .transpose()?,
-                k_norm: own_kv
-                    .then(|| loader.vector(&names.k_norm(), hd))
-                    .transpose()?,
-                o_proj: loader.matrix(&names.o_proj(), &[d, h * hd])?,
+                k_norm: own_kv.then(|| loader.vector(&names.k_norm())).transpose()?,
+                o_proj: loader.matrix(&names.o_proj())?,
             };
             let mlp = MlpWeights {
-                gate_proj: loader.matrix(&names.gate_proj(), &[f, d])?,
-                up_proj: loader.matrix(&names.up_proj(), &[f, d])?,
-                down_proj: loader.matrix(&names.down_proj(), &[d, f])?,
+                gate_proj: loader.matrix(&names.gate_proj())?,
+                up_proj: loader.matrix(&names.up_proj())?,
+                down_proj: loader.matrix(&names.down_proj())?,
             };
             let per_layer_embedding = layer
                 .has_per_layer_embedding
                 .then(|| -> Result<LayerPleWeights> {
                     Ok(LayerPleWeights {
-                        input_gate: loader.matrix(&names.per_layer_input_gate(), &[p, d])?,
-                        projection: loader.matrix(&names.per_layer_projection(), &[d, p])?,
-                        post_norm: loader.vector(&names.post_per_layer_input_norm(), d)?,
+                        input_gate: loader.matrix(&names.per_layer_input_gate())?,
+                        projection: loader.matrix(&names.per_layer_projection())?,
+                        post_norm: loader.vector(&names.post_per_layer_input_norm())?,
                     })
                 })
                 .transpose()?;
-            let moe = match (&text.moe, layer.has_moe) {
-                (Some(moe), true) => {
-                    let (e, inner) = (moe.num_experts, moe.moe_intermediate_size);
-                    Some(MoeWeights {
-                        router_proj: loader.matrix(&names.router_proj(), &[e, d])?,
-                        router_scale: loader.vector(&names.router_scale(), d)?,
-                        per_expert_scale: loader.vector(&names.router_per_expert_scale(), e)?,
-                        gate_up_proj: loader
-                            .matrix(&names.experts_gate_up_proj(), &[e, 2 * inner, d])?,
-                        down_proj: loader.matrix(&names.experts_down_proj(), &[e, d, inner])?,
+            let moe = layer
+                .has_moe
+                .then(|| -> Result<MoeWeights> {
+                    Ok(MoeWeights {
+                        router_proj: loader.matrix(&names.router_proj())?,
+                        router_scale: loader.vector(&names.router_scale())?,
+                        per_expert_scale: loader.vector(&names.router_per_expert_scale())?,
+                        gate_up_proj: loader.matrix(&names.experts_gate_up_proj())?,
+                        down_proj: loader.matrix(&names.experts_down_proj())?,
                         pre_feedforward_layernorm_2: loader
-                            .vector(&names.pre_feedforward_layernorm_2(), d)?,
+                            .vector(&names.pre_feedforward_layernorm_2())?,
                         post_feedforward_layernorm_1: loader
-                            .vector(&names.post_feedforward_layernorm_1(), d)?,
+                            .vector(&names.post_feedforward_layernorm_1())?,
                         post_feedforward_layernorm_2: loader
-                            .vector(&names.post_feedforward_layernorm_2(), d)?,
+                            .vector(&names.post_feedforward_layernorm_2())?,
                     })
-                }
-                _ => None,
-            };
+                })
+                .transpose()?;
             layers.push(LayerWeights {
-                input_layernorm: loader.vector(&names.input_layernorm(), d)?,
+                input_layernorm: loader.vector(&names.input_layernorm())?,
                 attention,
-                post_attention_layernorm: loader.vector(&names.post_attention_layernorm(), d)?,
-                pre_feedforward_layernorm: loader.vector(&names.pre_feedforward_layernorm(), d)?,
+                post_attention_layernorm: loader.vector(&names.post_attention_layernorm())?,
+                pre_feedforward_layernorm: loader.vector(&names.pre_feedforward_layernorm())?,
                 mlp,
-                post_feedforward_layernorm: loader
-                    .vector(&names.post_feedforward_layernorm(), d)?,
+                post_feedforward_layernorm: loader.vector(&names.post_feedforward_layernorm())?,
                 moe,
                 per_layer_embedding,
-                layer_scalar: loader.vector(&names.layer_scalar(), 1)?[0],
+                layer_scalar: loader.vector(&names.layer_scalar())?[0],
             });
         }
-        let final_norm = loader.vector("norm.weight", d)?;
+        let final_norm = loader.vector("norm.weight")?;
         let lm_head = if text.tie_word_embeddings {
             None
         } else {
-            // The untied head never takes the layout prefix (reference: `checkpoint.rs`).
-            let dtype = checkpoint.check("lm_head.weight", &[v, d])?;
-            checkpoint.check_finite("lm_head.weight", &[v, d], dtype)?;
-            let bytes = checkpoint
-                .file_of("lm_head.weight")
-                .and_then(|f| f.bytes("lm_head.weight"))
-                .expect("checked above");
-            // SAFETY: as in `Loader::matrix`.
-            Some(unsafe { Matrix::from_mapped(bytes, v, d, dtype) })
+            // The untied head never takes the layout prefix (`full_name`).
+            Some(loader.matrix("lm_head.weight")?)
         };
         Ok(TextWeights {
             embed_tokens,
@@ -470,5 +431,62 @@ impl TextWeights {
             final_norm,
             lm_head,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::{write_checkpoint, TinyConfig};
+    use crate::Gemma4Optimized;
+    use gemma4_reference::Gemma4TextModel;
+
+    /// A NaN in the first tensor and a missing later tensor: both engines check every header
+    /// before any value, so both report the missing tensor, with the same message.
+    #[test]
+    fn a_header_problem_anywhere_is_reported_before_a_nan_by_both_engines() {
+        let config = TinyConfig {
+            vocab_size: 16,
+            hidden_size: 8,
+            intermediate_size: 6,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            num_global_key_value_heads: 1,
+            head_dim: 4,
+            global_head_dim: 8,
+            full_layers: vec![false, true],
+            sliding_window: 3,
+            hidden_size_per_layer_input: 2,
+            num_kv_shared_layers: 0,
+            use_double_wide_mlp: false,
+            attention_k_eq_v: false,
+            moe: None,
+            tie_word_embeddings: true,
+            final_logit_softcapping: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        write_checkpoint(dir.path(), &config.config_json(), WeightDtype::F32, 3).unwrap();
+        let path = dir.path().join("model.safetensors");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        // The data section starts with `embed_tokens` (spec order): its first value becomes NaN.
+        bytes[8 + header_len..12 + header_len].copy_from_slice(&f32::NAN.to_le_bytes());
+        // `model.norm.weight` (the last tensor) is renamed, same length: it is now missing.
+        let header = std::str::from_utf8(&bytes[8..8 + header_len]).unwrap();
+        let at = 8 + header.find("\"model.norm.weight\"").unwrap();
+        bytes[at..at + 19].copy_from_slice(b"\"model.norm.weighX\"");
+        std::fs::write(&path, &bytes).unwrap();
+
+        let reference = match Gemma4TextModel::load(dir.path()) {
+            Ok(_) => panic!("the reference loaded a damaged checkpoint"),
+            Err(e) => e.to_string(),
+        };
+        let optimized = match Gemma4Optimized::load(dir.path()) {
+            Ok(_) => panic!("the optimized engine loaded a damaged checkpoint"),
+            Err(e) => e.to_string(),
+        };
+        assert!(reference.contains("model.norm.weight"), "{reference}");
+        assert!(reference.contains("missing"), "{reference}");
+        assert_eq!(optimized, reference);
     }
 }

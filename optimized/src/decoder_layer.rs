@@ -22,11 +22,12 @@ use crate::mlp::mlp;
 use crate::moe::{experts, route};
 use crate::ple::add_per_layer_embedding_branch;
 use crate::rms_norm::{add_normed, rms_norm, rms_norm_in_place};
+use crate::rope::RopeRows;
 
 /// Runs layer `layer.index` on the residual stream `hidden` (`[T, D]`, updated in place).
 ///
 /// `per_layer_input`: this layer's PLE slice `[T, P]` (PLE models); `positions`: the tokens'
-/// absolute positions; `inverse_frequencies`: the RoPE table of this layer's type.
+/// absolute positions; `rope`: their rows of the pass's RoPE table of this layer's type.
 ///
 /// `outputs_from`: the rows before it only give their keys and values to the cache (a producer
 /// layer whose later outputs are wanted for the last rows only, `Logits::Last`); the layer's
@@ -41,7 +42,7 @@ pub fn decoder_layer(
     per_layer_input: Option<&[f32]>,
     positions: &[usize],
     outputs_from: usize,
-    inverse_frequencies: &[f32],
+    rope: RopeRows,
     cache: &mut KvCache,
     recorder: &mut Recorder,
 ) -> Result<()> {
@@ -57,7 +58,7 @@ pub fn decoder_layer(
         &normed,
         positions,
         outputs_from,
-        inverse_frequencies,
+        rope,
         eps,
         cache,
         recorder,

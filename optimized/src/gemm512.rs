@@ -31,7 +31,9 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-use crate::simd::{Element, Kind};
+use gemma4_reference::checkpoint::WeightDtype;
+
+use crate::simd::Element;
 
 /// Output rows (weight rows) per packed panel: three zmm vectors.
 pub const NR: usize = 48;
@@ -365,8 +367,8 @@ unsafe fn pack_f32<E: Element>(
         if first + 16 <= n {
             // Blocks of 16 (f32) or 32 (16-bit) columns by in-register transposes.
             let base = w.add((r0 + first) * cols + k0);
-            match E::KIND {
-                Kind::F32 => {
+            match E::DTYPE {
+                WeightDtype::F32 => {
                     while k + 16 <= kc {
                         let mut v = [_mm512_setzero_si512(); 16];
                         for (i, vi) in v.iter_mut().enumerate() {
@@ -379,7 +381,7 @@ unsafe fn pack_f32<E: Element>(
                         k += 16;
                     }
                 }
-                Kind::BF16 | Kind::F16 => {
+                WeightDtype::BF16 | WeightDtype::F16 => {
                     while k + 32 <= kc {
                         let mut v = [_mm512_setzero_si512(); 16];
                         for (i, vi) in v.iter_mut().enumerate() {
@@ -388,7 +390,7 @@ unsafe fn pack_f32<E: Element>(
                         transpose16(&mut v);
                         // v[j] holds the pair (k + 2j, k + 2j + 1) of the 16 rows.
                         for (j, vj) in v.iter().enumerate() {
-                            let (even, odd) = if E::KIND == Kind::BF16 {
+                            let (even, odd) = if E::DTYPE == WeightDtype::BF16 {
                                 (
                                     _mm512_slli_epi32(*vj, 16),
                                     _mm512_and_si512(*vj, _mm512_set1_epi32(0xFFFF_0000u32 as i32)),

@@ -24,6 +24,7 @@ use std::borrow::Cow;
 
 use gemma4_reference::config::AttentionType;
 use gemma4_reference::layer_plan::ModelPlan;
+use rayon::prelude::*;
 
 use crate::rope::RopeTable;
 
@@ -264,25 +265,21 @@ impl KvCache {
 
     /// Bytes allocated by the whole cache, per attention type: `(sliding, full)`.
     pub fn allocated_bytes(&self) -> (usize, usize) {
-        let mut sliding = 0;
-        let mut full = 0;
-        for cache in self.layers.iter().flatten() {
-            match cache.attention_type {
-                AttentionType::Sliding => sliding += cache.allocated_bytes(),
-                AttentionType::Full => full += cache.allocated_bytes(),
-            }
-        }
-        (sliding, full)
+        self.sum_per_type(LayerCache::allocated_bytes)
     }
 
     /// Bytes one position costs, summed over layers, per attention type: `(sliding, full)`.
     pub fn bytes_per_position(&self) -> (usize, usize) {
-        let mut sliding = 0;
-        let mut full = 0;
+        self.sum_per_type(LayerCache::bytes_per_position)
+    }
+
+    /// `bytes` summed over the layers of each attention type: `(sliding, full)`.
+    fn sum_per_type(&self, bytes: impl Fn(&LayerCache) -> usize) -> (usize, usize) {
+        let (mut sliding, mut full) = (0, 0);
         for cache in self.layers.iter().flatten() {
             match cache.attention_type {
-                AttentionType::Sliding => sliding += cache.bytes_per_position(),
-                AttentionType::Full => full += cache.bytes_per_position(),
+                AttentionType::Sliding => sliding += bytes(cache),
+                AttentionType::Full => full += bytes(cache),
             }
         }
         (sliding, full)
@@ -295,14 +292,18 @@ fn rebuild_keys(cache: &LayerCache, values: &[f32], first: usize, count: usize) 
     let positions: Vec<usize> = (first..first + count).collect();
     let table = RopeTable::new(&cache.inverse_frequencies, &positions);
     let mut keys = values.to_vec();
-    for (t, token) in keys.chunks_exact_mut(cache.row).enumerate() {
-        for head in token.chunks_exact_mut(d) {
-            for (k, &w) in head.iter_mut().zip(&cache.k_norm) {
-                *k *= w;
+    // Positions are independent: split them over the pool (same arithmetic per element).
+    keys.par_chunks_exact_mut(cache.row)
+        .with_min_len(16)
+        .enumerate()
+        .for_each(|(t, token)| {
+            for head in token.chunks_exact_mut(d) {
+                for (k, &w) in head.iter_mut().zip(&cache.k_norm) {
+                    *k *= w;
+                }
+                table.rotate(head, t);
             }
-            table.rotate(head, t);
-        }
-    }
+        });
     keys
 }
 

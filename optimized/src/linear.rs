@@ -22,7 +22,9 @@ use std::cell::{Cell, RefCell};
 use rayon::prelude::*;
 
 use crate::checkpoint::{Elements, Matrix};
-use crate::simd::{skinny_rows, widen, Element, Kind};
+use gemma4_reference::checkpoint::WeightDtype;
+
+use crate::simd::{skinny_rows, widen, Element};
 
 /// Up to this many token rows, the skinny (GEMV-like) kernel is used.
 pub const SKINNY_MAX_TOKENS: usize = 8;
@@ -85,10 +87,10 @@ pub enum PrefillKernel {
 }
 
 impl PrefillKernel {
-    /// The kernel `linear` picks for weights of `kind` under `precision` on this CPU.
-    pub fn select(kind: Kind, precision: Precision) -> PrefillKernel {
+    /// The kernel `linear` picks for weights of `dtype` under `precision` on this CPU.
+    pub fn select(dtype: WeightDtype, precision: Precision) -> PrefillKernel {
         if crate::gemm512::has_avx512_bf16()
-            && kind == Kind::BF16
+            && dtype == WeightDtype::BF16
             && precision == Precision::Bf16Activations
         {
             PrefillKernel::Avx512Bf16
@@ -99,12 +101,14 @@ impl PrefillKernel {
         }
     }
 
-    /// Whether this kernel can run here on weights of `kind`.
-    pub fn available(self, kind: Kind) -> bool {
+    /// Whether this kernel can run here on weights of `dtype`.
+    pub fn available(self, dtype: WeightDtype) -> bool {
         match self {
             PrefillKernel::GemmCrate => true,
             PrefillKernel::Avx512 => crate::gemm512::has_avx512(),
-            PrefillKernel::Avx512Bf16 => crate::gemm512::has_avx512_bf16() && kind == Kind::BF16,
+            PrefillKernel::Avx512Bf16 => {
+                crate::gemm512::has_avx512_bf16() && dtype == WeightDtype::BF16
+            }
         }
     }
 }
@@ -145,12 +149,7 @@ pub fn linear_into(x: &[f32], tokens: usize, weight: &Matrix, y: &mut [f32], thr
     if tokens == 0 || weight.rows == 0 {
         return;
     }
-    let kind = match weight.elements() {
-        Elements::F32(_) => Kind::F32,
-        Elements::BF16(_) => Kind::BF16,
-        Elements::F16(_) => Kind::F16,
-    };
-    let kernel = PrefillKernel::select(kind, current_precision());
+    let kernel = PrefillKernel::select(weight.dtype, current_precision());
     linear_into_with(x, tokens, weight, y, threads, kernel);
 }
 
@@ -227,9 +226,9 @@ fn dispatch<E: Element>(
         return;
     }
     assert!(
-        kernel.available(E::KIND),
+        kernel.available(E::DTYPE),
         "{kernel:?} cannot run on {:?} weights on this CPU",
-        E::KIND
+        E::DTYPE
     );
     #[cfg(target_arch = "x86_64")]
     if kernel == PrefillKernel::Avx512Bf16 {
@@ -394,23 +393,23 @@ mod tests {
     }
 
     /// The three storage types of a weight, made from the same values (rounded to the type).
-    fn matrices(rows: usize, cols: usize, seed: u64) -> Vec<(Kind, Matrix, Vec<f32>)> {
+    fn matrices(rows: usize, cols: usize, seed: u64) -> Vec<(WeightDtype, Matrix, Vec<f32>)> {
         let w = random(rows * cols, seed);
         let bf: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         let hf: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
         vec![
             (
-                Kind::F32,
+                WeightDtype::F32,
                 Matrix::from_f32(rows, cols, w.clone()),
                 w.clone(),
             ),
             (
-                Kind::BF16,
+                WeightDtype::BF16,
                 Matrix::from_bf16(rows, cols, bf.clone()),
                 bf.iter().map(|v| v.to_f32()).collect(),
             ),
             (
-                Kind::F16,
+                WeightDtype::F16,
                 Matrix::from_f16(rows, cols, hf.clone()),
                 hf.iter().map(|v| v.to_f32()).collect(),
             ),
@@ -449,10 +448,10 @@ mod tests {
     fn every_f32_prefill_kernel_matches_the_sequential_dot_product_on_awkward_shapes() {
         for &(tokens, rows, cols) in &AWKWARD_SHAPES {
             let x = random(tokens * cols, 5 + cols as u64);
-            for (kind, matrix, widened) in matrices(rows, cols, 3 + rows as u64) {
+            for (dtype, matrix, widened) in matrices(rows, cols, 3 + rows as u64) {
                 let expected = sequential_fma(&widened, &x, tokens, rows, cols);
                 for kernel in [PrefillKernel::GemmCrate, PrefillKernel::Avx512] {
-                    if !kernel.available(kind) {
+                    if !kernel.available(dtype) {
                         continue;
                     }
                     let mut got = vec![f32::NAN; tokens * rows];
@@ -471,7 +470,7 @@ mod tests {
                         };
                         assert!(
                             ok,
-                            "{kernel:?} on {kind:?} weights, tokens={tokens} rows={rows} cols={cols}: y[{}, {}] = {g}, sequential FMA {e}",
+                            "{kernel:?} on {dtype:?} weights, tokens={tokens} rows={rows} cols={cols}: y[{}, {}] = {g}, sequential FMA {e}",
                             i / rows,
                             i % rows
                         );
@@ -483,7 +482,7 @@ mod tests {
 
     #[test]
     fn bf16_activation_kernel_error_is_bounded_by_the_activation_rounding() {
-        if !PrefillKernel::Avx512Bf16.available(Kind::BF16) {
+        if !PrefillKernel::Avx512Bf16.available(WeightDtype::BF16) {
             eprintln!("skipped: this CPU has no AVX-512 BF16");
             return;
         }
@@ -542,13 +541,13 @@ mod tests {
             .num_threads(3)
             .build()
             .unwrap();
-        for (kind, matrix, _) in matrices(rows, cols, 3) {
+        for (dtype, matrix, _) in matrices(rows, cols, 3) {
             for kernel in [
                 PrefillKernel::GemmCrate,
                 PrefillKernel::Avx512,
                 PrefillKernel::Avx512Bf16,
             ] {
-                if !kernel.available(kind) {
+                if !kernel.available(dtype) {
                     continue;
                 }
                 let run = |pool: &rayon::ThreadPool| {
@@ -561,7 +560,7 @@ mod tests {
                 let (a, b) = (run(&one), run(&three));
                 assert!(
                     a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
-                    "{kernel:?} on {kind:?}: results differ between 1 and 3 threads"
+                    "{kernel:?} on {dtype:?}: results differ between 1 and 3 threads"
                 );
             }
         }
@@ -575,19 +574,19 @@ mod tests {
             let expected = if crate::gemm512::has_avx512_bf16() {
                 PrefillKernel::Avx512Bf16
             } else {
-                PrefillKernel::select(Kind::BF16, Precision::F32)
+                PrefillKernel::select(WeightDtype::BF16, Precision::F32)
             };
             assert_eq!(
-                PrefillKernel::select(Kind::BF16, current_precision()),
+                PrefillKernel::select(WeightDtype::BF16, current_precision()),
                 expected
             );
             // f32 and f16 weights never take the bf16 path.
             assert_ne!(
-                PrefillKernel::select(Kind::F32, current_precision()),
+                PrefillKernel::select(WeightDtype::F32, current_precision()),
                 PrefillKernel::Avx512Bf16
             );
             assert_ne!(
-                PrefillKernel::select(Kind::F16, current_precision()),
+                PrefillKernel::select(WeightDtype::F16, current_precision()),
                 PrefillKernel::Avx512Bf16
             );
         });

@@ -47,6 +47,7 @@ use crate::kv_cache::KvCache;
 use crate::linear::{linear, with_precision, Precision};
 use crate::ple::per_layer_inputs;
 use crate::rms_norm::rms_norm;
+use crate::rope::RopeTable;
 
 /// Which positions' logits a forward pass must produce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,8 +67,10 @@ pub struct Gemma4Optimized {
     embed_scale: f32,
     /// `√P` in the PLE table's dtype.
     ple_token_scale: f32,
-    /// RoPE inverse frequencies of every layer.
+    /// The distinct RoPE inverse-frequency tables (one per attention type)...
     inverse_frequencies: Vec<Vec<f32>>,
+    /// ... and which one each layer uses.
+    rope_of_layer: Vec<usize>,
     /// Arithmetic of the prefill matrix products in [`Gemma4Optimized::forward`].
     precision: Precision,
     pool: rayon::ThreadPool,
@@ -95,10 +98,20 @@ impl Gemma4Optimized {
             let ple_token_scale = weights.per_layer_embeddings.as_ref().map_or(1.0, |p| {
                 embedding_scale(p.projection_norm.len(), p.table.dtype)
             });
-            let inverse_frequencies = plan
+            let mut inverse_frequencies_of_types: Vec<Vec<f32>> = Vec::new();
+            let rope_of_layer = plan
                 .layers
                 .iter()
-                .map(|layer| inverse_frequencies(&layer.rope, layer.head_dim))
+                .map(|layer| {
+                    let table = inverse_frequencies(&layer.rope, layer.head_dim);
+                    let known = inverse_frequencies_of_types
+                        .iter()
+                        .position(|t| *t == table);
+                    known.unwrap_or_else(|| {
+                        inverse_frequencies_of_types.push(table);
+                        inverse_frequencies_of_types.len() - 1
+                    })
+                })
                 .collect();
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads.unwrap_or(0))
@@ -113,7 +126,8 @@ impl Gemma4Optimized {
                 weights,
                 embed_scale,
                 ple_token_scale,
-                inverse_frequencies,
+                inverse_frequencies: inverse_frequencies_of_types,
+                rope_of_layer,
                 precision: Precision::F32,
                 pool,
                 _checkpoint: checkpoint,
@@ -184,7 +198,7 @@ impl Gemma4Optimized {
                     .clone()
                     .expect("producing layers have k_norm")
             },
-            |layer| self.inverse_frequencies[layer].clone(),
+            |layer| self.inverse_frequencies[self.rope_of_layer[layer]].clone(),
         )
     }
 
@@ -259,6 +273,12 @@ impl Gemma4Optimized {
 
         let first_position = cache.tokens_seen();
         let mut positions: Vec<usize> = (first_position..first_position + tokens).collect();
+        // The RoPE cos/sin of the pass's positions, once per attention type.
+        let rope_tables: Vec<RopeTable> = self
+            .inverse_frequencies
+            .iter()
+            .map(|inverse_frequencies| RopeTable::new(inverse_frequencies, &positions))
+            .collect();
         // Row of the pass (0..T) of each row of `hidden`.
         let mut rows: Vec<usize> = (0..tokens).collect();
         // The last layer that writes a cache: after its key/value projections, only the last
@@ -291,7 +311,7 @@ impl Gemma4Optimized {
                 layer_input.as_deref(),
                 &positions,
                 outputs_from,
-                &self.inverse_frequencies[layer.index],
+                rope_tables[self.rope_of_layer[layer.index]].rows_from(rows[0]),
                 cache,
                 recorder,
             )?;
@@ -328,7 +348,7 @@ impl Gemma4Optimized {
     /// conventions (`gemma4_reference::model::Gemma4TextModel::dump`).
     pub fn dump(&self, token_ids: &[usize], decode_steps: usize) -> Result<ActivationDump> {
         let mut dump = ActivationDump::new();
-        self.validate_token_ids(token_ids)?;
+        // `forward_in` validates the token ids first.
         dump.insert_i64("input_ids", input_ids_tensor(token_ids));
         let mut cache = self.new_cache();
         let logits = self.forward_in(

@@ -1,5 +1,5 @@
-//! Rotary position embeddings, with the cos/sin table computed once per forward pass
-//! (shared spec: text §6, §15.4).
+//! Rotary position embeddings, with the cos/sin table computed once per forward pass and
+//! attention type (shared spec: text §6, §15.4).
 //!
 //! Rotate-half layout: pair `k` is `(k, k + d/2)`; `θ_k = f32(pos) · inv[k]`:
 //!
@@ -67,16 +67,38 @@ impl RopeTable {
 
     /// Rotates `x` (`[T, heads, d]`, row-major): token `t` by table row `t`.
     pub fn apply(&self, x: &mut [f32], heads: usize) {
-        self.apply_from(x, heads, 0);
+        self.rows_from(0).apply(x, heads);
     }
 
-    /// [`RopeTable::apply`] to tokens that start at table row `first_row` (`x` holds the
-    /// tokens `first_row..` of the table's positions).
-    pub fn apply_from(&self, x: &mut [f32], heads: usize, first_row: usize) {
-        let d = 2 * self.half;
+    /// The table's rows from `first_row` on, for a chunk of tokens that starts there.
+    pub fn rows_from(&self, first_row: usize) -> RopeRows<'_> {
+        RopeRows {
+            table: self,
+            first_row,
+        }
+    }
+}
+
+/// The rows of a [`RopeTable`] that belong to a chunk of tokens: token `t` of the chunk is at
+/// table row `first_row + t` (the table covers the whole pass; a layer may see a later part).
+#[derive(Clone, Copy, Debug)]
+pub struct RopeRows<'a> {
+    table: &'a RopeTable,
+    first_row: usize,
+}
+
+impl<'a> RopeRows<'a> {
+    /// The rows of the chunk's tokens from `tokens` on.
+    pub fn skip(self, tokens: usize) -> RopeRows<'a> {
+        self.table.rows_from(self.first_row + tokens)
+    }
+
+    /// Rotates `x` (`[T, heads, d]`, row-major): token `t` by the angles of row `first_row + t`.
+    pub fn apply(&self, x: &mut [f32], heads: usize) {
+        let d = 2 * self.table.half;
         for (t, token) in x.chunks_exact_mut(heads * d).enumerate() {
             for head in token.chunks_exact_mut(d) {
-                self.rotate(head, first_row + t);
+                self.table.rotate(head, self.first_row + t);
             }
         }
     }

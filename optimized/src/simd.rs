@@ -11,6 +11,7 @@
 //! a scalar twin used otherwise. Summation order is fixed by the code (never by the thread count),
 //! so results are reproducible bit for bit on one machine.
 
+use gemma4_reference::checkpoint::WeightDtype;
 use half::{bf16, f16};
 
 /// True when the AVX2 + FMA + F16C kernels may run on this CPU (checked once).
@@ -32,18 +33,10 @@ pub fn has_avx2() -> bool {
     }
 }
 
-/// Which of the three storage types an [`Element`] is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    F32,
-    BF16,
-    F16,
-}
-
 /// An element type a weight can be stored in: f32, bf16 (as raw `u16` bits) or f16.
 pub trait Element: Copy + Send + Sync + 'static {
     /// The storage type, for kernels that handle the bits themselves.
-    const KIND: Kind;
+    const DTYPE: WeightDtype;
     /// Widens one element to f32 (exact for all three types).
     fn to_f32(self) -> f32;
     /// Loads 8 consecutive elements widened to f32 (unaligned load).
@@ -55,7 +48,7 @@ pub trait Element: Copy + Send + Sync + 'static {
 }
 
 impl Element for f32 {
-    const KIND: Kind = Kind::F32;
+    const DTYPE: WeightDtype = WeightDtype::F32;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -68,7 +61,7 @@ impl Element for f32 {
 }
 
 impl Element for bf16 {
-    const KIND: Kind = Kind::BF16;
+    const DTYPE: WeightDtype = WeightDtype::BF16;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
@@ -83,7 +76,7 @@ impl Element for bf16 {
 }
 
 impl Element for f16 {
-    const KIND: Kind = Kind::F16;
+    const DTYPE: WeightDtype = WeightDtype::F16;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
@@ -266,40 +259,24 @@ unsafe fn skinny_avx2<E: Element, const T: usize>(
     }
     for r in rows {
         let row = w.add(r * cols);
-        let mut i = 0;
-        let mut totals = [0.0f32; T];
         if T == 1 {
-            // One token: four independent accumulators hide the FMA latency.
-            let mut acc = [_mm256_setzero_ps(); 4];
-            while i + 32 <= cols {
-                for (u, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(
-                        E::load8(row.add(i + 8 * u)),
-                        _mm256_loadu_ps(x.add(i + 8 * u)),
-                        *a,
-                    );
-                }
-                i += 32;
+            // One token: the dot product's four independent accumulators hide the FMA latency.
+            *y.add(r - r0) = dot_avx2(row, x, cols);
+            continue;
+        }
+        // Several tokens: each widened weight vector feeds T accumulators.
+        let mut i = 0;
+        let mut acc = [_mm256_setzero_ps(); T];
+        while i + 8 <= cols {
+            let wv = E::load8(row.add(i));
+            for (t, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(t * cols + i)), *a);
             }
-            while i + 8 <= cols {
-                acc[0] = _mm256_fmadd_ps(E::load8(row.add(i)), _mm256_loadu_ps(x.add(i)), acc[0]);
-                i += 8;
-            }
-            let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-            totals[0] = horizontal_sum(sum);
-        } else {
-            // Several tokens: each widened weight vector feeds T accumulators.
-            let mut acc = [_mm256_setzero_ps(); T];
-            while i + 8 <= cols {
-                let wv = E::load8(row.add(i));
-                for (t, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(t * cols + i)), *a);
-                }
-                i += 8;
-            }
-            for t in 0..T {
-                totals[t] = horizontal_sum(acc[t]);
-            }
+            i += 8;
+        }
+        let mut totals = [0.0f32; T];
+        for t in 0..T {
+            totals[t] = horizontal_sum(acc[t]);
         }
         while i < cols {
             let wi = (*row.add(i)).to_f32();

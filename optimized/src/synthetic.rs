@@ -21,7 +21,6 @@ use std::io::Write;
 use std::path::Path;
 
 use gemma4_reference::checkpoint::{full_name, text_tensor_specs, TensorSpec, WeightDtype};
-use gemma4_reference::config::CheckpointLayout;
 use gemma4_reference::error::Error;
 use gemma4_reference::faults::with_faults;
 use gemma4_reference::{ModelConfig, ModelPlan, Result};
@@ -215,16 +214,9 @@ pub fn write_checkpoint(dir: &Path, config: &Value, dtype: WeightDtype, seed: u6
     let config_path = dir.join("config.json");
     let parsed = ModelConfig::from_json(config, &config_path)?;
     let plan = with_faults(&[], || ModelPlan::from_config(&parsed.text));
-    let prefix = match parsed.layout {
-        CheckpointLayout::ConditionalGeneration => "model.language_model.",
-        CheckpointLayout::CausalLm => "model.",
-    };
+    let prefix = parsed.layout.text_prefix();
     let specs = text_tensor_specs(&parsed.text, &plan);
-    let (dtype_name, element_size) = match dtype {
-        WeightDtype::F32 => ("F32", 4),
-        WeightDtype::BF16 => ("BF16", 2),
-        WeightDtype::F16 => ("F16", 2),
-    };
+    let element_size = dtype.size();
 
     // Header: every tensor, in spec order, contiguous.
     let mut header = serde_json::Map::new();
@@ -234,7 +226,8 @@ pub fn write_checkpoint(dir: &Path, config: &Value, dtype: WeightDtype, seed: u6
         let bytes = spec.shape.iter().product::<usize>() * element_size;
         header.insert(
             full_name(prefix, &spec.name),
-            json!({"dtype": dtype_name, "shape": spec.shape, "data_offsets": [offset, offset + bytes]}),
+            // A `WeightDtype` serialises as its safetensors name (`F32`, `BF16`, `F16`).
+            json!({"dtype": dtype, "shape": spec.shape, "data_offsets": [offset, offset + bytes]}),
         );
         offset += bytes;
     }
@@ -306,6 +299,7 @@ pub fn write_checkpoint(dir: &Path, config: &Value, dtype: WeightDtype, seed: u6
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gemma4_reference::config::CheckpointLayout;
 
     fn released(variant: &str) -> Value {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))

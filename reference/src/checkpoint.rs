@@ -15,11 +15,11 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
-use ndarray::{Array1, Array2, Array3, ArrayD, IxDyn};
+use ndarray::{Array, Array1, Array2, Array3, ArrayD, Dimension, Ix1, IxDyn};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 use serde_json::Value;
 
-use crate::config::{ModelConfig, TextConfig};
+use crate::config::{CheckpointLayout, ModelConfig, TextConfig};
 use crate::error::{Error, Result};
 use crate::layer_plan::ModelPlan;
 use crate::memory::{array_bytes, check_allocation, read_bounded, MAX_JSON_FILE_BYTES};
@@ -51,7 +51,18 @@ impl WeightDtype {
         }
     }
 
-    fn from_safetensors(dtype: Dtype) -> Option<WeightDtype> {
+    /// The values of little-endian bytes stored in this dtype, widened to f32 (exactly: every
+    /// BF16 and F16 value is an f32 value). A trailing partial element is ignored.
+    pub fn decode(self, bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+        bytes.chunks_exact(self.size()).map(move |b| match self {
+            WeightDtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            WeightDtype::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            WeightDtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        })
+    }
+
+    /// The weight dtype of a safetensors dtype (`None` for non-float dtypes and F64).
+    pub(crate) fn from_safetensors(dtype: Dtype) -> Option<WeightDtype> {
         match dtype {
             Dtype::F32 => Some(WeightDtype::F32),
             Dtype::BF16 => Some(WeightDtype::BF16),
@@ -483,8 +494,14 @@ impl Checkpoint {
     /// activation it spoils.
     pub fn load_f32(&self, name: &str, shape: &[usize]) -> Result<(ArrayD<f32>, WeightDtype)> {
         let dtype = self.check(name, shape)?;
-        let file = self.file_of(name).expect("checked above");
-        let bytes = file.bytes(name).expect("checked above");
+        Ok((self.convert(name, shape, dtype)?, dtype))
+    }
+
+    /// [`Checkpoint::load_f32`] after the header check: `name` is present with `shape` and the
+    /// float `dtype` ([`Checkpoint::check`] said so).
+    fn convert(&self, name: &str, shape: &[usize], dtype: WeightDtype) -> Result<ArrayD<f32>> {
+        let file = self.file_of(name).expect("checked by Checkpoint::check");
+        let bytes = file.bytes(name).expect("checked by Checkpoint::check");
         check_allocation(
             &file.path,
             name,
@@ -492,28 +509,13 @@ impl Checkpoint {
             &format!("loading {dtype:?} {shape:?} as f32"),
         )?;
         self.check_finite(name, shape, dtype)?;
-        let values: Vec<f32> = match dtype {
-            WeightDtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            WeightDtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-                .collect(),
-            WeightDtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-                .collect(),
-        };
-        let array = ArrayD::from_shape_vec(IxDyn(shape), values).map_err(|e| {
+        ArrayD::from_shape_vec(IxDyn(shape), dtype.decode(bytes).collect()).map_err(|e| {
             Error::tensor(
                 &file.path,
                 name,
                 format!("{} bytes cannot hold shape {shape:?}: {e}", bytes.len()),
             )
-        })?;
-        Ok((array, dtype))
+        })
     }
 
     /// Checks that a (shape-checked) float tensor holds no NaN or infinity, straight from its
@@ -538,12 +540,10 @@ impl Checkpoint {
             return Ok(());
         };
         let size = dtype.size();
-        let raw = &bytes[flat * size..(flat + 1) * size];
-        let value = match dtype {
-            WeightDtype::F32 => f32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]),
-            WeightDtype::BF16 => half::bf16::from_le_bytes([raw[0], raw[1]]).to_f32(),
-            WeightDtype::F16 => half::f16::from_le_bytes([raw[0], raw[1]]).to_f32(),
-        };
+        let value = dtype
+            .decode(&bytes[flat * size..(flat + 1) * size])
+            .next()
+            .expect("one whole element");
         // Row-major multi-index of the flat position.
         let mut index = vec![0; shape.len()];
         let mut rest = flat;
@@ -558,30 +558,6 @@ impl Checkpoint {
                 "holds the non-finite value {value} at index {index:?}; a weight must be finite"
             ),
         ))
-    }
-
-    fn load1(&self, name: &str, n: usize) -> Result<Array1<f32>> {
-        Ok(self
-            .load_f32(name, &[n])?
-            .0
-            .into_dimensionality()
-            .expect("1-D"))
-    }
-
-    fn load2(&self, name: &str, rows: usize, cols: usize) -> Result<Array2<f32>> {
-        Ok(self
-            .load_f32(name, &[rows, cols])?
-            .0
-            .into_dimensionality()
-            .expect("2-D"))
-    }
-
-    fn load3(&self, name: &str, shape: [usize; 3]) -> Result<Array3<f32>> {
-        Ok(self
-            .load_f32(name, &shape)?
-            .0
-            .into_dimensionality()
-            .expect("3-D"))
     }
 
     /// Finds the prefix of the text weights (`model.language_model.` or `model.`) by looking for
@@ -606,8 +582,13 @@ impl Checkpoint {
     }
 }
 
-/// Prefixes under which Gemma 4 text weights are stored, most specific first.
-pub const TEXT_PREFIXES: [&str; 3] = ["model.language_model.", "model.", ""];
+/// Prefixes under which Gemma 4 text weights are stored, most specific first: those of the two
+/// layouts, then none.
+pub const TEXT_PREFIXES: [&str; 3] = [
+    CheckpointLayout::ConditionalGeneration.text_prefix(),
+    CheckpointLayout::CausalLm.text_prefix(),
+    "",
+];
 
 /// The role of a text tensor, so that a loader can find the HF name of every weight.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -620,6 +601,9 @@ pub struct TensorSpec {
 
 /// Names and shapes of every text tensor the config implies (shared spec: text §3), in the
 /// order of the architecture. Buffers (`layer_scalar`) are included; the tied LM head is not.
+///
+/// This is the one inventory of the text weights: the loaders of both engines read each weight
+/// with the shape given here (through [`check_text_headers`]).
 pub fn text_tensor_specs(config: &TextConfig, plan: &ModelPlan) -> Vec<TensorSpec> {
     let d = config.hidden_size;
     let v = config.vocab_size;
@@ -671,7 +655,11 @@ pub fn text_tensor_specs(config: &TextConfig, plan: &ModelPlan) -> Vec<TensorSpe
             push(names.per_layer_projection(), &[d, p]);
             push(names.post_per_layer_input_norm(), &[d]);
         }
-        if let Some(moe) = &config.moe {
+        if layer.has_moe {
+            let moe = config
+                .moe
+                .as_ref()
+                .expect("the plan gives a MoE block only to layers of a MoE config");
             let (e, inner) = (moe.num_experts, moe.moe_intermediate_size);
             push(names.router_proj(), &[e, d]);
             push(names.router_scale(), &[d]);
@@ -688,6 +676,71 @@ pub fn text_tensor_specs(config: &TextConfig, plan: &ModelPlan) -> Vec<TensorSpe
         push("lm_head.weight".into(), &[v, d]);
     }
     specs
+}
+
+/// A text tensor whose header passed [`Checkpoint::check`]: present under `name`, with `shape`
+/// and the float `dtype`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedTensor {
+    /// The full HF name (layout prefix included).
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: WeightDtype,
+}
+
+/// The text tensors of a checkpoint, every header checked ([`check_text_headers`]), looked up
+/// by spec name (the name without the layout prefix, as in [`TensorSpec`]).
+pub struct TextTensors<'a> {
+    checkpoint: &'a Checkpoint,
+    by_spec_name: HashMap<String, CheckedTensor>,
+}
+
+/// Checks the header of every tensor of `specs` under the layout `prefix`, in spec order, before
+/// any value is read: each must be present with its spec'd shape and a float dtype, and the
+/// first that is not is the error. Both engines' loaders start with this, so a damaged
+/// checkpoint fails with the same error in both (a wrong shape anywhere is reported before a
+/// NaN in an earlier tensor).
+pub fn check_text_headers<'a>(
+    checkpoint: &'a Checkpoint,
+    prefix: &str,
+    specs: &[TensorSpec],
+) -> Result<TextTensors<'a>> {
+    let mut by_spec_name = HashMap::with_capacity(specs.len());
+    for spec in specs {
+        let name = full_name(prefix, &spec.name);
+        let dtype = checkpoint.check(&name, &spec.shape)?;
+        let tensor = CheckedTensor {
+            name,
+            shape: spec.shape.clone(),
+            dtype,
+        };
+        by_spec_name.insert(spec.name.clone(), tensor);
+    }
+    Ok(TextTensors {
+        checkpoint,
+        by_spec_name,
+    })
+}
+
+impl TextTensors<'_> {
+    /// The checked tensor of a spec name. A name [`text_tensor_specs`] does not list is a bug
+    /// of the loader asking for it (a panic, not an error of the checkpoint).
+    pub fn get(&self, spec_name: &str) -> &CheckedTensor {
+        self.by_spec_name
+            .get(spec_name)
+            .unwrap_or_else(|| panic!("`{spec_name}` is not in text_tensor_specs"))
+    }
+
+    /// Loads a tensor as f32 with its spec'd shape, `D` being its rank: what
+    /// [`Checkpoint::load_f32`] does after its header check, which was done already (memory
+    /// check, then every value finite, then the conversion).
+    pub fn load<D: Dimension>(&self, spec_name: &str) -> Result<Array<f32, D>> {
+        let tensor = self.get(spec_name);
+        let values = self
+            .checkpoint
+            .convert(&tensor.name, &tensor.shape, tensor.dtype)?;
+        Ok(values.into_dimensionality().expect("the spec'd rank"))
+    }
 }
 
 /// Refuses to start loading when all text weights together, as f32, need more memory than is
@@ -878,129 +931,95 @@ pub struct TextWeights {
 }
 
 impl TextWeights {
-    /// Loads and shape-checks every text weight the plan needs.
+    /// Loads and checks every text weight the plan needs, each with the shape
+    /// [`text_tensor_specs`] gives it.
     pub fn load(checkpoint: &Checkpoint, config: &ModelConfig, plan: &ModelPlan) -> Result<Self> {
         let text = &config.text;
         let prefix = checkpoint.text_prefix()?;
-        let name = |n: &str| full_name(prefix, n);
         // Every tensor present with its planned shape and a float dtype (headers only), then
         // enough memory for all of them as f32, before the first conversion.
         let specs = text_tensor_specs(text, plan);
-        for spec in &specs {
-            checkpoint.check(&full_name(prefix, &spec.name), &spec.shape)?;
-        }
+        let tensors = check_text_headers(checkpoint, prefix, &specs)?;
         check_total_allocation(checkpoint, &specs, prefix)?;
-        let d = text.hidden_size;
-        let v = text.vocab_size;
 
-        let (embed_tokens, embed_dtype) =
-            checkpoint.load_f32(&name("embed_tokens.weight"), &[v, d])?;
-        let embed_tokens = embed_tokens.into_dimensionality().expect("2-D");
-
-        let p = text.hidden_size_per_layer_input;
-        let num_layers = text.num_hidden_layers;
-        let per_layer_embeddings = if p > 0 {
-            let (table, table_dtype) = checkpoint.load_f32(
-                &name("embed_tokens_per_layer.weight"),
-                &[text.vocab_size_per_layer_input, num_layers * p],
-            )?;
+        let embed_tokens = tensors.load("embed_tokens.weight")?;
+        let embed_dtype = tensors.get("embed_tokens.weight").dtype;
+        let per_layer_embeddings = if text.hidden_size_per_layer_input > 0 {
             Some(PleWeights {
-                table: table.into_dimensionality().expect("2-D"),
-                table_dtype,
-                model_projection: checkpoint.load2(
-                    &name("per_layer_model_projection.weight"),
-                    num_layers * p,
-                    d,
-                )?,
-                projection_norm: checkpoint.load1(&name("per_layer_projection_norm.weight"), p)?,
+                table: tensors.load("embed_tokens_per_layer.weight")?,
+                table_dtype: tensors.get("embed_tokens_per_layer.weight").dtype,
+                model_projection: tensors.load("per_layer_model_projection.weight")?,
+                projection_norm: tensors.load("per_layer_projection_norm.weight")?,
             })
         } else {
             None
         };
 
-        let mut layers = Vec::with_capacity(num_layers);
+        let mut layers = Vec::with_capacity(plan.layers.len());
         for layer in &plan.layers {
             let names = LayerNames::new(layer.index);
-            let (h, k, hd, f) = (
-                layer.num_query_heads,
-                layer.num_kv_heads,
-                layer.head_dim,
-                layer.mlp_width,
-            );
             let own_kv = layer.computes_own_kv();
             let attention = AttentionWeights {
-                q_proj: checkpoint.load2(&name(&names.q_proj()), h * hd, d)?,
-                q_norm: checkpoint.load1(&name(&names.q_norm()), hd)?,
-                k_proj: own_kv
-                    .then(|| checkpoint.load2(&name(&names.k_proj()), k * hd, d))
-                    .transpose()?,
+                q_proj: tensors.load(&names.q_proj())?,
+                q_norm: tensors.load(&names.q_norm())?,
+                k_proj: own_kv.then(|| tensors.load(&names.k_proj())).transpose()?,
                 v_proj: (own_kv && !layer.key_equals_value)
-                    .then(|| checkpoint.load2(&name(&names.v_proj()), k * hd, d))
+                    .then(|| tensors.load(&names.v_proj()))
                     .transpose()?,
-                k_norm: own_kv
-                    .then(|| checkpoint.load1(&name(&names.k_norm()), hd))
-                    .transpose()?,
-                o_proj: checkpoint.load2(&name(&names.o_proj()), d, h * hd)?,
+                k_norm: own_kv.then(|| tensors.load(&names.k_norm())).transpose()?,
+                o_proj: tensors.load(&names.o_proj())?,
             };
             let mlp = MlpWeights {
-                gate_proj: checkpoint.load2(&name(&names.gate_proj()), f, d)?,
-                up_proj: checkpoint.load2(&name(&names.up_proj()), f, d)?,
-                down_proj: checkpoint.load2(&name(&names.down_proj()), d, f)?,
+                gate_proj: tensors.load(&names.gate_proj())?,
+                up_proj: tensors.load(&names.up_proj())?,
+                down_proj: tensors.load(&names.down_proj())?,
             };
             let per_layer_embedding = layer
                 .has_per_layer_embedding
                 .then(|| -> Result<LayerPleWeights> {
                     Ok(LayerPleWeights {
-                        input_gate: checkpoint.load2(&name(&names.per_layer_input_gate()), p, d)?,
-                        projection: checkpoint.load2(&name(&names.per_layer_projection()), d, p)?,
-                        post_norm: checkpoint
-                            .load1(&name(&names.post_per_layer_input_norm()), d)?,
+                        input_gate: tensors.load(&names.per_layer_input_gate())?,
+                        projection: tensors.load(&names.per_layer_projection())?,
+                        post_norm: tensors.load(&names.post_per_layer_input_norm())?,
                     })
                 })
                 .transpose()?;
-            let moe = match (&text.moe, layer.has_moe) {
-                (Some(moe), true) => {
-                    let (e, inner) = (moe.num_experts, moe.moe_intermediate_size);
-                    Some(MoeWeights {
-                        router_proj: checkpoint.load2(&name(&names.router_proj()), e, d)?,
-                        router_scale: checkpoint.load1(&name(&names.router_scale()), d)?,
-                        per_expert_scale: checkpoint
-                            .load1(&name(&names.router_per_expert_scale()), e)?,
-                        gate_up_proj: checkpoint
-                            .load3(&name(&names.experts_gate_up_proj()), [e, 2 * inner, d])?,
-                        down_proj: checkpoint
-                            .load3(&name(&names.experts_down_proj()), [e, d, inner])?,
-                        pre_feedforward_layernorm_2: checkpoint
-                            .load1(&name(&names.pre_feedforward_layernorm_2()), d)?,
-                        post_feedforward_layernorm_1: checkpoint
-                            .load1(&name(&names.post_feedforward_layernorm_1()), d)?,
-                        post_feedforward_layernorm_2: checkpoint
-                            .load1(&name(&names.post_feedforward_layernorm_2()), d)?,
+            let moe = layer
+                .has_moe
+                .then(|| -> Result<MoeWeights> {
+                    Ok(MoeWeights {
+                        router_proj: tensors.load(&names.router_proj())?,
+                        router_scale: tensors.load(&names.router_scale())?,
+                        per_expert_scale: tensors.load(&names.router_per_expert_scale())?,
+                        gate_up_proj: tensors.load(&names.experts_gate_up_proj())?,
+                        down_proj: tensors.load(&names.experts_down_proj())?,
+                        pre_feedforward_layernorm_2: tensors
+                            .load(&names.pre_feedforward_layernorm_2())?,
+                        post_feedforward_layernorm_1: tensors
+                            .load(&names.post_feedforward_layernorm_1())?,
+                        post_feedforward_layernorm_2: tensors
+                            .load(&names.post_feedforward_layernorm_2())?,
                     })
-                }
-                _ => None,
-            };
+                })
+                .transpose()?;
             layers.push(LayerWeights {
-                input_layernorm: checkpoint.load1(&name(&names.input_layernorm()), d)?,
+                input_layernorm: tensors.load(&names.input_layernorm())?,
                 attention,
-                post_attention_layernorm: checkpoint
-                    .load1(&name(&names.post_attention_layernorm()), d)?,
-                pre_feedforward_layernorm: checkpoint
-                    .load1(&name(&names.pre_feedforward_layernorm()), d)?,
+                post_attention_layernorm: tensors.load(&names.post_attention_layernorm())?,
+                pre_feedforward_layernorm: tensors.load(&names.pre_feedforward_layernorm())?,
                 mlp,
-                post_feedforward_layernorm: checkpoint
-                    .load1(&name(&names.post_feedforward_layernorm()), d)?,
+                post_feedforward_layernorm: tensors.load(&names.post_feedforward_layernorm())?,
                 moe,
                 per_layer_embedding,
-                layer_scalar: checkpoint.load1(&name(&names.layer_scalar()), 1)?[0],
+                layer_scalar: tensors.load::<Ix1>(&names.layer_scalar())?[0],
             });
         }
 
-        let final_norm = checkpoint.load1(&name("norm.weight"), d)?;
+        let final_norm = tensors.load("norm.weight")?;
         let lm_head = if text.tie_word_embeddings {
             None
         } else {
-            Some(checkpoint.load2("lm_head.weight", v, d)?)
+            Some(tensors.load("lm_head.weight")?)
         };
         Ok(TextWeights {
             embed_tokens,

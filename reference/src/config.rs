@@ -59,6 +59,13 @@ impl AttentionType {
     }
 }
 
+/// The last layer of type `kind` among `types[..before]`, if any. With `before` the first
+/// KV-shared layer, this is the KV producer that the shared layers of type `kind` read (shared
+/// spec: text §7); the config validation and the layer plan both use it.
+pub fn last_layer_of(types: &[AttentionType], before: usize, kind: AttentionType) -> Option<usize> {
+    types[..before].iter().rposition(|&t| t == kind)
+}
+
 /// How a layer type's rotary frequencies are built (shared spec: text §6).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub enum RopeKind {
@@ -186,6 +193,17 @@ pub enum CheckpointLayout {
     ConditionalGeneration,
     /// `Gemma4ForCausalLM`: text weights under `model.`.
     CausalLm,
+}
+
+impl CheckpointLayout {
+    /// The prefix of the text weights' tensor names in a checkpoint of this layout (shared
+    /// spec: text §3).
+    pub const fn text_prefix(self) -> &'static str {
+        match self {
+            CheckpointLayout::ConditionalGeneration => "model.language_model.",
+            CheckpointLayout::CausalLm => "model.",
+        }
+    }
 }
 
 /// Special token ids of the multimodal model (read from config.json, never hard-coded).
@@ -587,10 +605,8 @@ fn parse_text_config(f: &Fields) -> Result<TextConfig> {
         // geometry must agree (the producer is the last non-shared layer of the same type, §7).
         for consumer in first_shared..num_hidden_layers {
             let kind = config.layer_types[consumer];
-            let producer = (0..first_shared)
-                .rev()
-                .find(|&i| config.layer_types[i] == kind)
-                .expect("checked just above");
+            let producer =
+                last_layer_of(&config.layer_types, first_shared, kind).expect("checked just above");
             let (mine, theirs) = (
                 config.layer_geometry[consumer],
                 config.layer_geometry[producer],

@@ -12,7 +12,7 @@ use ndarray::{ArrayD, ArrayViewD, Dimension, IxDyn};
 use safetensors::tensor::View;
 use safetensors::Dtype;
 
-use crate::checkpoint::SafetensorsFile;
+use crate::checkpoint::{SafetensorsFile, WeightDtype};
 use crate::error::{Error, Result};
 use crate::memory::{array_bytes, check_allocation};
 
@@ -114,7 +114,7 @@ impl ActivationDump {
     /// Names in model order (see [`model_order_key`]).
     pub fn names_in_model_order(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.entries.iter().map(|(n, _)| n.as_str()).collect();
-        names.sort_by_key(|n| model_order_key(n));
+        names.sort_by_cached_key(|n| model_order_key(n));
         names
     }
 
@@ -178,7 +178,7 @@ impl ActivationDump {
     fn from_file(file: SafetensorsFile) -> Result<Self> {
         let path = file.path.as_path();
         let mut names: Vec<&str> = file.names().collect();
-        names.sort_by_key(|n| model_order_key(n));
+        names.sort_by_cached_key(|n| model_order_key(n));
         let mut dump = ActivationDump::new();
         for name in names {
             let (dtype, shape) = file.info(name).expect("listed");
@@ -192,14 +192,11 @@ impl ActivationDump {
                 &format!("reading {dtype:?} {shape:?}"),
             )?;
             let tensor = match dtype {
-                Dtype::F32 => DumpTensor::F32(to_array(
-                    path,
-                    name,
-                    &shape,
-                    bytes
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                )?),
+                Dtype::F32 | Dtype::BF16 | Dtype::F16 => {
+                    let weight_dtype =
+                        WeightDtype::from_safetensors(dtype).expect("F32, BF16 and F16");
+                    DumpTensor::F32(to_array(path, name, &shape, weight_dtype.decode(bytes))?)
+                }
                 Dtype::F64 => DumpTensor::F32(to_array(
                     path,
                     name,
@@ -207,22 +204,6 @@ impl ActivationDump {
                     bytes
                         .chunks_exact(8)
                         .map(|b| f64::from_le_bytes(b.try_into().expect("8")) as f32),
-                )?),
-                Dtype::BF16 => DumpTensor::F32(to_array(
-                    path,
-                    name,
-                    &shape,
-                    bytes
-                        .chunks_exact(2)
-                        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-                )?),
-                Dtype::F16 => DumpTensor::F32(to_array(
-                    path,
-                    name,
-                    &shape,
-                    bytes
-                        .chunks_exact(2)
-                        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
                 )?),
                 Dtype::I64 => DumpTensor::I64(to_array(
                     path,
@@ -265,7 +246,8 @@ impl ActivationDump {
                 _ => unreachable!("check_dump_dtype admits only the dtypes above"),
             };
             dump.stored_dtypes.insert(name.to_string(), dtype);
-            dump.insert(name, tensor);
+            // The names of a file are unique: no entry to replace.
+            dump.entries.push((name.to_string(), tensor));
         }
         Ok(dump)
     }
@@ -482,14 +464,14 @@ impl<'a> Recorder<'a> {
         Recorder { dump: None }
     }
 
-    /// Is a dump attached (i.e. is it worth building tensors only the dump needs)?
-    pub fn is_recording(&self) -> bool {
-        self.dump.is_some()
-    }
-
     /// Checks `tensor` for NaN/inf (an error naming it and the first bad index) and stores it.
     pub fn record(&mut self, name: &str, tensor: ArrayViewD<f32>) -> Result<()> {
-        if let Some((index, &value)) = tensor.indexed_iter().find(|(_, v)| !v.is_finite()) {
+        // A fast scan first; the (slower) indexed scan only runs to locate a bad element.
+        if !tensor.iter().all(|v| v.is_finite()) {
+            let (index, &value) = tensor
+                .indexed_iter()
+                .find(|(_, v)| !v.is_finite())
+                .expect("the scan above found a non-finite element");
             return Err(Error::NonFinite {
                 tensor: name.to_string(),
                 index: index.as_array_view().to_vec(),

@@ -6,7 +6,7 @@
 //! This module turns the config into a [`LayerPlan`] per layer; the forward pass reads the plan
 //! and never re-derives a rule. The plan of the four released models is snapshot-tested.
 
-use crate::config::{AttentionType, RopeParameters, TextConfig};
+use crate::config::{last_layer_of, AttentionType, RopeParameters, TextConfig};
 use crate::faults::{fault_active, Fault};
 
 /// Where a layer's keys and values come from (shared spec: text §7).
@@ -77,7 +77,8 @@ impl ModelPlan {
         let first_kv_shared_layer = num_layers - config.num_kv_shared_layers;
 
         // The producer of each layer type: the last non-shared layer of that type (text §7).
-        let producer_of = |kind: AttentionType| -> Option<usize> {
+        // Faults cannot change during this call, so each type's producer is found once.
+        let find_producer = |kind: AttentionType| -> Option<usize> {
             if fault_active(Fault::KvSharedWrongSource) {
                 // Bug: the last non-shared layer, whatever its type.
                 return first_kv_shared_layer.checked_sub(1);
@@ -86,10 +87,24 @@ impl ModelPlan {
                 // Bug: the first layer of that type.
                 return (0..first_kv_shared_layer).find(|&i| config.layer_types[i] == kind);
             }
-            (0..first_kv_shared_layer)
-                .rev()
-                .find(|&i| config.layer_types[i] == kind)
+            last_layer_of(&config.layer_types, first_kv_shared_layer, kind)
         };
+        let (sliding_producer, full_producer) = (
+            find_producer(AttentionType::Sliding),
+            find_producer(AttentionType::Full),
+        );
+        let producer_of = |kind: AttentionType| match kind {
+            AttentionType::Sliding => sliding_producer,
+            AttentionType::Full => full_producer,
+        };
+        // The producers some KV-shared layer actually reads (Hugging Face's `"store"` layers):
+        // those of the layer types that occur among the KV-shared layers (at most two).
+        let shared_types = &config.layer_types[first_kv_shared_layer..];
+        let read_producers: Vec<usize> = [AttentionType::Sliding, AttentionType::Full]
+            .into_iter()
+            .filter(|kind| shared_types.contains(kind))
+            .filter_map(producer_of)
+            .collect();
 
         let layers = (0..num_layers)
             .map(|index| {
@@ -103,12 +118,8 @@ impl ModelPlan {
                         ),
                     }
                 } else {
-                    let shared_with_consumers = config.num_kv_shared_layers > 0
-                        && (first_kv_shared_layer..num_layers).any(|consumer| {
-                            producer_of(config.layer_types[consumer]) == Some(index)
-                        });
                     KvSource::Own {
-                        shared_with_consumers,
+                        shared_with_consumers: read_producers.contains(&index),
                     }
                 };
                 let (sliding_window, rope) = match attention_type {

@@ -28,7 +28,7 @@ use gemma4_reference::checkpoint::{full_name, text_tensor_specs};
 use gemma4_reference::{ModelConfig, ModelPlan};
 use serde_json::{json, Map, Value};
 
-use crate::process::repo_root;
+use crate::process::{io_err, read, repo_root, CommandFailure, IoFailure};
 
 /// Every fuzz target (a `[[bin]]` of `fuzz/Cargo.toml` and a function of `fuzz/harness.rs`).
 pub const TARGETS: &[&str] = &[
@@ -102,12 +102,19 @@ impl std::error::Error for FuzzError {
     }
 }
 
-type Result<T> = std::result::Result<T, FuzzError>;
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> FuzzError {
-    let what = what.into();
-    move |source| FuzzError::Io { what, source }
+impl From<IoFailure> for FuzzError {
+    fn from(IoFailure { what, source }: IoFailure) -> Self {
+        Self::Io { what, source }
+    }
 }
+
+impl From<CommandFailure> for FuzzError {
+    fn from(CommandFailure { command, detail }: CommandFailure) -> Self {
+        Self::Command { command, detail }
+    }
+}
+
+type Result<T> = std::result::Result<T, FuzzError>;
 
 /// Entry point of `cargo xtask fuzz`.
 pub fn run(args: &FuzzArgs) -> Result<()> {
@@ -131,7 +138,7 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
     };
     ensure_cargo_fuzz()?;
     eprintln!("xtask: building the fuzz targets (stable toolchain, RUSTC_BOOTSTRAP=1)");
-    run_status(cargo_fuzz(&repo).arg("build"))?;
+    crate::process::run(cargo_fuzz(&repo).arg("build"))?;
 
     let logs = repo.join("fuzz/target/logs");
     fs::create_dir_all(&logs).map_err(io_err(format!("creating {}", logs.display())))?;
@@ -197,16 +204,9 @@ fn ensure_cargo_fuzz() -> Result<()> {
         .is_ok_and(|s| s.success());
     if !installed {
         eprintln!("xtask: installing cargo-fuzz (cargo install cargo-fuzz --locked)");
-        run_status(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+        crate::process::run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
     }
     Ok(())
-}
-
-fn run_status(command: &mut Command) -> Result<()> {
-    crate::process::run(command).map_err(|failure| FuzzError::Command {
-        command: failure.command,
-        detail: failure.detail,
-    })
 }
 
 /// Starts one target in the background, its output going to `logs/<target>.log`.
@@ -332,7 +332,8 @@ fn write_seeds(repo: &Path) -> Result<()> {
 
     for case in cases {
         let model = golden.join(case).join("model");
-        let config = read(&model.join("config.json"))?;
+        let config_path = model.join("config.json");
+        let config = read(&config_path)?;
         put("config_json", &format!("{case}.json"), &config)?;
 
         // The smallest tensors of the weight file and of the expected dump.
@@ -360,9 +361,9 @@ fn write_seeds(repo: &Path) -> Result<()> {
         )?;
 
         // A tiny whole checkpoint with this case's architecture.
-        let (config, weights) = tiny_checkpoint(&model.join("config.json"), case)?;
-        let mut input = (config.len() as u32).to_le_bytes().to_vec();
-        input.extend_from_slice(&config);
+        let (tiny_config, weights) = tiny_checkpoint(&config_path, &config, case)?;
+        let mut input = (tiny_config.len() as u32).to_le_bytes().to_vec();
+        input.extend_from_slice(&tiny_config);
         input.extend_from_slice(&weights);
         put("checkpoint_forward", &format!("{case}-tiny.bin"), &input)?;
     }
@@ -396,10 +397,6 @@ fn write_seeds(repo: &Path) -> Result<()> {
     }
     eprintln!("xtask: wrote {written} seeds under {}", seeds.display());
     Ok(())
-}
-
-fn read(path: &Path) -> Result<Vec<u8>> {
-    fs::read(path).map_err(io_err(format!("reading {}", path.display())))
 }
 
 /// A safetensors file's header (as JSON) and data section.
@@ -484,14 +481,19 @@ fn safetensors_bytes(
 
 /// Shrinks a golden config to a few hundred weights (keeping its layout, spelling, PLE, KV
 /// sharing, K=V and MoE settings) and makes deterministic pseudo-random weights for it, stored
-/// as F32, BF16 or F16 depending on the case. Returns `(config.json, model.safetensors)`.
-fn tiny_checkpoint(config_path: &Path, case: &str) -> Result<(Vec<u8>, Vec<u8>)> {
+/// as F32, BF16 or F16 depending on the case. `config_bytes` is the golden config (read from
+/// `config_path`, which labels errors). Returns `(config.json, model.safetensors)`.
+fn tiny_checkpoint(
+    config_path: &Path,
+    config_bytes: &[u8],
+    case: &str,
+) -> Result<(Vec<u8>, Vec<u8>)> {
     let seed_error = |message: String| FuzzError::Seed {
         file: config_path.to_path_buf(),
         message,
     };
-    let mut config: Value = serde_json::from_slice(&read(config_path)?)
-        .map_err(|e| seed_error(format!("not JSON: {e}")))?;
+    let mut config: Value =
+        serde_json::from_slice(config_bytes).map_err(|e| seed_error(format!("not JSON: {e}")))?;
     let nested = config.get("text_config").is_some_and(Value::is_object);
     let text = if nested {
         &mut config["text_config"]
@@ -567,11 +569,7 @@ fn tiny_checkpoint(config_path: &Path, case: &str) -> Result<(Vec<u8>, Vec<u8>)>
     let parsed = ModelConfig::from_json(&config, config_path)
         .map_err(|e| seed_error(format!("the shrunk config is invalid: {e}")))?;
     let plan = ModelPlan::from_config(&parsed.text);
-    let prefix = if nested {
-        "model.language_model."
-    } else {
-        "model."
-    };
+    let prefix = parsed.layout.text_prefix();
     let dtype = match case {
         "e2b_bf16" | "26b_a4b_like" => "BF16",
         "e4b_like" => "F16",

@@ -18,7 +18,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use crate::process::repo_root;
+use crate::process::{io_err, read, repo_root, CommandFailure, IoFailure};
 
 /// Arguments of `cargo xtask golden`.
 #[derive(Debug, clap::Args)]
@@ -82,12 +82,19 @@ impl std::error::Error for GoldenError {
     }
 }
 
-type Result<T> = std::result::Result<T, GoldenError>;
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> GoldenError {
-    let what = what.into();
-    move |source| GoldenError::Io { what, source }
+impl From<IoFailure> for GoldenError {
+    fn from(IoFailure { what, source }: IoFailure) -> Self {
+        Self::Io { what, source }
+    }
 }
+
+impl From<CommandFailure> for GoldenError {
+    fn from(CommandFailure { command, detail }: CommandFailure) -> Self {
+        Self::Command { command, detail }
+    }
+}
+
+type Result<T> = std::result::Result<T, GoldenError>;
 
 /// Files in `golden/` that are sources, not generator output.
 const GOLDEN_SOURCES: &[&str] = &[
@@ -183,7 +190,7 @@ fn ensure_venv(repo: &Path, venv: &Path) -> Result<PathBuf> {
 
     if !python.exists() {
         eprintln!("xtask: creating the oracle virtualenv {}", venv.display());
-        run_command(Command::new("python3").arg("-m").arg("venv").arg(venv))?;
+        crate::process::run(Command::new("python3").arg("-m").arg("venv").arg(venv))?;
     }
     let problems = version_problems(&python, &pins)?;
     if problems.is_empty() {
@@ -194,7 +201,7 @@ fn ensure_venv(repo: &Path, venv: &Path) -> Result<PathBuf> {
         venv.display(),
         problems.join("; ")
     );
-    run_command(
+    crate::process::run(
         Command::new(&python)
             .args(["-m", "pip", "install", "-r"])
             .arg(&requirements),
@@ -264,7 +271,7 @@ fn run_generators(
         ("golden/released_configs.py", released_out),
     ] {
         eprintln!("xtask: running {script} --out {}", out.display());
-        run_command(
+        crate::process::run(
             Command::new(python)
                 .arg(script)
                 .arg("--out")
@@ -278,13 +285,6 @@ fn run_generators(
     }
     print_manifest_summary(golden_out);
     Ok(())
-}
-
-fn run_command(command: &mut Command) -> Result<()> {
-    crate::process::run(command).map_err(|failure| GoldenError::Command {
-        command: failure.command,
-        detail: failure.detail,
-    })
 }
 
 /// One line per case of the generated manifest: name, file count, bytes.
@@ -395,10 +395,6 @@ fn walk(dir: &Path, root: &Path, out: &mut BTreeSet<String>) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn read(path: &Path) -> Result<Vec<u8>> {
-    fs::read(path).map_err(io_err(format!("reading {}", path.display())))
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -121,7 +121,7 @@ pub fn run(args: &MutantsArgs) -> Result<()> {
         });
     }
 
-    let mut caught_by: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    let mut rows: Vec<(Fault, Vec<String>)> = Vec::with_capacity(faults.len());
     for (index, fault) in faults.iter().enumerate() {
         let result = run_suite(&binaries, Some(*fault))?;
         eprintln!(
@@ -132,14 +132,8 @@ pub fn run(args: &MutantsArgs) -> Result<()> {
             result.failing.len(),
             result.ran
         );
-        caught_by.insert(index, result.failing);
+        rows.push((*fault, result.failing));
     }
-
-    let rows: Vec<(Fault, Vec<String>)> = faults
-        .iter()
-        .enumerate()
-        .map(|(i, &f)| (f, caught_by.remove(&i).unwrap_or_default()))
-        .collect();
     let markdown = format_markdown(&rows, baseline.ran);
     print!("{}", format_table(&rows));
     let out = root.join(&args.out);

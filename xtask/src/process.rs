@@ -1,5 +1,8 @@
-//! Running the programs xtask tasks drive (pip, python, cargo fuzz, ...), and where they run.
+//! Running the programs xtask tasks drive (pip, python, cargo fuzz, ...), where they run, and
+//! the file-system failures the tasks report.
 
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -16,6 +19,25 @@ pub struct CommandFailure {
     pub command: String,
     /// What went wrong ("could not start: ...", "failed with exit status: 1").
     pub detail: String,
+}
+
+/// A file-system operation that failed: what was being done ("reading golden/...") and why.
+/// Each task's error type turns it into its own `Io` variant (`From`).
+#[derive(Debug)]
+pub struct IoFailure {
+    pub what: String,
+    pub source: io::Error,
+}
+
+/// A `map_err` adapter naming the operation an `io::Error` comes from.
+pub fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> IoFailure {
+    let what = what.into();
+    move |source| IoFailure { what, source }
+}
+
+/// Reads a whole file; the error names it.
+pub fn read(path: &Path) -> Result<Vec<u8>, IoFailure> {
+    fs::read(path).map_err(io_err(format!("reading {}", path.display())))
 }
 
 /// Runs `command` with inherited stdio; an unsuccessful exit is an error.
