@@ -32,11 +32,11 @@ use gemma4_reference::embedding::embedding_scale;
 use gemma4_reference::error::Error;
 use gemma4_reference::faults::with_faults;
 use gemma4_reference::model::{
-    check_decode_logits_fit, embedding_token_ids, ple_token_ids, validate_token_ids,
+    embedding_token_ids, greedy_steps, ple_token_ids, validate_token_ids,
 };
 use gemma4_reference::rope::inverse_frequencies;
 use gemma4_reference::{ModelConfig, ModelPlan, Result};
-use ndarray::{Array1, Array2};
+use ndarray::{Array1, Array2, ArrayView1};
 use rayon::prelude::*;
 
 use crate::attention::record;
@@ -380,23 +380,16 @@ impl Gemma4Optimized {
         cache: &mut KvCache,
         steps: usize,
     ) -> Result<(Array2<f32>, Array1<usize>)> {
-        let vocab = self.config.text.vocab_size;
-        check_decode_logits_fit(steps, vocab)?;
-        let mut decode_logits = Array2::<f32>::zeros((steps, vocab));
-        let mut continuation = Array1::<usize>::zeros(steps);
-        let mut next = argmax(last_logits);
-        for step in 0..steps {
-            let logits =
-                self.forward(&[next], cache, &mut Recorder::checking_only(), Logits::Last)?;
-            decode_logits
-                .row_mut(step)
-                .as_slice_mut()
-                .expect("contiguous")
-                .copy_from_slice(&logits);
-            next = argmax(&logits);
-            continuation[step] = next;
-        }
-        Ok((decode_logits, continuation))
+        greedy_steps(
+            ArrayView1::from(last_logits),
+            self.config.text.vocab_size,
+            steps,
+            |next| {
+                let logits =
+                    self.forward(&[next], cache, &mut Recorder::checking_only(), Logits::Last)?;
+                Ok(Array1::from(logits))
+            },
+        )
     }
 }
 

@@ -11,7 +11,7 @@
 
 use std::path::Path;
 
-use ndarray::{s, Array1, Array2};
+use ndarray::{s, Array1, Array2, ArrayView1};
 
 use crate::checkpoint::{Checkpoint, TextWeights};
 use crate::config::{AttentionType, CheckpointLayout, ModelConfig, RopeParameters};
@@ -219,19 +219,39 @@ impl Gemma4TextModel {
         cache: &mut KvCache,
         steps: usize,
     ) -> Result<(Array2<f32>, Array1<usize>)> {
-        let vocab = self.config.text.vocab_size;
-        check_decode_logits_fit(steps, vocab)?;
-        let mut decode_logits = Array2::<f32>::zeros((steps, vocab));
-        let mut continuation = Array1::<usize>::zeros(steps);
-        let mut next = argmax(prefill_logits.row(prefill_logits.nrows() - 1));
-        for step in 0..steps {
-            let logits = self.forward(&[next], cache, &mut Recorder::checking_only())?;
-            decode_logits.row_mut(step).assign(&logits.row(0));
-            next = argmax(logits.row(0));
-            continuation[step] = next;
-        }
-        Ok((decode_logits, continuation))
+        greedy_steps(
+            prefill_logits.row(prefill_logits.nrows() - 1),
+            self.config.text.vocab_size,
+            steps,
+            |next| {
+                let logits = self.forward(&[next], cache, &mut Recorder::checking_only())?;
+                Ok(logits.row(0).to_owned())
+            },
+        )
     }
+}
+
+/// The greedy decoding loop of a dump (shared with the optimized engine): `f₀ =
+/// argmax(last_logits)`; step `s` runs `forward_one(f_s)` (the next token's logits, `[V]`),
+/// stores them as `decode_logits[s]` and takes `f_{s+1} = argmax` of them. Returns
+/// `decode_logits` `[N, V]` and `greedy_continuation` `[N]`.
+pub fn greedy_steps(
+    last_logits: ArrayView1<f32>,
+    vocab: usize,
+    steps: usize,
+    mut forward_one: impl FnMut(usize) -> Result<Array1<f32>>,
+) -> Result<(Array2<f32>, Array1<usize>)> {
+    check_decode_logits_fit(steps, vocab)?;
+    let mut decode_logits = Array2::<f32>::zeros((steps, vocab));
+    let mut continuation = Array1::<usize>::zeros(steps);
+    let mut next = argmax(last_logits);
+    for step in 0..steps {
+        let logits = forward_one(next)?;
+        decode_logits.row_mut(step).assign(&logits);
+        next = argmax(logits.view());
+        continuation[step] = next;
+    }
+    Ok((decode_logits, continuation))
 }
 
 /// Refuses `steps` decode steps whose `[steps, vocab]` f32 logits would not fit in the memory
