@@ -8,6 +8,7 @@ use gemma4_reference::config::{AttentionType, RopeKind};
 use gemma4_reference::kv_cache::{cache_footprint, CacheFootprint};
 use gemma4_reference::layer_plan::KvSource;
 use gemma4_reference::parameter_count::{count_parameters, ParameterCounts};
+use gemma4_reference::rope::inverse_frequencies;
 use gemma4_reference::{Error, ModelConfig, ModelPlan};
 
 /// Everything `inspect` reports.
@@ -24,6 +25,9 @@ pub struct Inspection {
     /// positions on sliding layers): bytes per position, `(sliding layers, full layers)`. Its
     /// real allocation is checked against `kv_cache_f32` in `tests/optimized_kv_cache.rs`.
     pub optimized_kv_cache_bytes_per_token: (usize, usize),
+    /// K=V layers of the optimized cache also keep the RoPE cos/sin of every cached position
+    /// (for rebuilding keys without trigonometry): bytes per position, `(sliding, full)`.
+    pub optimized_kv_angle_bytes_per_token: (usize, usize),
     /// `None` when the directory has no weights; otherwise the number of text tensors checked.
     pub weights_checked: Option<usize>,
     /// Checkpoint tensors that are not text tensors of the plan (towers, stray KV of shared layers).
@@ -58,12 +62,15 @@ pub fn inspect_config(config: ModelConfig) -> Inspection {
     let plan = ModelPlan::from_config(&config.text);
     let window = config.text.sliding_window;
     // An empty cache allocates nothing; its layout gives the bytes per position.
-    let optimized_kv_cache_bytes_per_token =
-        gemma4_optimized::kv_cache::KvCache::new(&plan, |_| Vec::new(), |_| Vec::new())
-            .bytes_per_position();
+    let empty_cache = gemma4_optimized::kv_cache::KvCache::new(
+        &plan,
+        |_| Vec::new(),
+        |i| inverse_frequencies(&plan.layers[i].rope, plan.layers[i].head_dim),
+    );
     Inspection {
         parameters: count_parameters(&config),
-        optimized_kv_cache_bytes_per_token,
+        optimized_kv_cache_bytes_per_token: empty_cache.bytes_per_position(),
+        optimized_kv_angle_bytes_per_token: empty_cache.angle_bytes_per_position(),
         kv_cache_bf16: cache_footprint(&plan, window, 2),
         kv_cache_f32: cache_footprint(&plan, window, 4),
         config,
@@ -199,6 +206,13 @@ pub fn format_inspection(inspection: &Inspection) -> String {
         thousands(sliding as u64),
         thousands((sliding * text.sliding_window) as u64),
     ));
+    let (sliding_angles, full_angles) = inspection.optimized_kv_angle_bytes_per_token;
+    if sliding_angles + full_angles > 0 {
+        out.push_str(&format!(
+            "  plus, on K=V layers, the RoPE cos/sin of each cached position (keys are rebuilt from the one tensor): {} bytes per token\n",
+            thousands((sliding_angles + full_angles) as u64),
+        ));
+    }
     match inspection.weights_checked {
         Some(n) => out.push_str(&format!(
             "\nweights: all {n} text tensors present with the planned shapes ({} other tensors not used by the text model)\n",

@@ -6,6 +6,7 @@ mod common;
 
 use gemma4_optimized::kv_cache::{KvCache, BYTES_PER_ELEMENT, GROWTH_BLOCK};
 use gemma4_reference::kv_cache::cache_footprint;
+use gemma4_reference::rope::inverse_frequencies;
 use gemma4_reference::{ModelConfig, ModelPlan};
 
 /// Stages and commits `tokens` zero positions in every K/V-producing layer.
@@ -28,7 +29,7 @@ fn kv_cache_bytes_per_token_match_formula_every_released_variant() {
         let mut cache = KvCache::new(
             &plan,
             |i| vec![1.0; plan.layers[i].head_dim],
-            |i| vec![0.0; plan.layers[i].head_dim / 2],
+            |i| inverse_frequencies(&plan.layers[i].rope, plan.layers[i].head_dim),
         );
         // Per position, before anything is allocated: the layout.
         let (sliding, full) = cache.bytes_per_position();
@@ -52,6 +53,24 @@ fn kv_cache_bytes_per_token_match_formula_every_released_variant() {
             sliding_bytes as u64,
             GROWTH_BLOCK.min(window) as u64 * formula.sliding_bytes_per_token,
             "{variant}: sliding layers allocate exactly their bytes per token"
+        );
+        // K=V layers (the global layers of 31B and 26B-A4B: head dim 512, p-RoPE 0.25, so
+        // 64 rotated pairs) keep a cos and a sin per rotated pair and cached position:
+        // 512 bytes per position and layer; 10 such layers on 31B, 5 on 26B-A4B.
+        let k_eq_v_layers = match variant {
+            "31b" => 10,
+            "26b-a4b" => 5,
+            _ => 0,
+        };
+        assert_eq!(
+            cache.angle_bytes_per_position(),
+            (0, k_eq_v_layers * 512),
+            "{variant}: K=V angle bytes per position"
+        );
+        assert_eq!(
+            cache.angle_table_bytes(),
+            (0, GROWTH_BLOCK * k_eq_v_layers * 512),
+            "{variant}: K=V angle tables allocate exactly their bytes per position"
         );
     }
 }

@@ -6,6 +6,11 @@
 //!   blocks (the fallback), the packed AVX-512 f32 GEMM (the default on AVX-512 CPUs), the
 //!   opt-in AVX-512 BF16 GEMM — and the `gemm` crate / AVX-512 f32 on f32 weights.
 //!
+//! - K=V key rebuild: one decode step's keys of a K=V layer (31B's global layers: 4 KV heads of
+//!   512, p-RoPE 0.25) rebuilt from a cache of 4096 positions (`KvCache::segments`);
+//! - decode attention: one token's 32 query heads over 4096 cached positions of 4 KV heads of
+//!   512 (31B's global layers; `attention::attend`).
+//!
 //! With `--features openblas-bench` (needs `apt-get install libopenblas-dev`), the same shapes
 //! through OpenBLAS `cblas_sgemm` / `cblas_sgemv` (f32 only: OpenBLAS has no bf16 GEMM here),
 //! on OpenBLAS's own 2-thread pool, for the BLAS choice documented in the README.
@@ -14,6 +19,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use gemma4_optimized::checkpoint::Matrix;
+use gemma4_optimized::kv_cache::KvCache;
 use gemma4_optimized::linear::{linear, linear_into_with, PrefillKernel, Threads};
 use gemma4_optimized::synthetic::random_values;
 use gemma4_reference::checkpoint::WeightDtype;
@@ -204,5 +210,103 @@ fn prefill_gemm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode_gemv, prefill_gemm);
+fn kv_rebuild(c: &mut Criterion) {
+    use gemma4_reference::config::{AttentionType, RopeKind, RopeParameters};
+    use gemma4_reference::layer_plan::{KvSource, LayerPlan, ModelPlan};
+    const POSITIONS: usize = 4096;
+    let (kv_heads, head_dim) = (4, 512);
+    let rope = RopeParameters {
+        kind: RopeKind::Proportional {
+            partial_rotary_factor: 0.25,
+        },
+        theta: 1e6,
+        factor: 1.0,
+    };
+    let layer = LayerPlan {
+        index: 0,
+        attention_type: AttentionType::Full,
+        head_dim,
+        num_query_heads: 32,
+        num_kv_heads: kv_heads,
+        key_equals_value: true,
+        kv_source: KvSource::Own {
+            shared_with_consumers: false,
+        },
+        sliding_window: None,
+        rope: rope.clone(),
+        mlp_width: 1,
+        has_per_layer_embedding: false,
+        has_moe: false,
+    };
+    let plan = ModelPlan {
+        layers: vec![layer],
+        first_kv_shared_layer: 1,
+    };
+    let inverse = gemma4_reference::rope::inverse_frequencies(&rope, head_dim);
+    let mut cache = KvCache::new(
+        &plan,
+        |_| random_values(head_dim, 5, 1.0),
+        |_| inverse.clone(),
+    );
+    let values = random_values(POSITIONS * kv_heads * head_dim, 6, 1.0);
+    cache.stage(0, values.clone(), values);
+    cache.commit();
+    let mut group = c.benchmark_group("kv_rebuild_keys_4096x4x512");
+    group.sample_size(20);
+    group.bench_function("segments", |b| b.iter(|| cache.segments(0, 0).len()));
+    group.finish();
+}
+
+fn attend_decode(c: &mut Criterion) {
+    use gemma4_optimized::attention::attend;
+    use gemma4_reference::config::{AttentionType, RopeKind, RopeParameters};
+    use gemma4_reference::layer_plan::{KvSource, LayerPlan, ModelPlan};
+    const POSITIONS: usize = 4096;
+    let (heads, kv_heads, head_dim) = (32, 4, 512);
+    let layer = LayerPlan {
+        index: 0,
+        attention_type: AttentionType::Full,
+        head_dim,
+        num_query_heads: heads,
+        num_kv_heads: kv_heads,
+        key_equals_value: false,
+        kv_source: KvSource::Own {
+            shared_with_consumers: false,
+        },
+        sliding_window: None,
+        rope: RopeParameters {
+            kind: RopeKind::Default,
+            theta: 1e4,
+            factor: 1.0,
+        },
+        mlp_width: 1,
+        has_per_layer_embedding: false,
+        has_moe: false,
+    };
+    let plan = ModelPlan {
+        layers: vec![layer.clone()],
+        first_kv_shared_layer: 1,
+    };
+    let mut cache = KvCache::new(&plan, |_| Vec::new(), |_| Vec::new());
+    let n = POSITIONS * kv_heads * head_dim;
+    cache.stage(0, random_values(n, 7, 1.0), random_values(n, 8, 1.0));
+    cache.commit();
+    let queries = random_values(heads * head_dim, 9, 0.05);
+    let mut output = vec![0.0f32; heads * head_dim];
+    let segments = cache.segments(0, 0);
+    let mut group = c.benchmark_group("attend_decode_4096x32x512");
+    group.sample_size(20);
+    group.bench_function("attend", |b| {
+        b.iter(|| attend(&queries, &[POSITIONS], &layer, &segments, &mut output))
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    decode_gemv,
+    prefill_gemm,
+    kv_rebuild,
+    attend_decode
+);
 criterion_main!(benches);

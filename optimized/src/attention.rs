@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use crate::checkpoint::AttentionWeights;
 use crate::kv_cache::{KvCache, Segment};
-use crate::linear::linear;
+use crate::linear::{linear, linear_group};
 use crate::mask::visible_keys;
 use crate::rms_norm::rms_norm_in_place;
 use crate::rope::RopeRows;
@@ -64,11 +64,37 @@ pub fn attention(
     let (heads, kv_heads, d) = (layer.num_query_heads, layer.num_kv_heads, layer.head_dim);
     let prefix = format!("layers.{}.attn", layer.index);
 
-    // Queries: project, per-head q_norm, rotate.   [T, H, d]
     let query_positions = &positions[first_query..];
     let tokens = query_positions.len();
     let model_dim = normed.len() / all_tokens.max(1);
-    let mut queries = linear(&normed[first_query * model_dim..], tokens, &weights.q_proj);
+    // Raw projections: queries of rows `first_query..`, keys and values (K=V: the key
+    // projection only) of every row, unless the layer reads a producer's cache (KV sharing,
+    // text §7). When they read the same rows, one parallel loop computes them all.
+    let own_projections = weights.k_proj.as_ref().zip(weights.k_norm.as_ref());
+    let (mut queries, own_keys_values) = match own_projections {
+        Some((k_proj, k_norm)) if first_query == 0 => {
+            let mut group = vec![&weights.q_proj, k_proj];
+            group.extend(&weights.v_proj);
+            let mut projected = linear_group(normed, all_tokens, &group).into_iter();
+            let (queries, keys) = (projected.next(), projected.next());
+            let values = projected.next();
+            (
+                queries.expect("q"),
+                Some((keys.expect("k"), values, k_norm)),
+            )
+        }
+        _ => (
+            linear(&normed[first_query * model_dim..], tokens, &weights.q_proj),
+            own_projections.map(|(k_proj, k_norm)| {
+                let values = weights
+                    .v_proj
+                    .as_ref()
+                    .map(|v| linear(normed, all_tokens, v));
+                (linear(normed, all_tokens, k_proj), values, k_norm)
+            }),
+        ),
+    };
+    // Queries: per-head q_norm, rotate.   [T, H, d]
     rms_norm_in_place(&mut queries, d, Some(&weights.q_norm), eps);
     rope.skip(first_query).apply(&mut queries, heads);
     record(
@@ -78,15 +104,11 @@ pub fn attention(
         &queries,
     )?;
 
-    // Keys and values of this layer, unless it reads a producer's (KV sharing, text §7).
-    if let (Some(k_proj), Some(k_norm)) = (&weights.k_proj, &weights.k_norm) {
+    // Keys and values of this layer: k_norm and RoPE on keys, a scale-free RMSNorm on values.
+    if let Some((raw_keys, raw_values, k_norm)) = own_keys_values {
         let tokens = all_tokens;
-        let raw_keys = linear(normed, tokens, k_proj);
         // K=V layers: the raw key projection is also the raw value (text §5.3).
-        let mut values = match &weights.v_proj {
-            Some(v_proj) => linear(normed, tokens, v_proj),
-            None => raw_keys.clone(),
-        };
+        let mut values = raw_values.unwrap_or_else(|| raw_keys.clone());
         let mut keys = raw_keys;
         rms_norm_in_place(&mut keys, d, Some(k_norm), eps);
         rope.apply(&mut keys, kv_heads);
@@ -126,6 +148,13 @@ pub fn attention(
 /// `queries`: `[T, H, d]`; `segments`: the keys/values `[n, K, d]` at consecutive positions,
 /// in position order; `output`: `[T, H, d]`. The softmax subtracts the maximum, sums the
 /// exponentials in key order and scales each value by `w_j / Σw`, as the reference does.
+///
+/// A parallel task is one token and a run of query heads that read the same KV head: the
+/// whole group of `H/K` heads (each key and value row is then read once per token and used by
+/// every head of the group while it sits in L1: at long context, decode reads the cache once
+/// instead of `H/K` times), unless that leaves fewer tasks than threads — one token on a model
+/// with fewer KV heads than threads, e.g. E2B's decode (one KV head): then one head per task.
+/// Each head's arithmetic is the same either way, so is the result.
 pub fn attend(
     queries: &[f32],
     positions: &[usize],
@@ -135,38 +164,67 @@ pub fn attend(
 ) {
     let (heads, kv_heads, d) = (layer.num_query_heads, layer.num_kv_heads, layer.head_dim);
     let group = heads / kv_heads;
+    let heads_per_task = heads_per_task(positions.len(), kv_heads, group);
     output
-        .par_chunks_mut(d)
-        .with_min_len(4)
+        .par_chunks_mut(heads_per_task * d)
+        .with_min_len(4usize.div_ceil(heads_per_task))
         .enumerate()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (index, out)| {
-            let (t, n) = (index / heads, index % heads);
-            let kv_head = n / group;
-            let query = &queries[index * d..(index + 1) * d];
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (task, out)| {
+            let first_head = task * heads_per_task % heads;
+            let t = task * heads_per_task / heads;
+            let kv_head = first_head / group;
             let visible = visible_keys(positions[t], layer.sliding_window);
-            // Scores of the visible keys, in position order.
+            let query = |h: usize| &queries[(t * heads + first_head + h) * d..][..d];
+            // Scores of the visible keys, in position order: scores[h·n + j].
+            let n: usize = segments.iter().map(|s| key_range(s, &visible).len()).sum();
             scores.clear();
+            scores.resize(heads_per_task * n, 0.0);
+            let mut j = 0;
             for segment in segments {
-                for j in key_range(segment, &visible) {
-                    let key = &segment.keys[(j * kv_heads + kv_head) * d..][..d];
-                    scores.push(dot(key, query));
+                for key_index in key_range(segment, &visible) {
+                    let key = &segment.keys[(key_index * kv_heads + kv_head) * d..][..d];
+                    for h in 0..heads_per_task {
+                        scores[h * n + j] = dot(key, query(h));
+                    }
+                    j += 1;
                 }
             }
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
+            // Softmax weights per head, divided by their sum.
+            for head_scores in scores.chunks_mut(n.max(1)) {
+                let max = head_scores
+                    .iter()
+                    .copied()
+                    .fold(f32::NEG_INFINITY, f32::max);
+                for s in head_scores.iter_mut() {
+                    *s = (*s - max).exp();
+                }
+                let total: f32 = head_scores.iter().sum();
+                for s in head_scores.iter_mut() {
+                    *s /= total;
+                }
             }
-            let total: f32 = scores.iter().sum();
             out.fill(0.0);
-            let mut k = 0;
+            let mut j = 0;
             for segment in segments {
-                for j in key_range(segment, &visible) {
-                    let value = &segment.values[(j * kv_heads + kv_head) * d..][..d];
-                    scaled_add(out, scores[k] / total, value);
-                    k += 1;
+                for key_index in key_range(segment, &visible) {
+                    let value = &segment.values[(key_index * kv_heads + kv_head) * d..][..d];
+                    for (h, head_out) in out.chunks_mut(d).enumerate() {
+                        scaled_add(head_out, scores[h * n + j], value);
+                    }
+                    j += 1;
                 }
             }
         });
+}
+
+/// Query heads per parallel task of [`attend`] on the current rayon pool: the whole group of
+/// heads sharing a KV head, unless `tokens · kv_heads` tasks would leave threads idle.
+fn heads_per_task(tokens: usize, kv_heads: usize, group: usize) -> usize {
+    if tokens * kv_heads >= rayon::current_num_threads() {
+        group
+    } else {
+        1
+    }
 }
 
 /// Indices (within `segment`) of the keys whose positions are in `visible`.
@@ -197,6 +255,81 @@ mod tests {
 
     use crate::rope::RopeTable;
     use ndarray::Array1;
+
+    /// `attend` splits its work by (token, KV-head group) or, when that leaves threads idle, by
+    /// (token, head): every head's output must be the same bit for bit either way. The same
+    /// queries are attended as one 7-token call on one thread (grouped) and as seven 1-token
+    /// calls on four threads (per head) over the same cache segments (two segments, as a ring
+    /// buffer gives), with 2 KV heads of 3 query heads each, sliding window 4 and full attention.
+    #[test]
+    fn attend_grouped_by_kv_head_equals_one_head_per_task() {
+        let (heads, kv_heads, d, tokens) = (6, 2, 16, 7);
+        for window in [Some(4), None] {
+            let layer = crate::testing::plain_attention_layer(d, heads, kv_heads, window);
+            let keys = random_values(tokens * kv_heads * d, 31, 1.0);
+            let values = random_values(tokens * kv_heads * d, 32, 1.0);
+            let queries = random_values(tokens * heads * d, 33, 1.0);
+            let split = 3 * kv_heads * d;
+            let segments = [
+                Segment {
+                    first_position: 0,
+                    len: 3,
+                    keys: &keys[..split],
+                    values: &values[..split],
+                },
+                Segment {
+                    first_position: 3,
+                    len: tokens - 3,
+                    keys: &keys[split..],
+                    values: &values[split..],
+                },
+            ];
+            let positions: Vec<usize> = (0..tokens).collect();
+            let pool = |threads| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap()
+            };
+            // Grouped: 7 tokens · 2 KV heads ≥ 1 thread. Per head: 1 token · 2 KV heads < 4.
+            let (grouped_pool, per_head_pool) = (pool(1), pool(4));
+            assert_eq!(
+                grouped_pool.install(|| heads_per_task(tokens, kv_heads, 3)),
+                3
+            );
+            assert_eq!(per_head_pool.install(|| heads_per_task(1, kv_heads, 3)), 1);
+            let mut together = vec![0.0f32; tokens * heads * d];
+            grouped_pool.install(|| attend(&queries, &positions, &layer, &segments, &mut together));
+            let row = heads * d;
+            for t in 0..tokens {
+                let mut alone = vec![0.0f32; row];
+                per_head_pool.install(|| {
+                    attend(
+                        &queries[t * row..(t + 1) * row],
+                        &positions[t..t + 1],
+                        &layer,
+                        &segments,
+                        &mut alone,
+                    )
+                });
+                for (i, (a, b)) in together[t * row..(t + 1) * row]
+                    .iter()
+                    .zip(&alone)
+                    .enumerate()
+                {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "window {window:?}: token {t} head {} element {}: grouped {a} vs per-head {b}",
+                        i / d,
+                        i % d
+                    );
+                }
+            }
+            // And the values are attention, not zeros: the last token sees several keys.
+            assert!(together.iter().any(|v| *v != 0.0));
+        }
+    }
 
     /// One layer (sliding with window 3, or full with K=V), fed a 5-token prefill then 3 single
     /// tokens, through both engines: every recorded tensor and the output must agree.

@@ -11,6 +11,9 @@
 //!   and recovering V would need a division by `k_norm.weight` and an inverse rotation, which
 //!   round (and break down where a weight is 0). Storing V costs one multiply and one rotation of
 //!   64 pairs per cached key per step: the rotation touches a quarter of the coordinates (p-RoPE).
+//!   The cos/sin of each stored position are kept beside it (written once with the slot:
+//!   `2 · 64 · 4` = 512 bytes per position on 31B, 1/16 of its K=V entry), so a step does no
+//!   trigonometry on the cached positions; `gemma4 inspect` reports these bytes separately.
 //! - **KV-shared layers** store nothing and read their producer's cache (`LayerPlan::kv_layer`).
 //!
 //! Entries are f32, so a cached key is bit-identical to the one the reference computes.
@@ -19,8 +22,6 @@
 //! and values ([`KvCache::stage`]); attention reads the stored past plus the staged chunk (so a
 //! chunk longer than the window still sees every key it needs); [`KvCache::commit`] then writes the
 //! chunk into storage (for a ring, only its last `W` positions) once every layer has run.
-
-use std::borrow::Cow;
 
 use gemma4_reference::config::AttentionType;
 use gemma4_reference::layer_plan::ModelPlan;
@@ -47,8 +48,10 @@ pub struct LayerCache {
     pub key_equals_value: bool,
     /// `k_norm.weight` (K=V layers rebuild keys with it).
     pub k_norm: Vec<f32>,
-    /// This layer type's RoPE inverse frequencies (K=V rebuild).
-    pub inverse_frequencies: Vec<f32>,
+    /// K=V layers: the RoPE cos/sin of the position held in each slot (row = slot), written
+    /// with the slot, so that rebuilding the keys every step rotates with stored angles instead
+    /// of recomputing a sin and a cos per cached position and rotated pair.
+    key_angles: Option<RopeTable>,
     /// `[slots, K, d]`; empty on K=V layers.
     keys: Vec<f32>,
     /// `[slots, K, d]`
@@ -82,12 +85,27 @@ impl LayerCache {
             grow(&mut self.keys, self.row);
         }
         grow(&mut self.values, self.row);
+        if let Some(angles) = &mut self.key_angles {
+            angles.reserve_rows(wanted);
+        }
         self.slots = wanted;
     }
 
-    /// Bytes held by this layer's storage (its real allocation).
+    /// Bytes held by this layer's key and value storage (its real allocation).
     pub fn allocated_bytes(&self) -> usize {
         (self.keys.capacity() + self.values.capacity()) * BYTES_PER_ELEMENT
+    }
+
+    /// Bytes held by the K=V key-rebuild angle table (0 on other layers).
+    pub fn angle_table_bytes(&self) -> usize {
+        self.key_angles
+            .as_ref()
+            .map_or(0, RopeTable::allocated_bytes)
+    }
+
+    /// Bytes one cached position costs in the K=V angle table (0 on other layers).
+    pub fn angle_bytes_per_position(&self) -> usize {
+        self.key_angles.as_ref().map_or(0, RopeTable::bytes_per_row)
     }
 
     /// Bytes one cached position costs in this layer.
@@ -110,7 +128,7 @@ struct Staged {
 pub struct Segment<'a> {
     pub first_position: usize,
     pub len: usize,
-    pub keys: Cow<'a, [f32]>,
+    pub keys: &'a [f32],
     pub values: &'a [f32],
 }
 
@@ -121,6 +139,9 @@ pub struct KvCache {
     staged: Vec<Option<Staged>>,
     staged_tokens: usize,
     tokens_seen: usize,
+    /// K=V layers' keys rebuilt for the current attention call, kept to be reused (a fresh
+    /// buffer of a long context's keys per layer and step would be page-faulted in every time).
+    rebuilt_keys: Vec<f32>,
 }
 
 impl KvCache {
@@ -146,11 +167,9 @@ impl KvCache {
                     } else {
                         Vec::new()
                     },
-                    inverse_frequencies: if layer.key_equals_value {
-                        inverse_frequencies_of(layer.index)
-                    } else {
-                        Vec::new()
-                    },
+                    key_angles: layer
+                        .key_equals_value
+                        .then(|| RopeTable::empty(&inverse_frequencies_of(layer.index))),
                     keys: Vec::new(),
                     values: Vec::new(),
                     slots: 0,
@@ -162,6 +181,7 @@ impl KvCache {
             layers,
             staged_tokens: 0,
             tokens_seen: 0,
+            rebuilt_keys: Vec::new(),
         }
     }
 
@@ -192,42 +212,64 @@ impl KvCache {
 
     /// The keys and values `layer` (a producer) holds for positions `from..` (stored past, then
     /// the staged chunk), as contiguous segments in position order.
-    pub fn segments(&self, layer: usize, from: usize) -> Vec<Segment<'_>> {
-        let cache = self.layers[layer].as_ref().expect("a producing layer");
+    pub fn segments(&mut self, layer: usize, from: usize) -> Vec<Segment<'_>> {
+        let KvCache {
+            layers,
+            staged,
+            staged_tokens,
+            tokens_seen,
+            rebuilt_keys,
+        } = self;
+        let (staged_tokens, tokens_seen) = (*staged_tokens, *tokens_seen);
+        let cache = layers[layer].as_ref().expect("a producing layer");
         let row = cache.row;
         let stored_from = match cache.sliding_window {
-            Some(window) => self.tokens_seen.saturating_sub(window),
+            Some(window) => tokens_seen.saturating_sub(window),
             None => 0,
         };
-        let mut segments = Vec::new();
+        // Runs of consecutive slots holding positions `from..tokens_seen`: (position, slot, len).
+        let mut runs = Vec::new();
         let mut position = from.max(stored_from);
-        while position < self.tokens_seen {
+        while position < tokens_seen {
             let slot = cache.slot(position);
-            let run = (self.tokens_seen - position).min(cache.slots - slot);
-            let values = &cache.values[slot * row..(slot + run) * row];
+            let run = (tokens_seen - position).min(cache.slots - slot);
+            runs.push((position, slot, run));
+            position += run;
+        }
+        // K=V layers: the runs' keys, rebuilt into the reused scratch buffer.
+        if cache.key_equals_value {
+            rebuilt_keys.clear();
+            for &(_, slot, run) in &runs {
+                let start = rebuilt_keys.len();
+                rebuilt_keys.extend_from_slice(&cache.values[slot * row..(slot + run) * row]);
+                rebuild_keys(cache, &mut rebuilt_keys[start..], slot);
+            }
+        }
+        let rebuilt: &[f32] = rebuilt_keys;
+        let mut segments = Vec::with_capacity(runs.len() + 1);
+        let mut rebuilt_offset = 0;
+        for (position, slot, run) in runs {
             let keys = if cache.key_equals_value {
-                Cow::Owned(rebuild_keys(cache, values, position, run))
+                rebuilt_offset += run * row;
+                &rebuilt[rebuilt_offset - run * row..rebuilt_offset]
             } else {
-                Cow::Borrowed(&cache.keys[slot * row..(slot + run) * row])
+                &cache.keys[slot * row..(slot + run) * row]
             };
             segments.push(Segment {
                 first_position: position,
                 len: run,
                 keys,
-                values,
+                values: &cache.values[slot * row..(slot + run) * row],
             });
-            position += run;
         }
-        if let Some(staged) = &self.staged[layer] {
-            let skip = from
-                .saturating_sub(self.tokens_seen)
-                .min(self.staged_tokens);
-            let len = self.staged_tokens - skip;
+        if let Some(staged) = &staged[layer] {
+            let skip = from.saturating_sub(tokens_seen).min(staged_tokens);
+            let len = staged_tokens - skip;
             if len > 0 {
                 segments.push(Segment {
-                    first_position: self.tokens_seen + skip,
+                    first_position: tokens_seen + skip,
                     len,
-                    keys: Cow::Borrowed(&staged.keys[skip * row..]),
+                    keys: &staged.keys[skip * row..],
                     values: &staged.values[skip * row..],
                 });
             }
@@ -257,6 +299,9 @@ impl KvCache {
                 }
                 cache.values[slot * row..(slot + 1) * row]
                     .copy_from_slice(&staged.values[t * row..(t + 1) * row]);
+                if let Some(angles) = &mut cache.key_angles {
+                    angles.set_row(slot, self.tokens_seen + t);
+                }
             }
         }
         self.tokens_seen += tokens;
@@ -273,6 +318,16 @@ impl KvCache {
         self.sum_per_type(LayerCache::bytes_per_position)
     }
 
+    /// Bytes one position costs in the K=V layers' angle tables, per attention type.
+    pub fn angle_bytes_per_position(&self) -> (usize, usize) {
+        self.sum_per_type(LayerCache::angle_bytes_per_position)
+    }
+
+    /// Bytes allocated by the K=V layers' angle tables, per attention type.
+    pub fn angle_table_bytes(&self) -> (usize, usize) {
+        self.sum_per_type(LayerCache::angle_table_bytes)
+    }
+
     /// `bytes` summed over the layers of each attention type: `(sliding, full)`.
     fn sum_per_type(&self, bytes: impl Fn(&LayerCache) -> usize) -> (usize, usize) {
         let (mut sliding, mut full) = (0, 0);
@@ -286,12 +341,14 @@ impl KvCache {
     }
 }
 
-/// `K = RoPE(V ⊙ k_norm)` for `count` stored values at positions `first..` (K=V layers).
-fn rebuild_keys(cache: &LayerCache, values: &[f32], first: usize, count: usize) -> Vec<f32> {
+/// `K = RoPE(V ⊙ k_norm)`, in place on `keys` (`[n, K, d]`), a copy of the stored values of the
+/// consecutive slots `first_slot..` of a K=V layer, rotated by the angles stored with them.
+fn rebuild_keys(cache: &LayerCache, keys: &mut [f32], first_slot: usize) {
     let d = cache.head_dim;
-    let positions: Vec<usize> = (first..first + count).collect();
-    let table = RopeTable::new(&cache.inverse_frequencies, &positions);
-    let mut keys = values.to_vec();
+    let angles = cache
+        .key_angles
+        .as_ref()
+        .expect("a K=V layer keeps its angles");
     // Positions are independent: split them over the pool (same arithmetic per element).
     keys.par_chunks_exact_mut(cache.row)
         .with_min_len(16)
@@ -301,10 +358,9 @@ fn rebuild_keys(cache: &LayerCache, values: &[f32], first: usize, count: usize) 
                 for (k, &w) in head.iter_mut().zip(&cache.k_norm) {
                     *k *= w;
                 }
-                table.rotate(head, t);
+                angles.rotate(head, first_slot + t);
             }
         });
-    keys
 }
 
 #[cfg(test)]

@@ -168,12 +168,64 @@ pub fn linear_into_with(
     if tokens == 0 || weight.rows == 0 {
         return;
     }
-    let (rows, cols) = (weight.rows, weight.cols);
-    match weight.elements() {
-        Elements::F32(w) => dispatch(w, rows, cols, x, tokens, y, threads, kernel),
-        Elements::BF16(w) => dispatch(w, rows, cols, x, tokens, y, threads, kernel),
-        Elements::F16(w) => dispatch(w, rows, cols, x, tokens, y, threads, kernel),
+    assert!(
+        tokens <= SKINNY_MAX_TOKENS || kernel.available(weight.dtype),
+        "{kernel:?} cannot run on {:?} weights on this CPU",
+        weight.dtype
+    );
+    let route = Route::of(tokens, weight.cols, kernel);
+    let input = Input::prepare(x, tokens, weight.cols, route);
+    let out = SendPtr(y.as_mut_ptr());
+    for_each_row_block(weight.rows, route.block_rows(), threads, |block| {
+        // SAFETY: `y` is [tokens, rows]; this task writes only the columns `block`.
+        unsafe { route.run(weight, &input, tokens, out, block) }
+    });
+}
+
+/// `x` `[tokens, in]` times each of `weights` (all `[out_i, in]`, one storage dtype) → one
+/// `[tokens, out_i]` per weight: the products of one input by several matrices (q/k/v, gate/up)
+/// as one parallel loop over all their row blocks. Results are those of separate [`linear`]
+/// calls, bit for bit; the grouping balances small matrices (a 256-row key projection is only
+/// three GEMM tasks) over the threads and rounds `x` to bf16 once in the fast prefill.
+pub fn linear_group(x: &[f32], tokens: usize, weights: &[&Matrix]) -> Vec<Vec<f32>> {
+    let mut outputs: Vec<Vec<f32>> = weights
+        .iter()
+        .map(|w| vec![0.0f32; tokens * w.rows])
+        .collect();
+    let Some(first) = weights.first() else {
+        return outputs;
+    };
+    let (cols, dtype) = (first.cols, first.dtype);
+    if tokens == 0 || weights.iter().any(|w| w.cols != cols || w.dtype != dtype) {
+        for (weight, y) in weights.iter().zip(&mut outputs) {
+            linear_into(x, tokens, weight, y, Threads::Pool);
+        }
+        return outputs;
     }
+    assert_eq!(x.len(), tokens * cols, "x is [tokens, in]");
+    let route = Route::of(
+        tokens,
+        cols,
+        PrefillKernel::select(dtype, current_precision()),
+    );
+    let input = Input::prepare(x, tokens, cols, route);
+    let outs: Vec<SendPtr> = outputs
+        .iter_mut()
+        .map(|y| SendPtr(y.as_mut_ptr()))
+        .collect();
+    let block = route.block_rows();
+    let tasks: Vec<(usize, std::ops::Range<usize>)> = weights
+        .iter()
+        .enumerate()
+        .flat_map(|(i, w)| {
+            (0..w.rows.div_ceil(block)).map(move |b| (i, b * block..((b + 1) * block).min(w.rows)))
+        })
+        .collect();
+    tasks.into_par_iter().for_each(|(i, rows)| {
+        // SAFETY: output i is [tokens, weights[i].rows]; this task writes only its columns `rows`.
+        unsafe { route.run(weights[i], &input, tokens, outs[i], rows) }
+    });
+    outputs
 }
 
 /// Runs `task` on the weight rows `0..rows` cut into blocks of `block` rows, each block on one
@@ -193,89 +245,136 @@ fn for_each_row_block(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn dispatch<E: Element>(
-    w: &[E],
-    rows: usize,
-    cols: usize,
-    x: &[f32],
-    tokens: usize,
-    y: &mut [f32],
-    threads: Threads,
-    kernel: PrefillKernel,
-) {
-    let out = SendPtr(y.as_mut_ptr());
-    // In every kernel below, a task computes the columns `block` of y (its weight rows), which
-    // no other task writes; rows `block` of w exist and x is [tokens, cols].
-    if tokens <= SKINNY_MAX_TOKENS || cols == 0 {
-        for_each_row_block(rows, SKINNY_ROW_BLOCK, threads, |block| {
-            let start = block.start;
-            // SAFETY: see above.
-            unsafe {
-                skinny_rows(
-                    w.as_ptr(),
-                    cols,
-                    block,
-                    x.as_ptr(),
-                    tokens,
-                    out.get().add(start),
-                    rows,
-                )
-            };
-        });
-        return;
+/// The kernel that computes a product, by its number of token rows and the prefill kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// At most `SKINNY_MAX_TOKENS` rows (or no columns): `simd::skinny_rows`.
+    Skinny,
+    Prefill(PrefillKernel),
+}
+
+/// The activations as a kernel reads them.
+enum Input<'a> {
+    F32(&'a [f32]),
+    /// Rounded to bf16 pairs once ([`crate::gemm512::round_to_bf16_pairs`]), with the f32 rows
+    /// for the skinny kernel.
+    Bf16Pairs(&'a [f32], Vec<u32>),
+}
+
+impl<'a> Input<'a> {
+    fn prepare(x: &'a [f32], tokens: usize, cols: usize, route: Route) -> Input<'a> {
+        #[cfg(target_arch = "x86_64")]
+        if route == Route::Prefill(PrefillKernel::Avx512Bf16) {
+            let mut pairs = Vec::new();
+            // SAFETY: the route is only chosen where AVX-512 BF16 is available.
+            unsafe { crate::gemm512::round_to_bf16_pairs(x, tokens, cols, &mut pairs) };
+            return Input::Bf16Pairs(x, pairs);
+        }
+        let _ = (tokens, cols, route);
+        Input::F32(x)
     }
-    assert!(
-        kernel.available(E::DTYPE),
-        "{kernel:?} cannot run on {:?} weights on this CPU",
-        E::DTYPE
-    );
-    #[cfg(target_arch = "x86_64")]
-    if kernel == PrefillKernel::Avx512Bf16 {
-        let mut pairs = Vec::new();
-        // SAFETY: AVX-512 BF16 checked by `available`.
-        unsafe { crate::gemm512::round_to_bf16_pairs(x, tokens, cols, &mut pairs) };
-        let w16 = w.as_ptr() as usize; // E is bf16 (checked by `available`)
-        let xb = pairs.as_ptr() as usize;
-        for_each_row_block(rows, AVX512_ROW_BLOCK, threads, |block| {
-            let start = block.start;
-            // SAFETY: see above; `pairs` is [tokens, ⌈cols/2⌉].
-            unsafe {
+
+    fn f32(&self) -> &[f32] {
+        match self {
+            Input::F32(x) | Input::Bf16Pairs(x, _) => x,
+        }
+    }
+}
+
+impl Route {
+    fn of(tokens: usize, cols: usize, kernel: PrefillKernel) -> Route {
+        if tokens <= SKINNY_MAX_TOKENS || cols == 0 {
+            Route::Skinny
+        } else {
+            Route::Prefill(kernel)
+        }
+    }
+
+    /// Weight rows per parallel task.
+    fn block_rows(self) -> usize {
+        match self {
+            Route::Skinny => SKINNY_ROW_BLOCK,
+            Route::Prefill(PrefillKernel::GemmCrate) => GEMM_ROW_BLOCK,
+            Route::Prefill(_) => AVX512_ROW_BLOCK,
+        }
+    }
+
+    /// `y[:, block] = x · weight[block, :]ᵀ` on this thread.
+    ///
+    /// # Safety
+    /// `y` is `[tokens, weight.rows]`, valid for writes in the columns `block`, which no other
+    /// task writes; `block` ⊆ `0..weight.rows`; `input` holds `tokens` rows of `weight.cols`;
+    /// the route's kernel is available for `weight.dtype` on this CPU.
+    unsafe fn run(
+        self,
+        weight: &Matrix,
+        input: &Input,
+        tokens: usize,
+        y: SendPtr,
+        block: std::ops::Range<usize>,
+    ) {
+        match weight.elements() {
+            Elements::F32(w) => {
+                self.run_typed(w, weight.rows, weight.cols, input, tokens, y, block)
+            }
+            Elements::BF16(w) => {
+                self.run_typed(w, weight.rows, weight.cols, input, tokens, y, block)
+            }
+            Elements::F16(w) => {
+                self.run_typed(w, weight.rows, weight.cols, input, tokens, y, block)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_typed<E: Element>(
+        self,
+        w: &[E],
+        rows: usize,
+        cols: usize,
+        input: &Input,
+        tokens: usize,
+        y: SendPtr,
+        block: std::ops::Range<usize>,
+    ) {
+        let x = input.f32();
+        let start = block.start;
+        match (self, input) {
+            (Route::Skinny, _) => skinny_rows(
+                w.as_ptr(),
+                cols,
+                block,
+                x.as_ptr(),
+                tokens,
+                y.get().add(start),
+                rows,
+            ),
+            #[cfg(target_arch = "x86_64")]
+            (Route::Prefill(PrefillKernel::Avx512Bf16), Input::Bf16Pairs(_, pairs)) => {
+                // E is bf16 (the route is chosen for bf16 weights only).
                 crate::gemm512::gemm_rows_bf16(
-                    w16 as *const half::bf16,
+                    w.as_ptr() as *const half::bf16,
                     cols,
                     block,
-                    xb as *const u32,
+                    pairs.as_ptr(),
                     tokens,
-                    out.get().add(start),
+                    y.get().add(start),
                     rows,
                 )
             }
-        });
-        return;
+            #[cfg(target_arch = "x86_64")]
+            (Route::Prefill(PrefillKernel::Avx512), _) => crate::gemm512::gemm_rows_f32(
+                w.as_ptr(),
+                cols,
+                block,
+                x.as_ptr(),
+                tokens,
+                y.get().add(start),
+                rows,
+            ),
+            _ => gemm_block(w, cols, block, x, tokens, y, rows),
+        }
     }
-    #[cfg(target_arch = "x86_64")]
-    if kernel == PrefillKernel::Avx512 {
-        for_each_row_block(rows, AVX512_ROW_BLOCK, threads, |block| {
-            let start = block.start;
-            // SAFETY: see above; AVX-512F checked by `available`.
-            unsafe {
-                crate::gemm512::gemm_rows_f32(
-                    w.as_ptr(),
-                    cols,
-                    block,
-                    x.as_ptr(),
-                    tokens,
-                    out.get().add(start),
-                    rows,
-                )
-            }
-        });
-        return;
-    }
-    for_each_row_block(rows, GEMM_ROW_BLOCK, threads, |block| {
-        gemm_block(w, cols, block, x, tokens, out, rows)
-    });
 }
 
 thread_local! {
@@ -591,5 +690,62 @@ mod tests {
             );
         });
         assert_eq!(current_precision(), Precision::F32);
+    }
+
+    /// `linear_group` = separate `linear` calls, bit for bit: for skinny and prefill token
+    /// counts, in both precisions, on 1 and 3 threads, for matrices of one dtype (one parallel
+    /// loop) and of mixed dtypes (the fallback), with row counts that leave partial blocks.
+    #[test]
+    fn linear_group_equals_separate_products() {
+        let cols = 70;
+        let shapes = [(300usize, 11u64), (50, 12), (97, 13)];
+        let all = |seed_shift: u64| -> Vec<Vec<(WeightDtype, Matrix, Vec<f32>)>> {
+            shapes
+                .iter()
+                .map(|&(rows, seed)| matrices(rows, cols, seed + seed_shift))
+                .collect()
+        };
+        let by_dtype = all(0);
+        let pools: Vec<rayon::ThreadPool> = [1, 3]
+            .iter()
+            .map(|&n| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        for tokens in [1, 5, 8, 9, 40] {
+            let x = random(tokens * cols, 20 + tokens as u64);
+            for precision in [Precision::F32, Precision::Bf16Activations] {
+                for dtype_index in 0..3 {
+                    let same: Vec<&Matrix> = by_dtype.iter().map(|m| &m[dtype_index].1).collect();
+                    // Mixed: each matrix in another dtype.
+                    let mixed: Vec<&Matrix> = by_dtype
+                        .iter()
+                        .enumerate()
+                        .map(|(i, m)| &m[(dtype_index + i) % 3].1)
+                        .collect();
+                    for group in [&same, &mixed] {
+                        let expected: Vec<Vec<f32>> = with_precision(precision, || {
+                            group.iter().map(|w| linear(&x, tokens, w)).collect()
+                        });
+                        for pool in &pools {
+                            let got = pool.install(|| {
+                                with_precision(precision, || linear_group(&x, tokens, group))
+                            });
+                            for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                                assert!(
+                                    g.len() == e.len()
+                                        && g.iter().zip(e).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                    "tokens={tokens} {precision:?} dtype #{dtype_index} matrix {i}: group result differs"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(linear_group(&[], 0, &[]).is_empty());
     }
 }

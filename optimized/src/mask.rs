@@ -22,37 +22,12 @@ pub fn visible_keys(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gemma4_reference::config::{AttentionType, RopeKind, RopeParameters};
-    use gemma4_reference::layer_plan::{KvSource, LayerPlan};
     use gemma4_reference::mask::key_is_visible;
 
     #[test]
     fn mask_visible_range_equals_reference_mask_sliding_and_full() {
         for window in [None, Some(1), Some(4), Some(6)] {
-            let layer = LayerPlan {
-                index: 0,
-                attention_type: if window.is_some() {
-                    AttentionType::Sliding
-                } else {
-                    AttentionType::Full
-                },
-                head_dim: 8,
-                num_query_heads: 2,
-                num_kv_heads: 1,
-                key_equals_value: false,
-                kv_source: KvSource::Own {
-                    shared_with_consumers: false,
-                },
-                sliding_window: window,
-                rope: RopeParameters {
-                    kind: RopeKind::Default,
-                    theta: 1e4,
-                    factor: 1.0,
-                },
-                mlp_width: 8,
-                has_per_layer_embedding: false,
-                has_moe: false,
-            };
+            let layer = crate::testing::plain_attention_layer(8, 2, 1, window);
             for i in 0..20 {
                 for j in 0..25 {
                     assert_eq!(

@@ -5,12 +5,14 @@
 
 use crate::checkpoint::MlpWeights;
 use crate::gelu::geglu_in_place;
-use crate::linear::linear;
+use crate::linear::{linear, linear_group};
 
 /// `x`: `[T, D]` → `[T, D]`.
 pub fn mlp(x: &[f32], tokens: usize, weights: &MlpWeights) -> Vec<f32> {
-    let mut gate = linear(x, tokens, &weights.gate_proj);
-    let up = linear(x, tokens, &weights.up_proj);
+    let [mut gate, up]: [Vec<f32>; 2] =
+        linear_group(x, tokens, &[&weights.gate_proj, &weights.up_proj])
+            .try_into()
+            .expect("two products");
     geglu_in_place(&mut gate, &up);
     linear(&gate, tokens, &weights.down_proj)
 }

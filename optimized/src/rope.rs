@@ -15,12 +15,16 @@
 //! The angle and its sin/cos are the same f32 operations as the reference's, so the rotated
 //! values agree bit for bit.
 
-/// cos/sin of every (position, rotated pair) for a run of positions.
+/// cos/sin of every (position, rotated pair) for a run of positions: row `r` holds the angles
+/// of one position (the pass's `r`-th token, or, in a K=V layer's cache, the position stored in
+/// slot `r`).
 #[derive(Clone, Debug)]
 pub struct RopeTable {
     /// Pairs that rotate (`inv[k] ≠ 0`).
     pairs: Vec<usize>,
-    /// `[positions, pairs.len()]`
+    /// `inv[k]` of those pairs.
+    frequencies: Vec<f32>,
+    /// `[rows, pairs.len()]`
     cos: Vec<f32>,
     sin: Vec<f32>,
     /// `d/2`
@@ -30,24 +34,66 @@ pub struct RopeTable {
 impl RopeTable {
     /// The table for `positions` with the inverse frequencies `inv` (`[d/2]`).
     pub fn new(inverse_frequencies: &[f32], positions: &[usize]) -> RopeTable {
+        let mut table = RopeTable::empty(inverse_frequencies);
+        table.cos.reserve_exact(positions.len() * table.pairs.len());
+        table.sin.reserve_exact(positions.len() * table.pairs.len());
+        for (row, &position) in positions.iter().enumerate() {
+            table.set_row(row, position);
+        }
+        table
+    }
+
+    /// A table without rows, for the inverse frequencies `inv` (`[d/2]`).
+    pub fn empty(inverse_frequencies: &[f32]) -> RopeTable {
         let pairs: Vec<usize> = (0..inverse_frequencies.len())
             .filter(|&k| inverse_frequencies[k] != 0.0)
             .collect();
-        let mut cos = Vec::with_capacity(positions.len() * pairs.len());
-        let mut sin = Vec::with_capacity(positions.len() * pairs.len());
-        for &position in positions {
-            for &k in &pairs {
-                let angle = position as f32 * inverse_frequencies[k];
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
         RopeTable {
+            frequencies: pairs.iter().map(|&k| inverse_frequencies[k]).collect(),
             pairs,
-            cos,
-            sin,
+            cos: Vec::new(),
+            sin: Vec::new(),
             half: inverse_frequencies.len(),
         }
+    }
+
+    /// Sets row `row` to the angles of `position` (`θ_k = f32(position) · inv[k]`), adding rows
+    /// up to it if the table is shorter.
+    pub fn set_row(&mut self, row: usize, position: usize) {
+        let n = self.pairs.len();
+        if self.cos.len() < (row + 1) * n {
+            self.cos.resize((row + 1) * n, 0.0);
+            self.sin.resize((row + 1) * n, 0.0);
+        }
+        let angles = self.frequencies.iter().map(|&f| position as f32 * f);
+        let cells = self.cos[row * n..(row + 1) * n]
+            .iter_mut()
+            .zip(&mut self.sin[row * n..(row + 1) * n]);
+        for (angle, (cos, sin)) in angles.zip(cells) {
+            *cos = angle.cos();
+            *sin = angle.sin();
+        }
+    }
+
+    /// Makes room for exactly `rows` rows (the new rows are zero until [`RopeTable::set_row`]).
+    pub fn reserve_rows(&mut self, rows: usize) {
+        let cells = rows * self.pairs.len();
+        if cells > self.cos.len() {
+            for v in [&mut self.cos, &mut self.sin] {
+                v.reserve_exact(cells - v.len());
+                v.resize(cells, 0.0);
+            }
+        }
+    }
+
+    /// Bytes held by the cos/sin rows.
+    pub fn allocated_bytes(&self) -> usize {
+        (self.cos.capacity() + self.sin.capacity()) * std::mem::size_of::<f32>()
+    }
+
+    /// Bytes one row costs: a cos and a sin per rotated pair.
+    pub fn bytes_per_row(&self) -> usize {
+        2 * self.pairs.len() * std::mem::size_of::<f32>()
     }
 
     /// Rotates one head vector `x` (`[d]`) by the angles of table row `row`.

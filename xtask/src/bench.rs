@@ -1,9 +1,11 @@
 //! `cargo xtask bench`: prefill and decode speed and peak memory of the engines, on 2 threads,
 //! written to `docs/performance.md` with the command that reproduces it.
 //!
-//! Every engine runs in its own process (`cargo xtask bench-engine ...`, or the Hugging Face
-//! script `xtask/scripts/bench_hf.py` in the oracle virtualenv), so that its peak resident
-//! memory (`VmHWM`) is its own. Each measurement waits (up to `--max-wait` seconds) for the
+//! Every engine runs in its own process (`cargo xtask bench-engine ...`, or the peers' scripts
+//! in the oracle virtualenv: `xtask/scripts/bench_hf.py` for Hugging Face transformers,
+//! `xtask/scripts/bench_llama_cpp.py` for llama.cpp, which builds a pinned llama.cpp and converts
+//! the checkpoint to GGUF once, outside the measurement), so that its peak resident memory is
+//! its own. Each measurement waits (up to `--max-wait` seconds) for the
 //! 1-minute load average to fall below `--max-load`, and the load it ran under is reported:
 //! other processes on a 2-core machine change decode speed several-fold.
 //!
@@ -47,6 +49,13 @@ pub struct BenchArgs {
     /// Skip the Hugging Face transformers run.
     #[arg(long)]
     pub skip_hf: bool,
+    /// Skip the llama.cpp run.
+    #[arg(long)]
+    pub skip_llama_cpp: bool,
+    /// Where llama.cpp is built and the checkpoint's GGUF is kept (`xtask/scripts/bench_llama_cpp.py`
+    /// downloads the pinned source there on first use) [default: ~/.cache/gemma4/llama-cpp].
+    #[arg(long)]
+    pub llama_cpp_cache: Option<PathBuf>,
     /// The oracle virtualenv with torch + transformers [default: $GEMMA4_ORACLE_VENV, else
     /// ~/.cache/gemma4/oracle-venv].
     #[arg(long)]
@@ -170,6 +179,9 @@ fn timed_workload<C>(
 
 /// The child process: one engine, one workload, one JSON line on stdout.
 pub fn run_engine(args: &BenchEngineArgs) -> Result<(), String> {
+    if cfg!(debug_assertions) {
+        return Err("bench-engine needs a release build (`cargo run --release -p xtask -- bench-engine ...`)".into());
+    }
     let err = |e: gemma4_reference::Error| e.to_string();
     let started = Instant::now();
     let result = match args.engine.as_str() {
@@ -311,6 +323,49 @@ fn measure(mut command: Command, args: &BenchArgs, label: &str) -> Result<Value,
     Ok(value)
 }
 
+/// Measures a peer (Hugging Face transformers or llama.cpp) with its script in `xtask/scripts`,
+/// run by the oracle virtualenv's Python on the full model. A script that takes a `--prepare`
+/// step (llama.cpp: build, convert to GGUF) runs it first, outside the measurement. `None` (with
+/// the reason on stderr) when the peer cannot run here: the table then says so.
+fn peer(script: &str, args: &BenchArgs, label: &str) -> Option<Value> {
+    let command = |prepare: bool| {
+        let mut command = Command::new(venv_dir(args.venv.as_deref()).join("bin/python"));
+        command
+            .arg(repo_root().join("xtask/scripts").join(script))
+            .arg("--model")
+            .arg(&args.model)
+            .args(["--threads", &args.threads.to_string()])
+            .args(["--prompt", &args.prompt.to_string()])
+            .args(["--decode", &args.decode.to_string()]);
+        if script == "bench_llama_cpp.py" {
+            if let Some(cache) = &args.llama_cpp_cache {
+                command.arg("--cache").arg(cache);
+            }
+            if prepare {
+                command.arg("--prepare");
+            }
+        }
+        command
+    };
+    if script == "bench_llama_cpp.py" {
+        eprintln!("xtask bench: {label}: preparing (build llama.cpp and convert the checkpoint once; cached)");
+        match command(true).status() {
+            Ok(status) if status.success() => {}
+            Ok(status) => {
+                eprintln!("xtask bench: {label}: preparation failed ({status})");
+                return None;
+            }
+            Err(e) => {
+                eprintln!("xtask bench: {label}: cannot start: {e}");
+                return None;
+            }
+        }
+    }
+    measure(command(false), args, label)
+        .map_err(|e| eprintln!("xtask bench: {e}"))
+        .ok()
+}
+
 /// Measures one engine (`reference` or `optimized`) on `model` in a child process, its prefill
 /// products in `precision` (`f32` or `bf16`; the reference is f32 throughout).
 fn measure_engine(
@@ -339,6 +394,11 @@ fn layers_of(model: &Path) -> usize {
 }
 
 pub fn run(args: &BenchArgs) -> Result<(), String> {
+    if cfg!(debug_assertions) {
+        // The dev profile builds this workspace's crates at opt-level 1: the engines would run
+        // about 2.5x slower than what users get.
+        return Err("the benchmark needs a release build: run `cargo xtask bench` (the alias builds --release) or `cargo run --release -p xtask -- bench`".into());
+    }
     for dir in [&args.model, &args.reduced_model] {
         if !dir.join("config.json").exists() {
             return Err(format!(
@@ -396,25 +456,12 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     } else {
         None
     };
-    let hf = if args.skip_hf {
-        None
-    } else {
-        let mut command = Command::new(venv_dir(args.venv.as_deref()).join("bin/python"));
-        command
-            .arg(repo_root().join("xtask/scripts/bench_hf.py"))
-            .arg("--model")
-            .arg(&args.model)
-            .args(["--threads", &args.threads.to_string()])
-            .args(["--prompt", &args.prompt.to_string()])
-            .args(["--decode", &args.decode.to_string()]);
-        match measure(command, args, "Hugging Face transformers, full model") {
-            Ok(v) => Some(v),
-            Err(e) => {
-                eprintln!("xtask bench: {e}");
-                None
-            }
-        }
-    };
+    let hf = (!args.skip_hf)
+        .then(|| peer("bench_hf.py", args, "Hugging Face transformers, full model"))
+        .flatten();
+    let llama_cpp = (!args.skip_llama_cpp)
+        .then(|| peer("bench_llama_cpp.py", args, "llama.cpp, full model"))
+        .flatten();
 
     let report = report(
         args,
@@ -431,6 +478,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
             reference_reduced: &reference_reduced,
             reference_full: reference_full.as_ref(),
             hf: hf.as_ref(),
+            llama_cpp: llama_cpp.as_ref(),
         },
     );
     let out = repo_root().join(&args.out);
@@ -456,6 +504,7 @@ struct Measured<'a> {
     reference_reduced: &'a Value,
     reference_full: Option<&'a Value>,
     hf: Option<&'a Value>,
+    llama_cpp: Option<&'a Value>,
 }
 
 fn report(
@@ -475,6 +524,7 @@ fn report(
         reference_reduced,
         reference_full,
         hf,
+        llama_cpp,
     } = measured;
     let f = |v: &Value, key: &str| v[key].as_f64().unwrap_or(f64::NAN);
     let row = |name: &str, model: &str, v: &Value| {
@@ -528,9 +578,23 @@ fn report(
             "| HF transformers | E2B (full) | not run (`--skip-hf` or no oracle venv) | | | |\n",
         );
     }
-    out.push_str(
-        "| llama.cpp bf16 GGUF (`llama-bench -t 2 -p 128 -n 32`), from `shared/deps-and-machine.md`, not re-measured here | E2B (full) | ≈ 10.2 | ≈ 2.85 | 4.6 GiB | |\n",
-    );
+    if let Some(llama_cpp) = llama_cpp {
+        out.push_str(&row(
+            &format!(
+                "llama.cpp ({}; bf16 GGUF, `llama-bench -t {} -p {} -n {} -r 3`)",
+                llama_cpp["build"].as_str().unwrap_or("?"),
+                args.threads,
+                args.prompt,
+                args.decode
+            ),
+            &full,
+            llama_cpp,
+        ));
+    } else {
+        out.push_str(
+            "| llama.cpp | E2B (full) | not run (`--skip-llama-cpp`, or it could not be built) | | | |\n",
+        );
+    }
     out.push_str(&row(OPTIMIZED, &reduced, optimized_reduced));
     out.push_str(&row(FAST, &reduced, fast_reduced));
     out.push_str(&row(REFERENCE, &reduced, reference_reduced));
@@ -553,6 +617,21 @@ fn report(
             ratio(optimized, reference, "decode_tok_s"),
         ));
     }
+    let peers: Vec<(&str, &Value)> = [("llama.cpp", llama_cpp), ("HF transformers", hf)]
+        .into_iter()
+        .filter_map(|(name, v)| v.map(|v| (name, v)))
+        .collect();
+    if !peers.is_empty() {
+        out.push_str("\n| optimized / peer (full model) | prefill, f32 | prefill, `--fast-prefill` | decode |\n|---|---|---|---|\n");
+        for (name, peer) in peers {
+            out.push_str(&format!(
+                "| {name} | {:.2}x | {:.2}x | {:.2}x |\n",
+                ratio(optimized_full, peer, "prefill_tok_s"),
+                ratio(fast_full, peer, "prefill_tok_s"),
+                ratio(optimized_full, peer, "decode_tok_s"),
+            ));
+        }
+    }
     out.push_str(&format!(
         "\nThe reference converts every weight (the PLE table included) to f32 in RAM (about 23 GB peak for the \
          full E2B: run with `--reference-full` only on a machine with that much memory{}). It runs on one thread \
@@ -561,7 +640,9 @@ fn report(
          and MLP for the last position only (as HF's `logits_to_keep=1`). \
          `--fast-prefill` rounds the prompt's matrix-product inputs to bf16 and multiplies with AVX-512 BF16 \
          `vdpbf16ps` (what torch and llama.cpp do for bf16 weights); it applies on this CPU: {}. Decode steps are f32 \
-         in both modes.\n\n",
+         in both modes. llama.cpp is built here from source with `GGML_NATIVE=ON` (every SIMD extension of this \
+         CPU, AVX-512 BF16 included) and runs a bf16 GGUF converted from the same checkpoint; its decode test starts \
+         from an empty context (ours after the prompt: 128 more positions to attend over, under 1% of a step).\n\n",
         if reference_full.is_some() { "; this run did" } else { "; this run did not" },
         gemma4_optimized::gemm512::has_avx512_bf16(),
     ));
@@ -569,10 +650,13 @@ fn report(
         "## Decode bound\n\nMeasured read bandwidth: **{bandwidth:.1} GB/s** on {} threads ({bandwidth_one:.1} GB/s on one; load {bandwidth_load:.2}). \
          One decode step of E2B reads {:.2} GB of bf16 weights (every layer matrix, the PLE projection and the tied \
          LM head; the PLE table only one row per layer), so decode is bounded by **{bound:.2} tok/s**. \
-         Measured {decode:.2} tok/s = **{:.0}%** of the bound.\n\n",
+         Measured {decode:.2} tok/s = **{:.0}%** of the bound. Both optimized rows decode with the same f32 code \
+         ({decode:.2} and {:.2} tok/s here): their difference is how much this shared machine's memory bandwidth varies \
+         between runs, which also bounds how finely the decode speeds of different engines can be ranked.\n\n",
         args.threads,
         weight_bytes / 1e9,
         100.0 * decode / bound,
+        f(fast_full, "decode_tok_s"),
     ));
     out.push_str(&format!(
         "Peak resident memory of the optimized engine on the full model: {} while the checkpoint is {} on disk: \
@@ -590,6 +674,7 @@ fn report(
         Some(fast_reduced),
         Some(reference_reduced),
         hf,
+        llama_cpp,
     ]
     .into_iter()
     .flatten()
@@ -599,8 +684,10 @@ fn report(
     out.push_str("```\n\n");
     out.push_str(&format!(
         "## Rerun\n\n```sh\ncargo xtask synth --variant e2b --out {}\ncargo xtask synth --variant e2b --layers {reduced_layers} --out {}\ncargo xtask bench --model {} --reduced-model {}{}\n```\n\n\
-         The Hugging Face row needs the oracle virtualenv (`~/.cache/gemma4/oracle-venv`, made by `cargo xtask golden`); \
-         its script is `xtask/scripts/bench_hf.py`. Kernel micro-benchmarks: `cargo bench -p gemma4-optimized`.\n",
+         The Hugging Face and llama.cpp rows need the oracle virtualenv (`~/.cache/gemma4/oracle-venv`, made by `cargo xtask golden`); \
+         their scripts are `xtask/scripts/bench_hf.py` and `xtask/scripts/bench_llama_cpp.py` (the latter downloads the pinned \
+         `llama-cpp-python` 0.3.36 source package, builds its vendored llama.cpp with `GGML_NATIVE=ON` and converts the checkpoint \
+         to a bf16 GGUF, all under `~/.cache/gemma4/llama-cpp`, once). Kernel micro-benchmarks: `cargo bench -p gemma4-optimized`.\n",
         args.model.display(),
         args.reduced_model.display(),
         args.model.display(),
