@@ -30,8 +30,40 @@ pub struct Inspection {
     pub optimized_kv_angle_bytes_per_token: (usize, usize),
     /// `None` when the directory has no weights; otherwise the number of text tensors checked.
     pub weights_checked: Option<usize>,
+    /// With weights: what the optimized engine maps and keeps resident.
+    pub memory: Option<EngineMemory>,
     /// Checkpoint tensors that are not text tensors of the plan (towers, stray KV of shared layers).
     pub tensors_not_used_by_text_model: usize,
+}
+
+/// Memory of the optimized engine on a checkpoint. Weights are memory-mapped as stored, so a
+/// checkpoint larger than RAM still runs (the kernel pages weights in from disk as they are
+/// read); what stays resident is what the forward pass touches.
+#[derive(Debug, serde::Serialize)]
+pub struct EngineMemory {
+    /// Bytes of every text tensor the engine maps (as stored: bf16, f16 or f32).
+    pub text_weight_bytes: u64,
+    /// The PLE table among them: only the rows of the tokens seen are read, so it stays on disk.
+    pub ple_table_bytes: u64,
+    /// One row of the PLE table: read once per distinct token id.
+    pub ple_row_bytes: u64,
+    /// MoE expert weights among them: a token reads `top_k` of `num_experts`, but every expert
+    /// a prompt routes to stays resident, so over a long run all of them are.
+    pub expert_bytes: u64,
+    /// Weights resident while running: everything but the PLE table.
+    pub resident_weight_bytes: u64,
+    /// Files of the checkpoint directory (`*.safetensors`), towers included.
+    pub checkpoint_file_bytes: u64,
+    /// This machine's RAM (`MemTotal` of `/proc/meminfo`), when it can be read.
+    pub machine_memory_bytes: Option<u64>,
+}
+
+/// `MemTotal` of `/proc/meminfo`, in bytes.
+fn machine_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Inspects a model directory. Weights are optional; if present, every text tensor the plan
@@ -45,11 +77,41 @@ pub fn inspect(dir: &Path) -> Result<Inspection, Error> {
         let prefix = checkpoint.text_prefix()?;
         let specs = text_tensor_specs(&inspection.config.text, &inspection.plan);
         let mut used = std::collections::BTreeSet::new();
+        let mut memory = EngineMemory {
+            text_weight_bytes: 0,
+            ple_table_bytes: 0,
+            ple_row_bytes: 0,
+            expert_bytes: 0,
+            resident_weight_bytes: 0,
+            checkpoint_file_bytes: 0,
+            machine_memory_bytes: machine_memory_bytes(),
+        };
         for spec in &specs {
             let name = full_name(prefix, &spec.name);
-            checkpoint.check(&name, &spec.shape)?;
+            let dtype = checkpoint.check(&name, &spec.shape)?;
+            let bytes = (spec.shape.iter().product::<usize>() * dtype.size()) as u64;
+            memory.text_weight_bytes += bytes;
+            if spec.name == "embed_tokens_per_layer.weight" {
+                memory.ple_table_bytes = bytes;
+                memory.ple_row_bytes = bytes / spec.shape[0].max(1) as u64;
+            }
+            if spec.name.contains(".experts.") {
+                memory.expert_bytes += bytes;
+            }
             used.insert(name);
         }
+        memory.resident_weight_bytes = memory.text_weight_bytes - memory.ple_table_bytes;
+        memory.checkpoint_file_bytes = std::fs::read_dir(dir)
+            .map_err(|e| Error::Io {
+                path: dir.to_path_buf(),
+                source: e,
+            })?
+            .flatten()
+            .filter(|entry| entry.path().extension().is_some_and(|x| x == "safetensors"))
+            .filter_map(|entry| entry.metadata().ok())
+            .map(|metadata| metadata.len())
+            .sum();
+        inspection.memory = Some(memory);
         inspection.tensors_not_used_by_text_model =
             checkpoint.names().filter(|n| !used.contains(*n)).count();
         inspection.weights_checked = Some(specs.len());
@@ -76,6 +138,7 @@ pub fn inspect_config(config: ModelConfig) -> Inspection {
         config,
         plan,
         weights_checked: None,
+        memory: None,
         tensors_not_used_by_text_model: 0,
     }
 }
@@ -219,6 +282,68 @@ pub fn format_inspection(inspection: &Inspection) -> String {
             inspection.tensors_not_used_by_text_model
         )),
         None => out.push_str("\nweights: none in this directory (config only)\n"),
+    }
+    if let Some(memory) = &inspection.memory {
+        out.push_str(&format_memory(memory, inspection.config.text.moe.as_ref()));
+    }
+    out
+}
+
+/// `bytes` with its GiB value.
+fn bytes_and_gib(bytes: u64) -> String {
+    format!(
+        "{} bytes ({:.2} GiB)",
+        thousands(bytes),
+        bytes as f64 / (1u64 << 30) as f64
+    )
+}
+
+/// The optimized engine's memory on this checkpoint, and whether it fits this machine.
+fn format_memory(
+    memory: &EngineMemory,
+    moe: Option<&gemma4_reference::config::MoeConfig>,
+) -> String {
+    let mut out = String::from(
+        "\nmemory of the optimized engine (weights memory-mapped as stored, never copied):\n",
+    );
+    out.push_str(&format!(
+        "  checkpoint files:        {}\n  text weights mapped:     {}\n",
+        bytes_and_gib(memory.checkpoint_file_bytes),
+        bytes_and_gib(memory.text_weight_bytes)
+    ));
+    if memory.ple_table_bytes > 0 {
+        out.push_str(&format!(
+            "  PLE table:               {}, stays on disk: {} bytes read per distinct token\n",
+            bytes_and_gib(memory.ple_table_bytes),
+            thousands(memory.ple_row_bytes)
+        ));
+    }
+    if let (Some(moe), true) = (moe, memory.expert_bytes > 0) {
+        out.push_str(&format!(
+            "  MoE experts:             {}; a token reads {} of {} experts, but routed experts stay resident\n",
+            bytes_and_gib(memory.expert_bytes),
+            moe.top_k_experts,
+            moe.num_experts
+        ));
+    }
+    out.push_str(&format!(
+        "  resident while running:  {} of weights (all but the PLE table), plus the KV cache above and a few MB of activations\n",
+        bytes_and_gib(memory.resident_weight_bytes)
+    ));
+    if let Some(ram) = memory.machine_memory_bytes {
+        let verdict = if memory.resident_weight_bytes < ram {
+            "fits".to_string()
+        } else {
+            format!(
+                "does not fit: the engine still runs, reading the {} that do not fit from disk on every pass \
+                 (speed then bounded by the disk's read rate)",
+                bytes_and_gib(memory.resident_weight_bytes - ram)
+            )
+        };
+        out.push_str(&format!(
+            "  this machine:            {} of RAM: {verdict}\n",
+            bytes_and_gib(ram)
+        ));
     }
     out
 }
