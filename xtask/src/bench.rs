@@ -52,6 +52,11 @@ pub struct BenchArgs {
     /// Skip the llama.cpp run.
     #[arg(long)]
     pub skip_llama_cpp: bool,
+    /// Rounds of measurements: every engine but the reference runs once per round, in
+    /// rotation, and the table reports the median over the rounds (this machine's memory
+    /// bandwidth varies between runs by ±15%, which moves decode speeds as much).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Where llama.cpp is built and the checkpoint's GGUF is kept (`xtask/scripts/bench_llama_cpp.py`
     /// downloads the pinned source there on first use) [default: ~/.cache/gemma4/llama-cpp].
     #[arg(long)]
@@ -393,6 +398,38 @@ fn layers_of(model: &Path) -> usize {
     gemma4_reference::ModelConfig::from_dir(model).map_or(0, |c| c.text.num_hidden_layers)
 }
 
+/// One row of the table: how to measure it.
+enum Job<'a> {
+    /// One of our engines on a model, in a precision, with a label.
+    Engine(&'static str, &'a Path, &'static str, &'static str),
+    /// The reference (measured in the first round only), if wanted.
+    Reference(bool, &'a Path, &'static str),
+    /// A peer's script (`xtask/scripts/...`), if wanted.
+    Peer(bool, &'static str, &'static str),
+}
+
+/// One result from several runs of the same measurement: the first run's fields, with
+/// `prefill_tok_s`, `decode_tok_s` and `peak_rss_bytes` replaced by their medians over the runs
+/// and every run's values kept in `runs_prefill_tok_s` / `runs_decode_tok_s`.
+fn combine_runs(runs: &[Value]) -> Option<Value> {
+    let mut combined = runs.first()?.clone();
+    if runs.len() == 1 {
+        return Some(combined);
+    }
+    for key in ["prefill_tok_s", "decode_tok_s", "peak_rss_bytes"] {
+        let values: Vec<f64> = runs.iter().filter_map(|v| v[key].as_f64()).collect();
+        if values.is_empty() {
+            continue;
+        }
+        combined[key] = json!(median(&values));
+        if key != "peak_rss_bytes" {
+            combined[format!("runs_{key}")] = json!(values);
+        }
+    }
+    combined["runs"] = json!(runs.len());
+    Some(combined)
+}
+
 pub fn run(args: &BenchArgs) -> Result<(), String> {
     if cfg!(debug_assertions) {
         // The dev profile builds this workspace's crates at opt-level 1: the engines would run
@@ -416,52 +453,64 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     let full_layers = layers_of(&args.model);
     let reduced_layers = layers_of(&args.reduced_model);
     let (full, reduced) = (args.model.as_path(), args.reduced_model.as_path());
-    let optimized_full = measure_engine("optimized", full, "f32", args, "optimized, full model")?;
-    let fast_full = measure_engine(
-        "optimized",
-        full,
-        "bf16",
-        args,
-        "optimized fast prefill, full model",
-    )?;
-    let optimized_reduced = measure_engine(
-        "optimized",
-        reduced,
-        "f32",
-        args,
-        "optimized, reduced model",
-    )?;
-    let fast_reduced = measure_engine(
-        "optimized",
-        reduced,
-        "bf16",
-        args,
-        "optimized fast prefill, reduced model",
-    )?;
-    let reference_reduced = measure_engine(
-        "reference",
-        reduced,
-        "f32",
-        args,
-        "reference, reduced model",
-    )?;
-    let reference_full = if args.reference_full {
-        Some(measure_engine(
-            "reference",
+    // Every measurement of the table, run `--rounds` times in rotation (so that a slow spell of
+    // the machine hits every engine alike); the reference runs once (its spread is small, its
+    // runs long). Engines of ours must succeed; a peer that cannot run is left out.
+    let jobs = [
+        Job::Engine("optimized", full, "f32", "optimized, full model"),
+        Job::Engine(
+            "optimized",
             full,
-            "f32",
-            args,
-            "reference, full model",
-        )?)
-    } else {
-        None
-    };
-    let hf = (!args.skip_hf)
-        .then(|| peer("bench_hf.py", args, "Hugging Face transformers, full model"))
-        .flatten();
-    let llama_cpp = (!args.skip_llama_cpp)
-        .then(|| peer("bench_llama_cpp.py", args, "llama.cpp, full model"))
-        .flatten();
+            "bf16",
+            "optimized fast prefill, full model",
+        ),
+        Job::Peer(
+            !args.skip_llama_cpp,
+            "bench_llama_cpp.py",
+            "llama.cpp, full model",
+        ),
+        Job::Peer(
+            !args.skip_hf,
+            "bench_hf.py",
+            "Hugging Face transformers, full model",
+        ),
+        Job::Engine("optimized", reduced, "f32", "optimized, reduced model"),
+        Job::Engine(
+            "optimized",
+            reduced,
+            "bf16",
+            "optimized fast prefill, reduced model",
+        ),
+        Job::Reference(true, reduced, "reference, reduced model"),
+        Job::Reference(args.reference_full, full, "reference, full model"),
+    ];
+    let mut runs: Vec<Vec<Value>> = vec![Vec::new(); jobs.len()];
+    for round in 0..args.rounds.max(1) {
+        for (job, results) in jobs.iter().zip(&mut runs) {
+            let result = match *job {
+                Job::Engine(engine, model, precision, label) => {
+                    Some(measure_engine(engine, model, precision, args, label)?)
+                }
+                Job::Reference(wanted, model, label) if wanted && round == 0 => {
+                    Some(measure_engine("reference", model, "f32", args, label)?)
+                }
+                Job::Peer(wanted, script, label) if wanted => peer(script, args, label),
+                _ => None,
+            };
+            results.extend(result);
+        }
+    }
+    let [optimized_full, fast_full, llama_cpp, hf, optimized_reduced, fast_reduced, reference_reduced, reference_full]: [Option<Value>; 8] = runs
+        .into_iter()
+        .map(|results| combine_runs(&results))
+        .collect::<Vec<_>>()
+        .try_into()
+        .expect("one result per job");
+    let required =
+        |v: Option<Value>| v.ok_or_else(|| "an engine of ours produced no result".to_string());
+    let (optimized_full, fast_full) = (required(optimized_full)?, required(fast_full)?);
+    let (optimized_reduced, fast_reduced) = (required(optimized_reduced)?, required(fast_reduced)?);
+    let reference_reduced = required(reference_reduced)?;
 
     let report = report(
         args,
@@ -546,12 +595,22 @@ fn report(
         "Measured by `cargo xtask bench` on this project's machine ({}), {} threads, random-weight bf16 \
          checkpoints with the real E2B dimensions made by `cargo xtask synth`. Workload: a {}-token prompt \
          (three prefill passes from an empty cache, logits of the last position; the median is reported), \
-         then {} greedy decode steps through the KV cache, after one warm-up run of the same workload. Load = 1-minute load average before / after each run \
+         then {} greedy decode steps through the KV cache, after one warm-up run of the same workload. {} \
+         Load = 1-minute load average before / after each run \
          (each run waits up to {} s for < {}); the benchmark ran at niceness {}.\n\n",
         cpu_description(),
         args.threads,
         args.prompt,
         args.decode,
+        if args.rounds > 1 {
+            format!(
+                "Every engine but the reference ran {} times, in rotation (`--rounds {}`); the table gives the median \
+                 run (all runs under Raw results).",
+                args.rounds, args.rounds
+            )
+        } else {
+            "Each engine ran once.".to_string()
+        },
         args.max_wait,
         args.max_load,
         own_niceness(),
@@ -683,7 +742,7 @@ fn report(
     }
     out.push_str("```\n\n");
     out.push_str(&format!(
-        "## Rerun\n\n```sh\ncargo xtask synth --variant e2b --out {}\ncargo xtask synth --variant e2b --layers {reduced_layers} --out {}\ncargo xtask bench --model {} --reduced-model {}{}\n```\n\n\
+        "## Rerun\n\n```sh\ncargo xtask synth --variant e2b --out {}\ncargo xtask synth --variant e2b --layers {reduced_layers} --out {}\ncargo xtask bench --model {} --reduced-model {}{}{}\n```\n\n\
          The Hugging Face and llama.cpp rows need the oracle virtualenv (`~/.cache/gemma4/oracle-venv`, made by `cargo xtask golden`); \
          their scripts are `xtask/scripts/bench_hf.py` and `xtask/scripts/bench_llama_cpp.py` (the latter downloads the pinned \
          `llama-cpp-python` 0.3.36 source package, builds its vendored llama.cpp with `GGML_NATIVE=ON` and converts the checkpoint \
@@ -693,6 +752,7 @@ fn report(
         args.model.display(),
         args.reduced_model.display(),
         if reference_full.is_some() { " --reference-full" } else { "" },
+        if args.rounds > 1 { format!(" --rounds {}", args.rounds) } else { String::new() },
     ));
     out
 }
