@@ -99,11 +99,7 @@ pub fn error_structure(
     let rows = diverging_along(&error, 0, threshold);
     structure.rows = Some(row_pattern(row_axis, rows, error.shape()[0], facts));
 
-    let layer_part = name
-        .strip_prefix("layers.")
-        .and_then(|rest| rest.split_once('.'))
-        .map(|(index, part)| (index.parse::<usize>().ok(), part));
-    if let Some((layer, part)) = layer_part {
+    if let Some((layer, part)) = gemma4_reference::dump::layer_and_part(name) {
         if matches!(part, "attn.q" | "attn.k" | "attn.v") && error.ndim() == 3 {
             let heads = diverging_along(&error, 1, threshold);
             let head_count = error.shape()[1];
@@ -248,12 +244,12 @@ fn diverging_suffix(diverging: &[usize], count: usize) -> Option<usize> {
 fn channel_summary(
     channels: &[usize],
     head_dim: usize,
-    layer: Option<usize>,
+    layer: usize,
     part: &str,
     facts: &ModelFacts,
 ) -> (String, Option<String>) {
     let base = index_set_summary(channels, head_dim, "channels", "channel");
-    let layer_plan = layer.and_then(|i| facts.plan.as_ref().and_then(|p| p.layers.get(i)));
+    let layer_plan = facts.plan.as_ref().and_then(|p| p.layers.get(layer));
     let Some(layer_plan) = layer_plan else {
         return (base, None);
     };

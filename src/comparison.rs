@@ -189,10 +189,8 @@ impl Precision {
 /// How deep in the model a tensor is: its layer index for `layers.{i}.*`, 0 for the
 /// embeddings and PLE inputs, `num_layers` for the final norm, the logits and the decode steps.
 pub fn depth_of(name: &str, num_layers: usize) -> usize {
-    if let Some(rest) = name.strip_prefix("layers.") {
-        if let Some(index) = rest.split('.').next().and_then(|i| i.parse().ok()) {
-            return index;
-        }
+    if let Some((index, _)) = gemma4_reference::dump::layer_and_part(name) {
+        return index;
     }
     match name {
         "final_norm" | "logits" | "decode_logits" | "greedy_continuation" => num_layers,
@@ -249,13 +247,7 @@ pub fn is_before_layers(name: &str) -> bool {
 pub fn layers_in_dump(dump: &ActivationDump) -> Option<usize> {
     dump.names_in_model_order()
         .iter()
-        .filter_map(|n| {
-            n.strip_prefix("layers.")?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
+        .filter_map(|n| gemma4_reference::dump::layer_and_part(n).map(|(i, _)| i))
         .max()
         .map(|i| i + 1)
 }

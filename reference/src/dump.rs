@@ -377,6 +377,13 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Sort key putting dump names in model order: inputs, vision, audio, embeddings, PLE, then each
 /// layer (q, k, v, attention output, MLP, router, MoE, layer output), final norm, logits, decode.
+/// `(i, part)` of a decoder-layer tensor name `layers.{i}.{part}` (shared contracts §2), e.g.
+/// `layers.3.attn.q` → `(3, "attn.q")`; `None` for any other name.
+pub fn layer_and_part(name: &str) -> Option<(usize, &str)> {
+    let (index, part) = name.strip_prefix("layers.")?.split_once('.')?;
+    Some((index.parse().ok()?, part))
+}
+
 pub fn model_order_key(name: &str) -> (u32, u64, u32, String) {
     const LAYER_PARTS: [&str; 9] = [
         "attn.q",
@@ -397,9 +404,8 @@ pub fn model_order_key(name: &str) -> (u32, u64, u32, String) {
     };
     // `<tower>.<clip>.layers.<i>.<part>` or `<tower>.layers.<i>.<part>`
     let layered = |rest: &str| -> Option<(u64, String)> {
-        let rest = rest.strip_prefix("layers.")?;
-        let (index, part) = rest.split_once('.')?;
-        Some((index.parse().ok()?, part.to_string()))
+        let (index, part) = layer_and_part(rest)?;
+        Some((index as u64, part.to_string()))
     };
     let group = |tower_rank: u32, rest: &str| -> (u32, u64, u32, String) {
         // Sub-order inside a tower: inputs, embeddings, layers, soft tokens.
@@ -528,5 +534,20 @@ impl View for TensorBytes {
     }
     fn data_len(&self) -> usize {
         self.bytes.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_and_part_parses_decoder_layer_names_only() {
+        assert_eq!(layer_and_part("layers.3.attn.q"), Some((3, "attn.q")));
+        assert_eq!(layer_and_part("layers.12.output"), Some((12, "output")));
+        assert_eq!(layer_and_part("layers.x.output"), None);
+        assert_eq!(layer_and_part("layers.3"), None);
+        assert_eq!(layer_and_part("logits"), None);
+        assert_eq!(layer_and_part("vision.layers.0.output"), None);
     }
 }
