@@ -631,16 +631,8 @@ struct DecodeInputs {
 impl DecodeInputs {
     fn of(dump: &ActivationDump) -> Self {
         let argmax = |row: ndarray::ArrayViewD<f32>| {
-            row.iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                    if v > best.1 {
-                        (i, v)
-                    } else {
-                        best
-                    }
-                })
-                .0
+            row.into_dimensionality::<ndarray::Ix1>()
+                .map_or(0, gemma4_reference::model::argmax)
         };
         let first = dump
             .get("logits")

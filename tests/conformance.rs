@@ -201,10 +201,36 @@ fn golden_cases_cover_every_variant_family() {
         );
     }
     for case in &cases {
-        let window = gemma4_reference::ModelConfig::from_dir(&case.model_dir())
-            .unwrap()
-            .text
-            .sliding_window;
+        let config = gemma4_reference::ModelConfig::from_dir(&case.model_dir()).unwrap();
+        // The manifest's description of the case agrees with its checkpoint.
+        let layout = match config.layout {
+            gemma4_reference::config::CheckpointLayout::ConditionalGeneration => {
+                "conditional_generation"
+            }
+            gemma4_reference::config::CheckpointLayout::CausalLm => "causal_lm",
+        };
+        assert_eq!(case.layout, layout, "{}: layout", case.name);
+        let raw: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(case.model_dir().join("config.json")).unwrap(),
+        )
+        .unwrap();
+        let text_config = raw.get("text_config").unwrap_or(&raw);
+        let spelling = if text_config.get("per_layer_config").is_some() {
+            "per_layer_config"
+        } else {
+            "released"
+        };
+        assert_eq!(
+            case.config_spelling, spelling,
+            "{}: config spelling",
+            case.name
+        );
+        assert!(
+            !case.exercises.is_empty(),
+            "{}: exercises listed",
+            case.name
+        );
+        let window = config.text.sliding_window;
         assert!(
             case.tokens.len() > 2 * window,
             "{}: {} tokens do not cross the sliding window ({window}) twice",

@@ -330,13 +330,32 @@ pub fn ple_token_ids(config: &ModelConfig, token_ids: &[usize]) -> Vec<usize> {
     embedding_token_ids(config, token_ids)
 }
 
-/// Index of the largest value (the first one on ties, as `torch.argmax`).
+/// Index of the largest value (the first one on ties, as `torch.argmax`). NaN entries are
+/// skipped (a candidate dump may hold some; our own logits are checked finite before), and an
+/// all-NaN or empty row gives 0.
 pub fn argmax(values: ndarray::ArrayView1<f32>) -> usize {
-    let mut best = 0;
+    let mut best: Option<(usize, f32)> = None;
     for (i, &v) in values.iter().enumerate() {
-        if v > values[best] {
-            best = i;
+        if !v.is_nan() && best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
         }
     }
-    best
+    best.map_or(0, |(i, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::argmax;
+    use ndarray::ArrayView1;
+
+    #[test]
+    fn argmax_first_maximum_skipping_nan() {
+        let at = |v: &[f32]| argmax(ArrayView1::from(v));
+        assert_eq!(at(&[1.0, 3.0, 3.0, 2.0]), 1, "first of tied maxima");
+        assert_eq!(at(&[f32::NAN, 1.0, 5.0]), 2, "a leading NaN is skipped");
+        assert_eq!(at(&[0.5, f32::NAN, -1.0]), 0);
+        assert_eq!(at(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
+        assert_eq!(at(&[f32::NAN, f32::NAN]), 0, "all NaN");
+        assert_eq!(at(&[]), 0, "empty");
+    }
 }
