@@ -21,7 +21,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use gemma4_optimized::checkpoint::Matrix;
 use gemma4_optimized::kv_cache::KvCache;
 use gemma4_optimized::linear::{linear, linear_into_with, PrefillKernel, Threads};
-use gemma4_optimized::synthetic::random_values;
+use gemma4_optimized::synthetic::{attention_layer, random_values};
 use gemma4_reference::checkpoint::WeightDtype;
 use half::bf16;
 
@@ -211,8 +211,8 @@ fn prefill_gemm(c: &mut Criterion) {
 }
 
 fn kv_rebuild(c: &mut Criterion) {
-    use gemma4_reference::config::{AttentionType, RopeKind, RopeParameters};
-    use gemma4_reference::layer_plan::{KvSource, LayerPlan, ModelPlan};
+    use gemma4_reference::config::{RopeKind, RopeParameters};
+    use gemma4_reference::layer_plan::{LayerPlan, ModelPlan};
     const POSITIONS: usize = 4096;
     let (kv_heads, head_dim) = (4, 512);
     let rope = RopeParameters {
@@ -223,20 +223,9 @@ fn kv_rebuild(c: &mut Criterion) {
         factor: 1.0,
     };
     let layer = LayerPlan {
-        index: 0,
-        attention_type: AttentionType::Full,
-        head_dim,
-        num_query_heads: 32,
-        num_kv_heads: kv_heads,
         key_equals_value: true,
-        kv_source: KvSource::Own {
-            shared_with_consumers: false,
-        },
-        sliding_window: None,
         rope: rope.clone(),
-        mlp_width: 1,
-        has_per_layer_embedding: false,
-        has_moe: false,
+        ..attention_layer(head_dim, 32, kv_heads, None)
     };
     let plan = ModelPlan {
         layers: vec![layer],
@@ -259,30 +248,10 @@ fn kv_rebuild(c: &mut Criterion) {
 
 fn attend_decode(c: &mut Criterion) {
     use gemma4_optimized::attention::attend;
-    use gemma4_reference::config::{AttentionType, RopeKind, RopeParameters};
-    use gemma4_reference::layer_plan::{KvSource, LayerPlan, ModelPlan};
+    use gemma4_reference::layer_plan::ModelPlan;
     const POSITIONS: usize = 4096;
     let (heads, kv_heads, head_dim) = (32, 4, 512);
-    let layer = LayerPlan {
-        index: 0,
-        attention_type: AttentionType::Full,
-        head_dim,
-        num_query_heads: heads,
-        num_kv_heads: kv_heads,
-        key_equals_value: false,
-        kv_source: KvSource::Own {
-            shared_with_consumers: false,
-        },
-        sliding_window: None,
-        rope: RopeParameters {
-            kind: RopeKind::Default,
-            theta: 1e4,
-            factor: 1.0,
-        },
-        mlp_width: 1,
-        has_per_layer_embedding: false,
-        has_moe: false,
-    };
+    let layer = attention_layer(head_dim, heads, kv_heads, None);
     let plan = ModelPlan {
         layers: vec![layer.clone()],
         first_kv_shared_layer: 1,

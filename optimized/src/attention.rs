@@ -250,7 +250,7 @@ mod tests {
     use gemma4_reference::config::{AttentionType, RopeKind, RopeParameters};
     use gemma4_reference::dump::ActivationDump;
     use gemma4_reference::kv_cache::KvCache as ReferenceCache;
-    use gemma4_reference::layer_plan::{KvSource, ModelPlan};
+    use gemma4_reference::layer_plan::ModelPlan;
     use gemma4_reference::rope::inverse_frequencies;
 
     use crate::rope::RopeTable;
@@ -265,7 +265,7 @@ mod tests {
     fn attend_grouped_by_kv_head_equals_one_head_per_task() {
         let (heads, kv_heads, d, tokens) = (6, 2, 16, 7);
         for window in [Some(4), None] {
-            let layer = crate::testing::plain_attention_layer(d, heads, kv_heads, window);
+            let layer = crate::synthetic::attention_layer(d, heads, kv_heads, window);
             let keys = random_values(tokens * kv_heads * d, 31, 1.0);
             let values = random_values(tokens * kv_heads * d, 32, 1.0);
             let queries = random_values(tokens * heads * d, 33, 1.0);
@@ -349,21 +349,11 @@ mod tests {
                 factor: 1.0,
             },
         };
+        let window = (attention_type == AttentionType::Sliding).then_some(3);
         let layer = LayerPlan {
-            index: 0,
-            attention_type,
-            head_dim: d,
-            num_query_heads: heads,
-            num_kv_heads: kv_heads,
             key_equals_value,
-            kv_source: KvSource::Own {
-                shared_with_consumers: false,
-            },
-            sliding_window: (attention_type == AttentionType::Sliding).then_some(3),
             rope: rope.clone(),
-            mlp_width: 8,
-            has_per_layer_embedding: false,
-            has_moe: false,
+            ..crate::synthetic::attention_layer(d, heads, kv_heads, window)
         };
         let plan = ModelPlan {
             layers: vec![layer.clone()],

@@ -27,7 +27,7 @@ mod tests {
     #[test]
     fn mask_visible_range_equals_reference_mask_sliding_and_full() {
         for window in [None, Some(1), Some(4), Some(6)] {
-            let layer = crate::testing::plain_attention_layer(8, 2, 1, window);
+            let layer = crate::synthetic::attention_layer(8, 2, 1, window);
             for i in 0..20 {
                 for j in 0..25 {
                     assert_eq!(

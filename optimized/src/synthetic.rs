@@ -21,11 +21,48 @@ use std::io::Write;
 use std::path::Path;
 
 use gemma4_reference::checkpoint::{full_name, text_tensor_specs, TensorSpec, WeightDtype};
+use gemma4_reference::config::{AttentionType, RopeKind, RopeParameters};
 use gemma4_reference::error::Error;
 use gemma4_reference::faults::with_faults;
+use gemma4_reference::layer_plan::{KvSource, LayerPlan};
 use gemma4_reference::{ModelConfig, ModelPlan, Result};
 use rayon::prelude::*;
 use serde_json::{json, Value};
+
+/// A one-layer attention plan for tests and benchmarks: layer 0 with its own keys and values,
+/// default RoPE (θ = 10⁴), no PLE, no MoE; sliding with window `W` for `Some(W)`, full for
+/// `None`. Other settings by struct update: `LayerPlan { key_equals_value: true, ..layer }`.
+pub fn attention_layer(
+    head_dim: usize,
+    heads: usize,
+    kv_heads: usize,
+    window: Option<usize>,
+) -> LayerPlan {
+    LayerPlan {
+        index: 0,
+        attention_type: if window.is_some() {
+            AttentionType::Sliding
+        } else {
+            AttentionType::Full
+        },
+        head_dim,
+        num_query_heads: heads,
+        num_kv_heads: kv_heads,
+        key_equals_value: false,
+        kv_source: KvSource::Own {
+            shared_with_consumers: false,
+        },
+        sliding_window: window,
+        rope: RopeParameters {
+            kind: RopeKind::Default,
+            theta: 1e4,
+            factor: 1.0,
+        },
+        mlp_width: 8,
+        has_per_layer_embedding: false,
+        has_moe: false,
+    }
+}
 
 /// SplitMix64: a counter-based generator (the value at index `i` needs no state before it).
 #[inline]

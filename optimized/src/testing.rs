@@ -1,42 +1,6 @@
 //! Helpers for the unit tests that compare each optimized function with its reference twin.
 
-use gemma4_reference::config::{AttentionType, RopeKind, RopeParameters};
-use gemma4_reference::layer_plan::{KvSource, LayerPlan};
 use ndarray::Array2;
-
-/// Layer 0 with its own keys and values, default RoPE (θ = 10⁴), no PLE, no MoE: sliding with
-/// window `W` for `Some(W)`, full for `None`.
-pub fn plain_attention_layer(
-    head_dim: usize,
-    heads: usize,
-    kv_heads: usize,
-    window: Option<usize>,
-) -> LayerPlan {
-    LayerPlan {
-        index: 0,
-        attention_type: if window.is_some() {
-            AttentionType::Sliding
-        } else {
-            AttentionType::Full
-        },
-        head_dim,
-        num_query_heads: heads,
-        num_kv_heads: kv_heads,
-        key_equals_value: false,
-        kv_source: KvSource::Own {
-            shared_with_consumers: false,
-        },
-        sliding_window: window,
-        rope: RopeParameters {
-            kind: RopeKind::Default,
-            theta: 1e4,
-            factor: 1.0,
-        },
-        mlp_width: 8,
-        has_per_layer_embedding: false,
-        has_moe: false,
-    }
-}
 
 /// `n` values uniform in `[-amplitude, amplitude)`, reproducible from `seed`.
 pub fn random_values(n: usize, seed: u64, amplitude: f32) -> Vec<f32> {
