@@ -118,33 +118,75 @@ pub unsafe fn gemm_rows_f32<E: Element>(
         let mut pack = pack.borrow_mut();
         pack.resize(KC * NR, 0);
         let packed = pack.as_mut_ptr() as *mut f32;
-        let bytes = std::mem::size_of::<E>();
-        let mut r0 = rows.start;
-        while r0 < rows.end {
-            let n = (rows.end - r0).min(NR);
-            let masks = lane_masks(n);
-            let mut k0 = 0;
-            while k0 < cols {
-                let kc = (cols - k0).min(KC);
-                pack_f32(w, cols, r0, n, k0, kc, packed);
-                // While this chunk computes, bring the next one's weights into L2.
-                let next = next_chunk(&rows, r0, k0, cols, KC);
-                let mut prefetch = Prefetch::new(w as *const u8, cols * bytes, next, bytes, tokens);
-                let mut t = 0;
-                while t < tokens {
-                    prefetch.step();
-                    let m = (tokens - t).min(MR);
-                    let a = x.add(t * cols + k0);
-                    let c = y.add(t * y_stride + (r0 - rows.start));
-                    with_tile_height!(m, tile_f32(kc, packed, a, cols, c, y_stride, k0 > 0, masks));
-                    t += MR;
-                }
-                prefetch.finish();
-                k0 += KC;
-            }
-            r0 += NR;
-        }
+        for_each_panel_chunk(
+            w as *const u8,
+            cols,
+            std::mem::size_of::<E>(),
+            1,
+            &rows,
+            KC,
+            tokens,
+            |r0, n, k0, kc| pack_f32(w, cols, r0, n, k0, kc, packed),
+            |t, m, r0, k0, kc, masks| {
+                let a = x.add(t * cols + k0);
+                let c = y.add(t * y_stride + (r0 - rows.start));
+                with_tile_height!(m, tile_f32(kc, packed, a, cols, c, y_stride, k0 > 0, masks));
+            },
+        );
     });
+}
+
+/// The loop both packed GEMMs share: for each panel of at most `NR` weight rows of `rows` and
+/// each chunk of at most `chunk` reduction steps, `pack(r0, n, k0, kc)`, then
+/// `tile(t, m, r0, k0, kc, masks)` for each tile of `m ≤ MR` tokens from token `t`, while the
+/// next chunk's weights are prefetched into L2. A step is `elements_per_step` weight elements of
+/// `element_bytes` each (f32 kernel: one element of any dtype; bf16 kernel: a pair).
+///
+/// # Safety
+/// `w` holds rows `rows` of `cols` elements of `element_bytes`; `pack` and `tile` are safe to
+/// call with the arguments given.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn for_each_panel_chunk(
+    w: *const u8,
+    cols: usize,
+    element_bytes: usize,
+    elements_per_step: usize,
+    rows: &std::ops::Range<usize>,
+    chunk: usize,
+    tokens: usize,
+    mut pack: impl FnMut(usize, usize, usize, usize),
+    mut tile: impl FnMut(usize, usize, usize, usize, usize, [u16; 3]),
+) {
+    let steps = cols.div_ceil(elements_per_step);
+    let mut r0 = rows.start;
+    while r0 < rows.end {
+        let n = (rows.end - r0).min(NR);
+        let masks = lane_masks(n);
+        let mut k0 = 0;
+        while k0 < steps {
+            let kc = (steps - k0).min(chunk);
+            pack(r0, n, k0, kc);
+            let next = next_chunk(
+                rows,
+                r0,
+                k0 * elements_per_step,
+                cols,
+                chunk * elements_per_step,
+            );
+            let mut prefetch = Prefetch::new(w, cols * element_bytes, next, element_bytes, tokens);
+            let mut t = 0;
+            while t < tokens {
+                prefetch.step();
+                tile(t, (tokens - t).min(MR), r0, k0, kc, masks);
+                t += MR;
+            }
+            prefetch.finish();
+            k0 += chunk;
+        }
+        r0 += NR;
+    }
 }
 
 /// The chunk after (`r0`, `k0`) in the loop order of the kernels (`k` chunks of `kc` within a
@@ -266,30 +308,21 @@ pub unsafe fn gemm_rows_bf16(
         let mut pack = pack.borrow_mut();
         pack.resize(KC / 2 * NR, 0);
         let packed = pack.as_mut_ptr();
-        let mut r0 = rows.start;
-        while r0 < rows.end {
-            let n = (rows.end - r0).min(NR);
-            let masks = lane_masks(n);
-            let mut k0 = 0; // in pairs
-            while k0 < kp {
-                let kc = (kp - k0).min(KC / 2);
-                pack_pairs(w as *const u16, cols, r0, n, k0, kc, packed);
-                let next = next_chunk(&rows, r0, 2 * k0, cols, KC);
-                let mut prefetch = Prefetch::new(w as *const u8, cols * 2, next, 2, tokens);
-                let mut t = 0;
-                while t < tokens {
-                    prefetch.step();
-                    let m = (tokens - t).min(MR);
-                    let a = xb.add(t * kp + k0);
-                    let c = y.add(t * y_stride + (r0 - rows.start));
-                    with_tile_height!(m, tile_bf16(kc, packed, a, kp, c, y_stride, k0 > 0, masks));
-                    t += MR;
-                }
-                prefetch.finish();
-                k0 += KC / 2;
-            }
-            r0 += NR;
-        }
+        for_each_panel_chunk(
+            w as *const u8,
+            cols,
+            2,
+            2,
+            &rows,
+            KC / 2,
+            tokens,
+            |r0, n, k0, kc| pack_pairs(w as *const u16, cols, r0, n, k0, kc, packed),
+            |t, m, r0, k0, kc, masks| {
+                let a = xb.add(t * kp + k0);
+                let c = y.add(t * y_stride + (r0 - rows.start));
+                with_tile_height!(m, tile_bf16(kc, packed, a, kp, c, y_stride, k0 > 0, masks));
+            },
+        );
     });
 }
 
