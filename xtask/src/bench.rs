@@ -328,12 +328,35 @@ fn measure(mut command: Command, args: &BenchArgs, label: &str) -> Result<Value,
     Ok(value)
 }
 
-/// Measures a peer (Hugging Face transformers or llama.cpp) with its script in `xtask/scripts`,
-/// run by the oracle virtualenv's Python on the full model. A script that takes a `--prepare`
-/// step (llama.cpp: build, convert to GGUF) runs it first, outside the measurement. `None` (with
-/// the reason on stderr) when the peer cannot run here: the table then says so.
-fn peer(script: &str, args: &BenchArgs, label: &str) -> Option<Value> {
-    let command = |prepare: bool| {
+/// A peer engine, measured on the full model by its script in `xtask/scripts`, run by the
+/// oracle virtualenv's Python.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Peer {
+    HuggingFace,
+    LlamaCpp,
+}
+
+impl Peer {
+    fn label(self) -> &'static str {
+        match self {
+            Peer::HuggingFace => "Hugging Face transformers, full model",
+            Peer::LlamaCpp => "llama.cpp, full model",
+        }
+    }
+
+    fn wanted(self, args: &BenchArgs) -> bool {
+        match self {
+            Peer::HuggingFace => !args.skip_hf,
+            Peer::LlamaCpp => !args.skip_llama_cpp,
+        }
+    }
+
+    /// The script's command for this workload; `prepare`: only its one-time preparation.
+    fn command(self, args: &BenchArgs, prepare: bool) -> Command {
+        let script = match self {
+            Peer::HuggingFace => "bench_hf.py",
+            Peer::LlamaCpp => "bench_llama_cpp.py",
+        };
         let mut command = Command::new(venv_dir(args.venv.as_deref()).join("bin/python"));
         command
             .arg(repo_root().join("xtask/scripts").join(script))
@@ -342,7 +365,7 @@ fn peer(script: &str, args: &BenchArgs, label: &str) -> Option<Value> {
             .args(["--threads", &args.threads.to_string()])
             .args(["--prompt", &args.prompt.to_string()])
             .args(["--decode", &args.decode.to_string()]);
-        if script == "bench_llama_cpp.py" {
+        if self == Peer::LlamaCpp {
             if let Some(cache) = &args.llama_cpp_cache {
                 command.arg("--cache").arg(cache);
             }
@@ -351,24 +374,39 @@ fn peer(script: &str, args: &BenchArgs, label: &str) -> Option<Value> {
             }
         }
         command
-    };
-    if script == "bench_llama_cpp.py" {
+    }
+
+    /// Whether the peer can be measured here: wanted, and its one-time preparation (llama.cpp:
+    /// build it, convert the checkpoint; cached) succeeded. Runs before any measurement, so that
+    /// a build never overlaps one; the reason is printed when not.
+    fn ready(self, args: &BenchArgs) -> bool {
+        if !self.wanted(args) {
+            return false;
+        }
+        if self != Peer::LlamaCpp {
+            return true;
+        }
+        let label = self.label();
         eprintln!("xtask bench: {label}: preparing (build llama.cpp and convert the checkpoint once; cached)");
-        match command(true).status() {
-            Ok(status) if status.success() => {}
+        match self.command(args, true).status() {
+            Ok(status) if status.success() => true,
             Ok(status) => {
                 eprintln!("xtask bench: {label}: preparation failed ({status})");
-                return None;
+                false
             }
             Err(e) => {
                 eprintln!("xtask bench: {label}: cannot start: {e}");
-                return None;
+                false
             }
         }
     }
-    measure(command(false), args, label)
-        .map_err(|e| eprintln!("xtask bench: {e}"))
-        .ok()
+
+    /// One measurement; `None` (with the reason on stderr) when it fails: the table says so.
+    fn measure(self, args: &BenchArgs) -> Option<Value> {
+        measure(self.command(args, false), args, self.label())
+            .map_err(|e| eprintln!("xtask bench: {e}"))
+            .ok()
+    }
 }
 
 /// Measures one engine (`reference` or `optimized`) on `model` in a child process, its prefill
@@ -404,8 +442,8 @@ enum Job<'a> {
     Engine(&'static str, &'a Path, &'static str, &'static str),
     /// The reference (measured in the first round only), if wanted.
     Reference(bool, &'a Path, &'static str),
-    /// A peer's script (`xtask/scripts/...`), if wanted.
-    Peer(bool, &'static str, &'static str),
+    /// A peer, if it is ready ([`Peer::ready`]).
+    Peer(bool, Peer),
 }
 
 /// One result from several runs of the same measurement: the first run's fields, with
@@ -464,16 +502,8 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
             "bf16",
             "optimized fast prefill, full model",
         ),
-        Job::Peer(
-            !args.skip_llama_cpp,
-            "bench_llama_cpp.py",
-            "llama.cpp, full model",
-        ),
-        Job::Peer(
-            !args.skip_hf,
-            "bench_hf.py",
-            "Hugging Face transformers, full model",
-        ),
+        Job::Peer(Peer::LlamaCpp.ready(args), Peer::LlamaCpp),
+        Job::Peer(Peer::HuggingFace.ready(args), Peer::HuggingFace),
         Job::Engine("optimized", reduced, "f32", "optimized, reduced model"),
         Job::Engine(
             "optimized",
@@ -494,7 +524,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
                 Job::Reference(wanted, model, label) if wanted && round == 0 => {
                     Some(measure_engine("reference", model, "f32", args, label)?)
                 }
-                Job::Peer(wanted, script, label) if wanted => peer(script, args, label),
+                Job::Peer(ready, peer) if ready => peer.measure(args),
                 _ => None,
             };
             results.extend(result);
@@ -634,7 +664,7 @@ fn report(
         ));
     } else {
         out.push_str(
-            "| HF transformers | E2B (full) | not run (`--skip-hf` or no oracle venv) | | | |\n",
+            "| HF transformers | E2B (full) | not run (`--skip-hf`, or it failed here: the bench printed why) | | | |\n",
         );
     }
     if let Some(llama_cpp) = llama_cpp {
@@ -651,7 +681,7 @@ fn report(
         ));
     } else {
         out.push_str(
-            "| llama.cpp | E2B (full) | not run (`--skip-llama-cpp`, or it could not be built) | | | |\n",
+            "| llama.cpp | E2B (full) | not run (`--skip-llama-cpp`, or it failed here: the bench printed why) | | | |\n",
         );
     }
     out.push_str(&row(OPTIMIZED, &reduced, optimized_reduced));
