@@ -52,7 +52,7 @@ pub struct EngineMemory {
     pub expert_bytes: u64,
     /// Weights resident while running: everything but the PLE table.
     pub resident_weight_bytes: u64,
-    /// Files of the checkpoint directory (`*.safetensors`), towers included.
+    /// The checkpoint's safetensors files (every shard), towers included.
     pub checkpoint_file_bytes: u64,
     /// This machine's RAM (`MemTotal` of `/proc/meminfo`), when it can be read.
     pub machine_memory_bytes: Option<u64>,
@@ -101,16 +101,18 @@ pub fn inspect(dir: &Path) -> Result<Inspection, Error> {
             used.insert(name);
         }
         memory.resident_weight_bytes = memory.text_weight_bytes - memory.ple_table_bytes;
-        memory.checkpoint_file_bytes = std::fs::read_dir(dir)
-            .map_err(|e| Error::Io {
-                path: dir.to_path_buf(),
-                source: e,
-            })?
-            .flatten()
-            .filter(|entry| entry.path().extension().is_some_and(|x| x == "safetensors"))
-            .filter_map(|entry| entry.metadata().ok())
-            .map(|metadata| metadata.len())
-            .sum();
+        memory.checkpoint_file_bytes = checkpoint
+            .files
+            .iter()
+            .map(|file| {
+                std::fs::metadata(&file.path)
+                    .map(|m| m.len())
+                    .map_err(|source| Error::Io {
+                        path: file.path.clone(),
+                        source,
+                    })
+            })
+            .sum::<Result<u64, Error>>()?;
         inspection.memory = Some(memory);
         inspection.tensors_not_used_by_text_model =
             checkpoint.names().filter(|n| !used.contains(*n)).count();
