@@ -71,29 +71,21 @@ pub fn attention(
     // projection only) of every row, unless the layer reads a producer's cache (KV sharing,
     // text §7). When they read the same rows, one parallel loop computes them all.
     let own_projections = weights.k_proj.as_ref().zip(weights.k_norm.as_ref());
-    let (mut queries, own_keys_values) = match own_projections {
-        Some((k_proj, k_norm)) if first_query == 0 => {
-            let mut group = vec![&weights.q_proj, k_proj];
-            group.extend(&weights.v_proj);
-            let mut projected = linear_group(normed, all_tokens, &group).into_iter();
-            let (queries, keys) = (projected.next(), projected.next());
-            let values = projected.next();
-            (
-                queries.expect("q"),
-                Some((keys.expect("k"), values, k_norm)),
-            )
-        }
-        _ => (
-            linear(&normed[first_query * model_dim..], tokens, &weights.q_proj),
-            own_projections.map(|(k_proj, k_norm)| {
-                let values = weights
-                    .v_proj
-                    .as_ref()
-                    .map(|v| linear(normed, all_tokens, v));
-                (linear(normed, all_tokens, k_proj), values, k_norm)
-            }),
-        ),
+    let mut all_rows = Vec::new();
+    if first_query == 0 {
+        all_rows.push(&weights.q_proj);
+    }
+    if let Some((k_proj, _)) = own_projections {
+        all_rows.push(k_proj);
+        all_rows.extend(&weights.v_proj);
+    }
+    let mut projected = linear_group(normed, all_tokens, &all_rows).into_iter();
+    let mut queries = match first_query {
+        0 => projected.next().expect("q"),
+        _ => linear(&normed[first_query * model_dim..], tokens, &weights.q_proj),
     };
+    let own_keys_values =
+        own_projections.map(|(_, k_norm)| (projected.next().expect("k"), projected.next(), k_norm));
     // Queries: per-head q_norm, rotate.   [T, H, d]
     rms_norm_in_place(&mut queries, d, Some(&weights.q_norm), eps);
     rope.skip(first_query).apply(&mut queries, heads);

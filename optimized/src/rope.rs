@@ -35,8 +35,7 @@ impl RopeTable {
     /// The table for `positions` with the inverse frequencies `inv` (`[d/2]`).
     pub fn new(inverse_frequencies: &[f32], positions: &[usize]) -> RopeTable {
         let mut table = RopeTable::empty(inverse_frequencies);
-        table.cos.reserve_exact(positions.len() * table.pairs.len());
-        table.sin.reserve_exact(positions.len() * table.pairs.len());
+        table.reserve_rows(positions.len());
         for (row, &position) in positions.iter().enumerate() {
             table.set_row(row, position);
         }
