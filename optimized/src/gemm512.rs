@@ -22,10 +22,14 @@
 //! The opt-in **bf16 mode** ([`gemm_rows_bf16`], `Precision::Bf16Activations`) replaces the FMAs
 //! by `vdpbf16ps` (AVX-512 BF16): two bf16 products per lane per instruction, twice the f32
 //! rate, on activations rounded to bf16 (round to nearest even). The weights must be bf16
-//! (they are then used exactly). The packing keeps bf16 pairs `(W[n, 2j], W[n, 2j+1])` together
-//! as one 32-bit lane, `[k/2][48]`. Each `y[t, n]` is still one fixed chain (pairs in order), so
-//! this mode is deterministic across thread counts too, but it is *not* the reference's
-//! arithmetic: activations carry a relative error up to 2⁻⁸ (see `docs/performance.md`).
+//! (they are then used exactly). Its blocking is the other way round: the *activations* are
+//! rearranged once per product (groups of 32 tokens side by side, [`round_to_bf16_token_groups`])
+//! and the weights are read in place, each row's pair `(W[n, 2j], W[n, 2j+1])` broadcast to the
+//! 32 token lanes — no weight packing, which cost about 10% of the kernel's time when it packed
+//! `[k/2][48]` panels like the f32 kernel. Each `y[t, n]` is one fixed chain (pairs in order,
+//! `vdpbf16ps`'s odd product then even product per pair), so this mode is deterministic across
+//! thread counts too, but it is *not* the reference's arithmetic: activations carry a relative
+//! error up to 2⁻⁸ (see `docs/performance.md`).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -41,6 +45,10 @@ pub const NR: usize = 48;
 pub const MR: usize = 8;
 /// Reduction columns per packed chunk (a panel chunk is `KC · NR · 4` = 48 KiB).
 pub const KC: usize = 512;
+/// Weight rows per block of the bf16 kernel: one broadcast each per pair.
+pub const BF16_ROWS: usize = 12;
+/// Tokens per group of the bf16 kernel: two zmm vectors of 16 lanes.
+pub const TOKEN_GROUP: usize = 32;
 
 /// Calls `kernel::<M>(args)` with the tile height `m` (1..=8) as the const generic `M`.
 macro_rules! with_tile_height {
@@ -54,6 +62,26 @@ macro_rules! with_tile_height {
             3 => $kernel::<3>($($arg),*),
             2 => $kernel::<2>($($arg),*),
             _ => $kernel::<1>($($arg),*),
+        }
+    };
+}
+
+/// Calls `kernel::<R, V>(args)` with the block height `r` (1..=12) as the const generic `R`.
+macro_rules! with_block_height {
+    ($r:expr, $v:literal, $kernel:ident($($arg:expr),* $(,)?)) => {
+        match $r {
+            12 => $kernel::<12, $v>($($arg),*),
+            11 => $kernel::<11, $v>($($arg),*),
+            10 => $kernel::<10, $v>($($arg),*),
+            9 => $kernel::<9, $v>($($arg),*),
+            8 => $kernel::<8, $v>($($arg),*),
+            7 => $kernel::<7, $v>($($arg),*),
+            6 => $kernel::<6, $v>($($arg),*),
+            5 => $kernel::<5, $v>($($arg),*),
+            4 => $kernel::<4, $v>($($arg),*),
+            3 => $kernel::<3, $v>($($arg),*),
+            2 => $kernel::<2, $v>($($arg),*),
+            _ => $kernel::<1, $v>($($arg),*),
         }
     };
 }
@@ -92,8 +120,8 @@ pub fn has_avx512_bf16() -> bool {
 }
 
 thread_local! {
-    /// Per-thread pack buffer: one panel chunk, `[KC][NR]` f32 (or `[KC/2][NR]` bf16 pairs).
-    static PACK: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread pack buffer: one panel chunk, `[KC][NR]` f32.
+    static PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `y[t·y_stride + (r − rows.start)] = Σ_k W[r, k]·x[t, k]` for `r` in `rows`, `t < tokens`,
@@ -116,13 +144,12 @@ pub unsafe fn gemm_rows_f32<E: Element>(
 ) {
     PACK.with(|pack| {
         let mut pack = pack.borrow_mut();
-        pack.resize(KC * NR, 0);
-        let packed = pack.as_mut_ptr() as *mut f32;
+        pack.resize(KC * NR, 0.0);
+        let packed = pack.as_mut_ptr();
         for_each_panel_chunk(
             w as *const u8,
             cols,
             std::mem::size_of::<E>(),
-            1,
             &rows,
             KC,
             tokens,
@@ -136,11 +163,10 @@ pub unsafe fn gemm_rows_f32<E: Element>(
     });
 }
 
-/// The loop both packed GEMMs share: for each panel of at most `NR` weight rows of `rows` and
-/// each chunk of at most `chunk` reduction steps, `pack(r0, n, k0, kc)`, then
+/// The loop of the packed GEMM: for each panel of at most `NR` weight rows of `rows` and each
+/// chunk of at most `chunk` reduction columns, `pack(r0, n, k0, kc)`, then
 /// `tile(t, m, r0, k0, kc, masks)` for each tile of `m ≤ MR` tokens from token `t`, while the
-/// next chunk's weights are prefetched into L2. A step is `elements_per_step` weight elements of
-/// `element_bytes` each (f32 kernel: one element of any dtype; bf16 kernel: a pair).
+/// next chunk's weights (elements of `element_bytes`) are prefetched into L2.
 ///
 /// # Safety
 /// `w` holds rows `rows` of `cols` elements of `element_bytes`; `pack` and `tile` are safe to
@@ -152,29 +178,21 @@ unsafe fn for_each_panel_chunk(
     w: *const u8,
     cols: usize,
     element_bytes: usize,
-    elements_per_step: usize,
     rows: &std::ops::Range<usize>,
     chunk: usize,
     tokens: usize,
     mut pack: impl FnMut(usize, usize, usize, usize),
     mut tile: impl FnMut(usize, usize, usize, usize, usize, [u16; 3]),
 ) {
-    let steps = cols.div_ceil(elements_per_step);
     let mut r0 = rows.start;
     while r0 < rows.end {
         let n = (rows.end - r0).min(NR);
         let masks = lane_masks(n);
         let mut k0 = 0;
-        while k0 < steps {
-            let kc = (steps - k0).min(chunk);
+        while k0 < cols {
+            let kc = (cols - k0).min(chunk);
             pack(r0, n, k0, kc);
-            let next = next_chunk(
-                rows,
-                r0,
-                k0 * elements_per_step,
-                cols,
-                chunk * elements_per_step,
-            );
+            let next = next_chunk(rows, r0, k0, cols, chunk);
             let mut prefetch = Prefetch::new(w, cols * element_bytes, next, element_bytes, tokens);
             let mut t = 0;
             while t < tokens {
@@ -284,78 +302,191 @@ impl Prefetch {
     }
 }
 
-/// Like [`gemm_rows_f32`] for bf16 weights, on activations `xb` already rounded to bf16 and
-/// stored as pairs: `xb[t·kp + j]` = `(x[t, 2j], x[t, 2j+1])` as one `u32` (low half first),
-/// `kp = ⌈cols/2⌉`, an odd `cols` padded with a zero. Products are exact, sums are f32
-/// (`vdpbf16ps`: two products added in turn per lane, denormals flushed).
+/// Like [`gemm_rows_f32`] for bf16 weights, on activations already rounded to bf16 by
+/// [`round_to_bf16_token_groups`] (`xg`): `vdpbf16ps`, two exact products per lane added in
+/// turn to an f32 sum (denormals flushed). Weights are read where they are stored, never packed.
+///
+/// Blocking: for each block of [`BF16_ROWS`] = 12 weight rows, for each group of
+/// [`TOKEN_GROUP`] = 32 tokens, [`tile_bf16`] keeps the `12 × 32` sums in 24 zmm accumulators
+/// (tokens along the lanes) for the whole reduction: per pair `j` it loads the group's two
+/// activation vectors and broadcasts each row's pair `(W[n, 2j], W[n, 2j+1])` straight from the
+/// weight row, 24 `vdpbf16ps`. The block's rows (12 · K · 2 bytes, 36 KiB at K = 1536) are read
+/// from memory by the first group and from cache by the others. Measured against the previous
+/// kernel, which packed each 48-row panel into `[k/2][48]` pairs first (criterion
+/// `prefill_gemm` on 2 threads): 378 → 416 GFLOP/s on `[128, 1536] × [6144, 1536]ᵀ`,
+/// 375 → 367 on `[128, 6144] × [1536, 6144]ᵀ` (its 1.5 MB of activations no longer fit L2
+/// beside the rows; splitting the reduction into chunks measured slower still); in the full
+/// E2B prefill the MLP's products went from ~280 to ~268 ms.
 ///
 /// # Safety
-/// As [`gemm_rows_f32`]; `xb` holds `tokens · kp` pairs; the CPU has AVX-512 BF16
-/// ([`has_avx512_bf16`]).
+/// As [`gemm_rows_f32`]; `xg` holds the `⌈tokens/32⌉ · 32 · ⌈cols/2⌉` words of
+/// [`round_to_bf16_token_groups`]; the CPU has AVX-512 BF16 ([`has_avx512_bf16`]).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bf16")]
 pub unsafe fn gemm_rows_bf16(
     w: *const half::bf16,
     cols: usize,
     rows: std::ops::Range<usize>,
-    xb: *const u32,
+    xg: *const u32,
     tokens: usize,
     y: *mut f32,
     y_stride: usize,
 ) {
-    let kp = cols.div_ceil(2);
-    PACK.with(|pack| {
-        let mut pack = pack.borrow_mut();
-        pack.resize(KC / 2 * NR, 0);
-        let packed = pack.as_mut_ptr();
-        for_each_panel_chunk(
-            w as *const u8,
+    let pairs = cols.div_ceil(2);
+    let mut r0 = rows.start;
+    while r0 < rows.end {
+        let n = (rows.end - r0).min(BF16_ROWS);
+        let block = BlockOfRows {
+            first: (w as *const u16).add(r0 * cols),
             cols,
-            2,
-            2,
-            &rows,
-            KC / 2,
-            tokens,
-            |r0, n, k0, kc| pack_pairs(w as *const u16, cols, r0, n, k0, kc, packed),
-            |t, m, r0, k0, kc, masks| {
-                let a = xb.add(t * kp + k0);
-                let c = y.add(t * y_stride + (r0 - rows.start));
-                with_tile_height!(m, tile_bf16(kc, packed, a, kp, c, y_stride, k0 > 0, masks));
-            },
-        );
-    });
+        };
+        for group_start in (0..tokens).step_by(TOKEN_GROUP) {
+            let m = (tokens - group_start).min(TOKEN_GROUP);
+            let a = xg.add(group_start * pairs);
+            let c = y.add(group_start * y_stride + (r0 - rows.start));
+            // Two activation vectors per pair, or one when at most 16 tokens are left.
+            if m > 16 {
+                with_block_height!(n, 2, tile_bf16(block, a, m, c, y_stride));
+            } else {
+                with_block_height!(n, 1, tile_bf16(block, a, m, c, y_stride));
+            }
+        }
+        r0 += BF16_ROWS;
+    }
 }
 
-/// Rounds `x` (`[tokens, cols]`) to bf16 pairs for [`gemm_rows_bf16`]: `out` gets
-/// `tokens · ⌈cols/2⌉` words.
+/// Consecutive bf16 weight rows of `cols` elements from `first`.
+#[derive(Clone, Copy)]
+struct BlockOfRows {
+    first: *const u16,
+    cols: usize,
+}
+
+/// One tile of [`gemm_rows_bf16`]: `c[t, r] = Σ_j pair_j(x[t]) · pair_j(W[r])` for the `R`
+/// rows of `block` and the `m ≤ 16·V` tokens of one group (`a`: the group's pairs, 32 words per
+/// pair), over all pairs in order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile_bf16<const R: usize, const V: usize>(
+    block: BlockOfRows,
+    a: *const u32,
+    m: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let cols = block.cols;
+    let rows: [*const u16; R] = std::array::from_fn(|r| block.first.add(r * cols));
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    let whole_pairs = cols / 2;
+    for j in 0..whole_pairs {
+        // Columns 2j and 2j+1 as one (possibly unaligned) 32-bit word, low half first.
+        pair_step(&mut acc, a.add(j * TOKEN_GROUP), |r| {
+            (rows[r].add(2 * j) as *const u32).read_unaligned()
+        });
+    }
+    if cols % 2 == 1 {
+        // The last column alone (its missing partner counts as zero, as in the activations).
+        pair_step(&mut acc, a.add(whole_pairs * TOKEN_GROUP), |r| {
+            *rows[r].add(cols - 1) as u32
+        });
+    }
+    // Store: transpose each vector column (16 tokens × R rows) to one row per token.
+    let row_lanes: u16 = (1u16 << R) - 1; // R ≤ 12
+    for v in 0..V {
+        let tokens = m.saturating_sub(16 * v).min(16);
+        let mut by_token = [_mm512_setzero_si512(); 16];
+        for (row, row_sums) in by_token.iter_mut().zip(&acc) {
+            *row = _mm512_castps_si512(row_sums[v]);
+        }
+        transpose16(&mut by_token);
+        for (l, sums) in by_token.iter().enumerate().take(tokens) {
+            _mm512_mask_storeu_ps(
+                c.add((16 * v + l) * ldc),
+                row_lanes,
+                _mm512_castsi512_ps(*sums),
+            );
+        }
+    }
+}
+
+/// One pair step of [`tile_bf16`]: `acc[r][v] += pair · pair_of_row(r)` for the group's
+/// activation pairs at `aj` (two vectors, or one).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn pair_step<const R: usize, const V: usize>(
+    acc: &mut [[__m512; V]; R],
+    aj: *const u32,
+    pair_of_row: impl Fn(usize) -> u32,
+) {
+    let activations: [__m512bh; V] = std::array::from_fn(|v| {
+        std::mem::transmute(_mm512_loadu_si512(aj.add(16 * v) as *const __m512i))
+    });
+    for (r, row_sums) in acc.iter_mut().enumerate() {
+        let weights: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair_of_row(r) as i32));
+        for (sum, &activation) in row_sums.iter_mut().zip(&activations) {
+            *sum = _mm512_dpbf16_ps(*sum, activation, weights);
+        }
+    }
+}
+
+/// Rounds `x` (`[tokens, cols]`) to bf16 (round to nearest even) for [`gemm_rows_bf16`], in
+/// groups of [`TOKEN_GROUP`] tokens: with `kp = ⌈cols/2⌉`, the word at
+/// `(g·kp + j)·32 + l` is the pair `(x[t, 2j], x[t, 2j+1])` of token `t = 32g + l` (low half
+/// first), so a tile reads a pair of all its tokens as two consecutive vectors. The tokens
+/// padding the last group, and the missing half of the last pair when `cols` is odd, are zero.
+/// `out` gets `⌈tokens/32⌉ · 32 · kp` words.
 ///
 /// # Safety
 /// The CPU has AVX-512 BF16.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-pub unsafe fn round_to_bf16_pairs(x: &[f32], tokens: usize, cols: usize, out: &mut Vec<u32>) {
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub unsafe fn round_to_bf16_token_groups(
+    x: &[f32],
+    tokens: usize,
+    cols: usize,
+    out: &mut Vec<u32>,
+) {
     let kp = cols.div_ceil(2);
+    let groups = tokens.div_ceil(TOKEN_GROUP);
     out.clear();
-    out.resize(tokens * kp, 0);
-    for t in 0..tokens {
-        let row = x.as_ptr().add(t * cols);
-        let dst = out.as_mut_ptr().add(t * kp) as *mut u16;
-        let mut i = 0;
-        while i + 32 <= cols {
-            // cvtne2ps_pbh(a, b): b's 16 values in the low half, a's in the high half.
-            let v = _mm512_cvtne2ps_pbh(
-                _mm512_loadu_ps(row.add(i + 16)),
-                _mm512_loadu_ps(row.add(i)),
-            );
-            _mm512_storeu_si512(
-                dst.add(i) as *mut __m512i,
-                std::mem::transmute::<__m512bh, __m512i>(v),
-            );
-            i += 32;
-        }
-        while i < cols {
-            *dst.add(i) = bf16_bits_rne(*row.add(i));
-            i += 1;
+    out.resize(groups * TOKEN_GROUP * kp, 0);
+    let whole_blocks = cols / 32; // blocks of 16 whole pairs
+    for g in 0..groups {
+        let group = out.as_mut_ptr().add(g * TOKEN_GROUP * kp);
+        let group_tokens = (tokens - g * TOKEN_GROUP).min(TOKEN_GROUP);
+        // 16 pairs × 16 tokens at a time: round 16 tokens' 32 columns, transpose, store.
+        for half in 0..group_tokens.div_ceil(16) {
+            let first_token = g * TOKEN_GROUP + 16 * half;
+            let lanes = (tokens - first_token).min(16);
+            for b in 0..whole_blocks {
+                let mut v = [_mm512_setzero_si512(); 16];
+                for (l, vl) in v.iter_mut().enumerate().take(lanes) {
+                    let row = x.as_ptr().add((first_token + l) * cols + 32 * b);
+                    // cvtne2ps_pbh(a, b): b's 16 values in the low half, a's in the high half.
+                    *vl = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(
+                        _mm512_loadu_ps(row.add(16)),
+                        _mm512_loadu_ps(row),
+                    ));
+                }
+                transpose16(&mut v);
+                for (i, vi) in v.iter().enumerate() {
+                    let j = 16 * b + i;
+                    _mm512_storeu_si512(
+                        group.add(j * TOKEN_GROUP + 16 * half) as *mut __m512i,
+                        *vi,
+                    );
+                }
+            }
+            // The last pairs, one by one.
+            for l in 0..lanes {
+                let row = &x[(first_token + l) * cols..][..cols];
+                for j in 16 * whole_blocks..kp {
+                    let low = bf16_bits_rne(row[2 * j]) as u32;
+                    let high = row.get(2 * j + 1).map_or(0, |&v| bf16_bits_rne(v) as u32);
+                    *group.add(j * TOKEN_GROUP + 16 * half + l) = low | (high << 16);
+                }
+            }
         }
     }
 }
@@ -464,57 +595,6 @@ unsafe fn pack_f32<E: Element>(
     }
 }
 
-/// Packs bf16 pairs: rows `r0..r0+n`, pair columns `k0..k0+kc` (pair `j` = columns `2j, 2j+1`)
-/// into `out[k·48 + j]`; a missing odd last column and rows `n..48` are zero.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn pack_pairs(
-    w: *const u16,
-    cols: usize,
-    r0: usize,
-    n: usize,
-    k0: usize,
-    kc: usize,
-    out: *mut u32,
-) {
-    let pair = |row: usize, p: usize| -> u32 {
-        let c = 2 * p;
-        let lo = *w.add(row * cols + c) as u32;
-        let hi = if c + 1 < cols {
-            *w.add(row * cols + c + 1) as u32
-        } else {
-            0
-        };
-        lo | (hi << 16)
-    };
-    for g in 0..NR / 16 {
-        let first = g * 16;
-        // Pairs packed by the vector loop (16 full rows only); the rest, one by one below.
-        let mut k = 0;
-        if first + 16 <= n {
-            // Whole pairs only (2·(k0 + k + 16) ≤ cols), 16 pairs per transpose.
-            while k + 16 <= kc && 2 * (k0 + k + 16) <= cols {
-                let mut v = [_mm512_setzero_si512(); 16];
-                for (i, vi) in v.iter_mut().enumerate() {
-                    *vi = _mm512_loadu_si512(
-                        w.add((r0 + first + i) * cols + 2 * (k0 + k)) as *const __m512i
-                    );
-                }
-                transpose16(&mut v);
-                for (i, vi) in v.iter().enumerate() {
-                    _mm512_storeu_si512(out.add((k + i) * NR + first) as *mut __m512i, *vi);
-                }
-                k += 16;
-            }
-        }
-        for kk in k..kc {
-            for j in first..first + 16 {
-                *out.add(kk * NR + j) = if j < n { pair(r0 + j, k0 + kk) } else { 0 };
-            }
-        }
-    }
-}
-
 /// Transposes a 16 × 16 matrix of 32-bit elements held as 16 rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -618,37 +698,6 @@ unsafe fn tile_f32<const M: usize>(
             acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
             acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
             acc[i][2] = _mm512_fmadd_ps(av, b2, acc[i][2]);
-        }
-    }
-    store_tile(&acc, c, ldc, masks);
-}
-
-/// One `M × 48` tile (M ≤ 8 tokens) over `kc` packed bf16 pairs, `vdpbf16ps`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_bf16<const M: usize>(
-    kc: usize,
-    b: *const u32,
-    a: *const u32,
-    lda: usize,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-    masks: [u16; 3],
-) {
-    let mut acc = load_tile::<M>(c, ldc, accumulate, masks);
-    let rows = token_rows::<_, M>(a, lda);
-    for k in 0..kc {
-        let bk = b.add(k * NR);
-        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bk as *const __m512i));
-        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bk.add(16) as *const __m512i));
-        let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(bk.add(32) as *const __m512i));
-        for i in 0..M {
-            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*rows[i].add(k) as i32));
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
-            acc[i][2] = _mm512_dpbf16_ps(acc[i][2], av, b2);
         }
     }
     store_tile(&acc, c, ldc, masks);

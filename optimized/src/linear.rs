@@ -9,8 +9,9 @@
 //!   widens bf16/f16 weights while packing them into L2-resident panels (no separate widening
 //!   pass) and runs an 8 × 48 f32 FMA micro-kernel; every output is one sequential f32 FMA chain
 //!   over `k`. With [`Precision::Bf16Activations`] (opt-in, bf16 weights, AVX-512 BF16 CPUs),
-//!   its `vdpbf16ps` twin on activations rounded to bf16 — twice the multiply-adds per
-//!   instruction, not the reference's arithmetic.
+//!   its `vdpbf16ps` sibling on activations rounded to bf16 (12 weight rows read in place ×
+//!   32 tokens per tile) — twice the multiply-adds per instruction, not the reference's
+//!   arithmetic.
 //! - larger `T` on other CPUs: the `gemm` crate's f32 GEMM on blocks of `GEMM_ROW_BLOCK` weight
 //!   rows; 16-bit blocks are widened to f32 into a per-thread staging buffer first.
 //!
@@ -256,7 +257,7 @@ enum Route {
 /// The activations as a kernel reads them.
 enum Input<'a> {
     F32(&'a [f32]),
-    /// Rounded to bf16 pairs once ([`crate::gemm512::round_to_bf16_pairs`]), with the f32 rows
+    /// Rounded to bf16 pairs once ([`crate::gemm512::round_to_bf16_token_groups`]), with the f32 rows
     /// for the skinny kernel.
     Bf16Pairs(&'a [f32], Vec<u32>),
 }
@@ -267,7 +268,7 @@ impl<'a> Input<'a> {
         if route == Route::Prefill(PrefillKernel::Avx512Bf16) {
             let mut pairs = Vec::new();
             // SAFETY: the route is only chosen where AVX-512 BF16 is available.
-            unsafe { crate::gemm512::round_to_bf16_pairs(x, tokens, cols, &mut pairs) };
+            unsafe { crate::gemm512::round_to_bf16_token_groups(x, tokens, cols, &mut pairs) };
             return Input::Bf16Pairs(x, pairs);
         }
         let _ = (tokens, cols, route);
@@ -623,6 +624,52 @@ mod tests {
                         got[i],
                         exact_inputs[i]
                     );
+                }
+            }
+        }
+    }
+
+    /// `vdpbf16ps` on one lane, as its specification orders it (DAZ/FTZ aside): the odd
+    /// product, then the even one, each rounded as it is added to the f32 sum.
+    fn dot_bf16_pairs(w: &[f32], x: &[f32]) -> f32 {
+        let mut sum = 0.0f32;
+        for (wp, xp) in w.chunks(2).zip(x.chunks(2)) {
+            let odd = match (wp.get(1), xp.get(1)) {
+                (Some(a), Some(b)) => a * b,
+                _ => 0.0,
+            };
+            sum += odd;
+            sum += wp[0] * xp[0];
+        }
+        sum
+    }
+
+    #[test]
+    fn bf16_activation_kernel_is_the_pairwise_chain_of_vdpbf16ps() {
+        if !PrefillKernel::Avx512Bf16.available(WeightDtype::BF16) {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        for &(tokens, rows, cols) in &AWKWARD_SHAPES {
+            let x = random(tokens * cols, 5 + cols as u64);
+            let x_rounded: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+            let (_, matrix, widened) = matrices(rows, cols, 3 + rows as u64).remove(1);
+            let mut got = vec![f32::NAN; tokens * rows];
+            linear_into_with(
+                &x,
+                tokens,
+                &matrix,
+                &mut got,
+                Threads::Pool,
+                PrefillKernel::Avx512Bf16,
+            );
+            for t in 0..tokens {
+                for r in 0..rows {
+                    let expected = dot_bf16_pairs(
+                        &widened[r * cols..][..cols],
+                        &x_rounded[t * cols..][..cols],
+                    );
+                    assert_eq!(got[t * rows + r].to_bits(), expected.to_bits(), "tokens={tokens} rows={rows} cols={cols}: y[{t}, {r}] = {}, expected {expected}", got[t * rows + r]);
                 }
             }
         }
