@@ -271,11 +271,54 @@ fn attend_decode(c: &mut Criterion) {
     group.finish();
 }
 
+/// A 1024-token prefill through one of E2B's sliding layers (8 query heads, 1 KV head, head dim
+/// 256, window 512): the blocked path, and the per-query path it replaced for more than 8 tokens
+/// (the same call 8 tokens at a time).
+fn attend_prefill(c: &mut Criterion) {
+    use gemma4_optimized::attention::{attend, PER_QUERY_MAX_TOKENS};
+    use gemma4_reference::layer_plan::ModelPlan;
+    const TOKENS: usize = 1024;
+    let (heads, kv_heads, head_dim) = (8, 1, 256);
+    let layer = attention_layer(head_dim, heads, kv_heads, Some(512));
+    let plan = ModelPlan {
+        layers: vec![layer.clone()],
+        first_kv_shared_layer: 1,
+    };
+    let mut cache = KvCache::new(&plan, |_| Vec::new(), |_| Vec::new());
+    let n = TOKENS * kv_heads * head_dim;
+    // Staged, not committed: the pass's own keys, as during a prefill.
+    cache.stage(0, random_values(n, 7, 1.0), random_values(n, 8, 1.0));
+    let queries = random_values(TOKENS * heads * head_dim, 9, 0.05);
+    let positions: Vec<usize> = (0..TOKENS).collect();
+    let mut output = vec![0.0f32; TOKENS * heads * head_dim];
+    let segments = cache.segments(0, 0);
+    let mut group = c.benchmark_group("attend_prefill_1024x8x256_window512");
+    group.sample_size(10);
+    group.bench_function("blocked", |b| {
+        b.iter(|| attend(&queries, &positions, &layer, &segments, &mut output))
+    });
+    let row = heads * head_dim;
+    group.bench_function("per_query", |b| {
+        b.iter(|| {
+            for (chunk, out) in positions
+                .chunks(PER_QUERY_MAX_TOKENS)
+                .zip(output.chunks_mut(PER_QUERY_MAX_TOKENS * row))
+            {
+                let first = chunk[0];
+                let queries = &queries[first * row..(first + chunk.len()) * row];
+                attend(queries, chunk, &layer, &segments, out);
+            }
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     decode_gemv,
     prefill_gemm,
     kv_rebuild,
-    attend_decode
+    attend_decode,
+    attend_prefill
 );
 criterion_main!(benches);

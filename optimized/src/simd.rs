@@ -554,8 +554,42 @@ unsafe fn gelu8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, t))
 }
 
-/// `exp` of 8 lanes for |x| ≤ 18 (Cephes `expf`: x = n·ln2 + r, e^r by polynomial, 2^n by
-/// exponent arithmetic).
+/// `x[i] ← exp(x[i])` for the softmax of attention (arguments `s − max s ≤ 0`): the AVX2
+/// Cephes-style [`exp8`] (within 2 ulp of `f32::exp`, tested) on arguments clamped to
+/// `[−87, 88]`: below −87 the result is `e^−87` ≈ 1.6·10⁻³⁸ instead of a smaller denormal or
+/// zero, which no softmax sum (at least 1, from its maximum) can register.
+pub fn exp_in_place(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: features checked; the pointer covers `len` elements.
+        return unsafe { exp_in_place_avx2(x.as_mut_ptr(), x.len()) };
+    }
+    for v in x.iter_mut() {
+        *v = v.exp();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_in_place_avx2(x: *mut f32, n: usize) {
+    use std::arch::x86_64::*;
+    let (low, high) = (_mm256_set1_ps(-87.0), _mm256_set1_ps(88.0));
+    let mut i = 0;
+    while i + 8 <= n {
+        // Operand order keeps a NaN (maxps/minps return the second operand on NaN), so a NaN
+        // score still poisons its softmax row instead of weighing e^−87.
+        let v = _mm256_min_ps(high, _mm256_max_ps(low, _mm256_loadu_ps(x.add(i))));
+        _mm256_storeu_ps(x.add(i), exp8(v));
+        i += 8;
+    }
+    while i < n {
+        *x.add(i) = (*x.add(i)).clamp(-87.0, 88.0).exp();
+        i += 1;
+    }
+}
+
+/// `exp` of 8 lanes for x in [−87, 88] (Cephes `expf`: x = n·ln2 + r, e^r by polynomial, 2^n by
+/// exponent arithmetic, 2^n a normal number).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
@@ -588,6 +622,31 @@ unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
 #[cfg(test)]
 mod geglu_tests {
     use super::*;
+
+    #[test]
+    fn simd_exp_matches_libm_within_2_ulp() {
+        // Softmax arguments: 0 down to −87, plus a few below (clamped) and a tail of 5 lanes.
+        let mut x: Vec<f32> = (0..20_003).map(|i| -(i as f32) * 87.0 / 20_000.0).collect();
+        x.extend([-87.5, -100.0, -1e30, f32::NEG_INFINITY, 1.5, 88.0]);
+        let mut ours = x.clone();
+        exp_in_place(&mut ours);
+        // A NaN stays NaN, in a vector lane and in the scalar tail.
+        for len in [8, 3] {
+            let mut nan = vec![-1.0f32; len];
+            nan[1] = f32::NAN;
+            exp_in_place(&mut nan);
+            assert!(nan[1].is_nan() && nan[0].is_finite(), "{nan:?}");
+        }
+        for (i, (&got, &v)) in ours.iter().zip(&x).enumerate() {
+            let expected = v.max(-87.0).exp();
+            // 2 ulp (2 · 2⁻²³ relative): Cephes' polynomial is within 1 ulp of e^r, the
+            // reduction and the final product add at most one more rounding.
+            assert!(
+                (got - expected).abs() <= 2.0 * f32::EPSILON * expected,
+                "exp({v}) = {got}, libm {expected} (lane {i})"
+            );
+        }
+    }
 
     #[test]
     fn simd_geglu_matches_reference_gelu_within_3e_7() {
