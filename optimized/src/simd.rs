@@ -565,7 +565,7 @@ pub fn exp_in_place(x: &mut [f32]) {
         return unsafe { exp_in_place_avx2(x.as_mut_ptr(), x.len()) };
     }
     for v in x.iter_mut() {
-        *v = v.exp();
+        *v = v.clamp(-87.0, 88.0).exp();
     }
 }
 
