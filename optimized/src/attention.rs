@@ -248,14 +248,20 @@ fn attend_blocked(
                 let first = *visible_keys(block_positions[0], layer.sliding_window).start();
                 let last = *visible_keys(block_positions[tokens - 1], layer.sliding_window).end();
                 let union = first..=last;
-                let ranges: Vec<std::ops::Range<usize>> =
-                    segments.iter().map(|s| key_range(s, &union)).collect();
-                let n: usize = ranges.iter().map(|r| r.len()).sum();
-                let first_key_position = segments
-                    .iter()
-                    .zip(&ranges)
-                    .find(|(_, r)| !r.is_empty())
-                    .map_or(first, |(s, r)| s.first_position + r.start);
+                // (segment, its visible keys, their first column in S) for each non-empty part.
+                let mut parts = Vec::with_capacity(segments.len());
+                let mut n = 0;
+                for segment in segments {
+                    let range = key_range(segment, &union);
+                    if !range.is_empty() {
+                        let len = range.len();
+                        parts.push((segment, range, n));
+                        n += len;
+                    }
+                }
+                let first_key_position = parts.first().map_or(first, |(segment, range, _)| {
+                    segment.first_position + range.start
+                });
                 scratch.queries.resize(rows * d, 0.0);
                 scratch.scores.resize(rows * n, 0.0);
                 scratch.outputs.resize(rows * d, 0.0);
@@ -267,39 +273,21 @@ fn attend_blocked(
                             .copy_from_slice(&block_queries[from..from + group * d]);
                     }
                     // S = Q_block · K_visibleᵀ, segment by segment into its columns.
-                    let mut column = 0;
-                    for (segment, range) in segments.iter().zip(&ranges) {
-                        if range.is_empty() {
-                            continue;
-                        }
+                    for &(segment, ref range, column) in &parts {
                         let keys = &segment.keys[(range.start * kv_heads + kv_head) * d..];
-                        // SAFETY: S is [rows, n] (row stride n), the columns written are
-                        // column..column + range.len(); Q_block is [rows, d]; the keys of the range
-                        // are rows of d floats, kv_heads·d apart, inside `keys`.
+                        // SAFETY: S is [rows, n] and the columns written, column..column +
+                        // range.len(), are inside it; Q_block is [rows, d]; Kᵀ's columns are the
+                        // range's key rows, d floats each, kv_heads·d apart, inside `keys`.
                         unsafe {
-                            gemm::gemm(
-                                rows,
-                                range.len(),
-                                d,
+                            matrix_product(
+                                [rows, range.len(), d],
                                 scratch.scores.as_mut_ptr().add(column),
-                                1,
-                                n as isize,
+                                n,
                                 false,
-                                scratch.queries.as_ptr(),
-                                1,
-                                d as isize,
-                                keys.as_ptr(),
-                                (kv_heads * d) as isize,
-                                1,
-                                0.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
-                            );
-                        }
-                        column += range.len();
+                                Strided::rows(scratch.queries.as_ptr(), d),
+                                Strided::columns(keys.as_ptr(), kv_heads * d),
+                            )
+                        };
                     }
                     // P: each row's softmax over its own token's visible keys, zero elsewhere.
                     let token_rows = scratch.scores.chunks_mut(group * n.max(1));
@@ -314,42 +302,22 @@ fn attend_blocked(
                         }
                     }
                     // O = P · V_visible, accumulated over the segments.
-                    let mut column = 0;
-                    let mut accumulate = false;
-                    for (segment, range) in segments.iter().zip(&ranges) {
-                        if range.is_empty() {
-                            continue;
-                        }
+                    for (part, &(segment, ref range, column)) in parts.iter().enumerate() {
                         let values = &segment.values[(range.start * kv_heads + kv_head) * d..];
                         // SAFETY: O is [rows, d]; P's columns column..column + range.len() (row
-                        // stride n); the values of the range are rows of d floats, kv_heads·d apart.
+                        // stride n); the range's value rows, d floats each, kv_heads·d apart.
                         unsafe {
-                            gemm::gemm(
-                                rows,
-                                d,
-                                range.len(),
+                            matrix_product(
+                                [rows, d, range.len()],
                                 scratch.outputs.as_mut_ptr(),
-                                1,
-                                d as isize,
-                                accumulate,
-                                scratch.scores.as_ptr().add(column),
-                                1,
-                                n as isize,
-                                values.as_ptr(),
-                                1,
-                                (kv_heads * d) as isize,
-                                1.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
-                            );
-                        }
-                        column += range.len();
-                        accumulate = true;
+                                d,
+                                part > 0,
+                                Strided::rows(scratch.scores.as_ptr().add(column), n),
+                                Strided::rows(values.as_ptr(), kv_heads * d),
+                            )
+                        };
                     }
-                    if !accumulate {
+                    if parts.is_empty() {
                         scratch.outputs.fill(0.0);
                     }
                     for i in 0..tokens {
@@ -368,6 +336,72 @@ struct BlockScratch {
     queries: Vec<f32>,
     scores: Vec<f32>,
     outputs: Vec<f32>,
+}
+
+/// A matrix operand of [`matrix_product`]: element `(i, j)` at `start + i·row_stride +
+/// j·column_stride` (floats).
+#[derive(Clone, Copy)]
+struct Strided {
+    start: *const f32,
+    row_stride: usize,
+    column_stride: usize,
+}
+
+impl Strided {
+    /// Rows `row_stride` apart, each contiguous.
+    fn rows(start: *const f32, row_stride: usize) -> Strided {
+        Strided {
+            start,
+            row_stride,
+            column_stride: 1,
+        }
+    }
+
+    /// The transpose of rows `column_stride` apart: column `j` is stored row `j`.
+    fn columns(start: *const f32, column_stride: usize) -> Strided {
+        Strided {
+            start,
+            row_stride: 1,
+            column_stride,
+        }
+    }
+}
+
+/// `dst ← lhs · rhs` (or `dst + lhs · rhs` when `accumulate`) for `[m, n, k]`: `dst` `[m, n]`
+/// with rows `dst_row_stride` apart, `lhs` `[m, k]`, `rhs` `[k, n]`; the `gemm` crate on this
+/// thread.
+///
+/// # Safety
+/// Every element addressed by the three shapes and strides is valid (`dst` for writes).
+unsafe fn matrix_product(
+    [m, n, k]: [usize; 3],
+    dst: *mut f32,
+    dst_row_stride: usize,
+    accumulate: bool,
+    lhs: Strided,
+    rhs: Strided,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_row_stride as isize,
+        accumulate,
+        lhs.start,
+        lhs.column_stride as isize,
+        lhs.row_stride as isize,
+        rhs.start,
+        rhs.column_stride as isize,
+        rhs.row_stride as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
 }
 
 /// `w_j = exp(s_j − max s) / Σ exp(s − max s)`, the sum in key order (the reference's softmax;
@@ -423,6 +457,31 @@ mod tests {
     use crate::rope::RopeTable;
     use ndarray::Array1;
 
+    /// Keys and values of positions `0..n` (`row` floats each) as two cache segments split at
+    /// position `split`, as a ring buffer presents them.
+    fn split_at_position<'a>(
+        keys: &'a [f32],
+        values: &'a [f32],
+        row: usize,
+        split: usize,
+    ) -> [Segment<'a>; 2] {
+        let n = keys.len() / row;
+        [
+            Segment {
+                first_position: 0,
+                len: split,
+                keys: &keys[..split * row],
+                values: &values[..split * row],
+            },
+            Segment {
+                first_position: split,
+                len: n - split,
+                keys: &keys[split * row..],
+                values: &values[split * row..],
+            },
+        ]
+    }
+
     /// `attend` splits its work by (token, KV-head group) or, when that leaves threads idle, by
     /// (token, head): every head's output must be the same bit for bit either way. The same
     /// queries are attended as one 7-token call on one thread (grouped) and as seven 1-token
@@ -436,21 +495,7 @@ mod tests {
             let keys = random_values(tokens * kv_heads * d, 31, 1.0);
             let values = random_values(tokens * kv_heads * d, 32, 1.0);
             let queries = random_values(tokens * heads * d, 33, 1.0);
-            let split = 3 * kv_heads * d;
-            let segments = [
-                Segment {
-                    first_position: 0,
-                    len: 3,
-                    keys: &keys[..split],
-                    values: &values[..split],
-                },
-                Segment {
-                    first_position: 3,
-                    len: tokens - 3,
-                    keys: &keys[split..],
-                    values: &values[split..],
-                },
-            ];
+            let segments = split_at_position(&keys, &values, kv_heads * d, 3);
             let positions: Vec<usize> = (0..tokens).collect();
             let pool = |threads| {
                 rayon::ThreadPoolBuilder::new()
@@ -513,21 +558,7 @@ mod tests {
                 let keys = random_values(total * kv_heads * d, 41, 1.0);
                 let values = random_values(total * kv_heads * d, 42, 1.0);
                 let queries = random_values(tokens * heads * d, 43, 1.0);
-                let split = 11 * kv_heads * d;
-                let segments = [
-                    Segment {
-                        first_position: 0,
-                        len: 11,
-                        keys: &keys[..split],
-                        values: &values[..split],
-                    },
-                    Segment {
-                        first_position: 11,
-                        len: total - 11,
-                        keys: &keys[split..],
-                        values: &values[split..],
-                    },
-                ];
+                let segments = split_at_position(&keys, &values, kv_heads * d, 11);
                 let positions: Vec<usize> = (first..total).collect();
                 assert!(tokens > PER_QUERY_MAX_TOKENS);
                 let mut blocked = vec![f32::NAN; tokens * heads * d];
