@@ -1,7 +1,9 @@
 //! Incremental decoding in the optimized engine: a prefill followed by one token at a time
 //! through its KV cache (ring buffers on sliding layers, one tensor on K=V layers, producers'
 //! caches on KV-shared layers) equals its full forward pass at every position, on every golden
-//! model (all four variant families; prompts cross the sliding window twice). And the generation
+//! model (all four variant families; prompts cross the sliding window twice), and so does a
+//! prompt fed in two chunks (the second one long enough for the blocked attention path, over
+//! a cache whose ring has wrapped). And the generation
 //! prefill (`Logits::Last`: KV-shared layers and the LM head on the last position only) gives the
 //! same last logits and leaves the same cache as the full prefill.
 //!
@@ -56,13 +58,28 @@ fn decode_incremental_equals_full_forward_every_golden_model_optimized() {
             )
             .unwrap();
         let window = model.config.text.sliding_window;
+        // A prefill then one token at a time; and two chunks, the second one long (more than
+        // `PER_QUERY_MAX_TOKENS` tokens: the blocked attention path over a cache that already
+        // holds positions, a wrapped ring after `window + 1`).
+        let mut schedules: Vec<(String, Vec<&[usize]>)> = Vec::new();
         for prefill in [1, window - 1, window, window + 1, tokens.len() - 1] {
             let prefill = prefill.clamp(1, tokens.len());
+            let mut chunks = vec![&tokens[..prefill]];
+            chunks.extend(tokens[prefill..].chunks(1));
+            schedules.push((format!("prefill {prefill}"), chunks));
+        }
+        for split in [1, window + 1, tokens.len() / 2] {
+            let split = split.clamp(1, tokens.len() - 1);
+            let chunks = vec![&tokens[..split], &tokens[split..]];
+            schedules.push((
+                format!("chunks of {split} and {}", tokens.len() - split),
+                chunks,
+            ));
+        }
+        for (schedule, chunks) in schedules {
             let mut cache = model.new_cache();
             let mut logits = Vec::new();
             let mut outputs: Vec<Vec<f32>> = vec![Vec::new(); layers];
-            let mut chunks = vec![&tokens[..prefill]];
-            chunks.extend(tokens[prefill..].chunks(1));
             for chunk in chunks {
                 let mut dump = ActivationDump::new();
                 logits.extend(
@@ -80,14 +97,14 @@ fn decode_incremental_equals_full_forward_every_golden_model_optimized() {
                 }
             }
             assert_rows_close(
-                &format!("{} logits (prefill {prefill})", case.name),
+                &format!("{} logits ({schedule})", case.name),
                 vocab,
                 &full_logits,
                 &logits,
             );
             for (layer, rows) in outputs.iter().enumerate() {
                 assert_rows_close(
-                    &format!("{} layers.{layer}.output (prefill {prefill})", case.name),
+                    &format!("{} layers.{layer}.output ({schedule})", case.name),
                     d,
                     &tensor(&full_dump, &format!("layers.{layer}.output")),
                     rows,
