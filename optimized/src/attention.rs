@@ -203,7 +203,7 @@ pub fn attend(
 }
 
 /// Up to this many query tokens (decode, short continuations) [`attend`] works one query token at
-/// a time; more go through [`attend_blocked`].
+/// a time; more go through blocked products (`attend_blocked`).
 pub const PER_QUERY_MAX_TOKENS: usize = 8;
 
 /// Query rows (tokens × heads of one KV group) a task of [`attend_blocked`] aims for: enough

@@ -307,7 +307,7 @@ impl Prefetch {
 /// turn to an f32 sum (denormals flushed). Weights are read where they are stored, never packed.
 ///
 /// Blocking: for each block of [`BF16_ROWS`] = 12 weight rows, for each group of
-/// [`TOKEN_GROUP`] = 32 tokens, [`tile_bf16`] keeps the `12 × 32` sums in 24 zmm accumulators
+/// [`TOKEN_GROUP`] = 32 tokens, the tile (`tile_bf16`) keeps the `12 × 32` sums in 24 zmm accumulators
 /// (tokens along the lanes) for the whole reduction: per pair `j` it loads the group's two
 /// activation vectors and broadcasts each row's pair `(W[n, 2j], W[n, 2j+1])` straight from the
 /// weight row, 24 `vdpbf16ps`. The block's rows (12 · K · 2 bytes, 36 KiB at K = 1536) are read

@@ -555,7 +555,7 @@ unsafe fn gelu8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
 }
 
 /// `x[i] ← exp(x[i])` for the softmax of attention (arguments `s − max s ≤ 0`): the AVX2
-/// Cephes-style [`exp8`] (within 2 ulp of `f32::exp`, tested) on arguments clamped to
+/// Cephes-style `exp8` (within 2 ulp of `f32::exp`, tested) on arguments clamped to
 /// `[−87, 88]`: below −87 the result is `e^−87` ≈ 1.6·10⁻³⁸ instead of a smaller denormal or
 /// zero, which no softmax sum (at least 1, from its maximum) can register.
 pub fn exp_in_place(x: &mut [f32]) {
