@@ -306,17 +306,16 @@ impl Prefetch {
 /// [`round_to_bf16_token_groups`] (`xg`): `vdpbf16ps`, two exact products per lane added in
 /// turn to an f32 sum (denormals flushed). Weights are read where they are stored, never packed.
 ///
-/// Blocking: for each block of [`BF16_ROWS`] = 12 weight rows, for each group of
-/// [`TOKEN_GROUP`] = 32 tokens, the tile (`tile_bf16`) keeps the `12 × 32` sums in 24 zmm accumulators
-/// (tokens along the lanes) for the whole reduction: per pair `j` it loads the group's two
-/// activation vectors and broadcasts each row's pair `(W[n, 2j], W[n, 2j+1])` straight from the
-/// weight row, 24 `vdpbf16ps`. The block's rows (12 · K · 2 bytes, 36 KiB at K = 1536) are read
-/// from memory by the first group and from cache by the others. Measured against the previous
-/// kernel, which packed each 48-row panel into `[k/2][48]` pairs first (criterion
-/// `prefill_gemm` on 2 threads): 378 → 416 GFLOP/s on `[128, 1536] × [6144, 1536]ᵀ`,
-/// 375 → 367 on `[128, 6144] × [1536, 6144]ᵀ` (its 1.5 MB of activations no longer fit L2
-/// beside the rows; splitting the reduction into chunks measured slower still); in the full
-/// E2B prefill the MLP's products went from ~280 to ~268 ms.
+/// Blocking: for each block of [`BF16_ROWS`] = 12 weight rows, for each group of [`TOKEN_GROUP`] =
+/// 32 tokens, the tile (`tile_bf16`) keeps the `12 × 32` sums in 24 zmm accumulators (tokens along
+/// the lanes) for the whole reduction: per pair `j` it loads the two activation vectors of the
+/// group and broadcasts each row's pair `(W[n, 2j], W[n, 2j+1])` straight from the weight row, 24
+/// `vdpbf16ps`. The block's rows (12 · K · 2 bytes, 36 KiB at K = 1536) are read from memory by the
+/// first group and from cache by the others. Measured against the previous kernel, which packed
+/// each 48-row panel into `[k/2][48]` pairs first (criterion `prefill_gemm` on 2 threads): 378 →
+/// 416 GFLOP/s on `[128, 1536] × [6144, 1536]ᵀ`, 375 → 367 on `[128, 6144] × [1536, 6144]ᵀ` (its
+/// 1.5 MB of activations no longer fit L2 beside the rows; splitting the reduction into chunks
+/// measured slower still); in the full E2B prefill the MLP's products went from ~280 to ~268 ms.
 ///
 /// # Safety
 /// As [`gemm_rows_f32`]; `xg` holds the `⌈tokens/32⌉ · 32 · ⌈cols/2⌉` words of

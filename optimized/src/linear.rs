@@ -257,8 +257,8 @@ enum Route {
 /// The activations as a kernel reads them.
 enum Input<'a> {
     F32(&'a [f32]),
-    /// Rounded to bf16 pairs once ([`crate::gemm512::round_to_bf16_token_groups`]), with the f32 rows
-    /// for the skinny kernel.
+    /// Rounded to bf16 pairs once ([`crate::gemm512::round_to_bf16_token_groups`]), with the
+    /// f32 rows for the skinny kernel.
     Bf16Pairs(&'a [f32], Vec<u32>),
 }
 
