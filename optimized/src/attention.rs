@@ -12,9 +12,12 @@
 //! ```
 //!
 //! What is fast about it: projections through `linear` (weights as stored); norms and RoPE applied
-//! in place per head with one cos/sin table per pass; each query walks only its visible key range
-//! (`mask::visible_keys`), straight out of the cache segments (a ring for sliding layers), so
-//! nothing outside the window is ever scored; (query, head) pairs run in parallel.
+//! in place per head with one cos/sin table per pass; attention reads the keys and values straight
+//! out of the cache segments (a ring for sliding layers) and only over the visible range
+//! (`mask::visible_keys`). Up to [`PER_QUERY_MAX_TOKENS`] query tokens (decode), each query walks
+//! its own range; more (prefill) go through blocked products, `S = Q·Kᵀ`, softmax, `O = P·V`,
+//! per block of about 32 query rows, which score at most a block's length of keys beyond a
+//! row's window (weighted 0), never the whole `T × T` matrix.
 
 use gemma4_reference::dump::Recorder;
 use gemma4_reference::layer_plan::LayerPlan;
