@@ -20,7 +20,6 @@
 
 use std::fmt;
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -64,9 +63,9 @@ pub struct FuzzArgs {
 #[derive(Debug)]
 pub enum FuzzError {
     /// A file-system operation failed.
-    Io { what: String, source: io::Error },
+    Io(IoFailure),
     /// A program could not be started or exited unsuccessfully.
-    Command { command: String, detail: String },
+    Command(CommandFailure),
     /// An unknown target was asked for.
     UnknownTarget(String),
     /// A golden file could not be turned into seeds.
@@ -78,8 +77,8 @@ pub enum FuzzError {
 impl fmt::Display for FuzzError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Io { what, source } => write!(f, "{what}: {source}"),
-            Self::Command { command, detail } => write!(f, "`{command}` {detail}"),
+            Self::Io(failure) => failure.fmt(f),
+            Self::Command(failure) => failure.fmt(f),
             Self::UnknownTarget(name) => {
                 write!(f, "no fuzz target `{name}` (known: {})", TARGETS.join(", "))
             }
@@ -96,21 +95,21 @@ impl fmt::Display for FuzzError {
 impl std::error::Error for FuzzError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Io { source, .. } => Some(source),
+            Self::Io(failure) => Some(&failure.source),
             _ => None,
         }
     }
 }
 
 impl From<IoFailure> for FuzzError {
-    fn from(IoFailure { what, source }: IoFailure) -> Self {
-        Self::Io { what, source }
+    fn from(failure: IoFailure) -> Self {
+        Self::Io(failure)
     }
 }
 
 impl From<CommandFailure> for FuzzError {
-    fn from(CommandFailure { command, detail }: CommandFailure) -> Self {
-        Self::Command { command, detail }
+    fn from(failure: CommandFailure) -> Self {
+        Self::Command(failure)
     }
 }
 
@@ -245,10 +244,7 @@ fn start_target(
         .stdout(log_file)
         .stderr(log_err)
         .spawn()
-        .map_err(|e| FuzzError::Command {
-            command: format!("cargo fuzz run {target}"),
-            detail: format!("could not start: {e}"),
-        })?;
+        .map_err(|e| CommandFailure::could_not_start(format!("cargo fuzz run {target}"), e))?;
     Ok((target, child, log))
 }
 

@@ -12,7 +12,6 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -37,9 +36,9 @@ pub struct GoldenArgs {
 #[derive(Debug)]
 pub enum GoldenError {
     /// A file-system operation failed.
-    Io { what: String, source: io::Error },
+    Io(IoFailure),
     /// A program could not be started or exited unsuccessfully.
-    Command { command: String, detail: String },
+    Command(CommandFailure),
     /// `golden/requirements.txt` is malformed.
     Requirements(String),
     /// The virtualenv still lacks the pinned versions after `pip install`.
@@ -54,8 +53,8 @@ pub enum GoldenError {
 impl fmt::Display for GoldenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Io { what, source } => write!(f, "{what}: {source}"),
-            Self::Command { command, detail } => write!(f, "`{command}` {detail}"),
+            Self::Io(failure) => failure.fmt(f),
+            Self::Command(failure) => failure.fmt(f),
             Self::Requirements(msg) => write!(f, "golden/requirements.txt: {msg}"),
             Self::Venv { venv, problems } => write!(
                 f,
@@ -76,21 +75,21 @@ impl fmt::Display for GoldenError {
 impl std::error::Error for GoldenError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Io { source, .. } => Some(source),
+            Self::Io(failure) => Some(&failure.source),
             _ => None,
         }
     }
 }
 
 impl From<IoFailure> for GoldenError {
-    fn from(IoFailure { what, source }: IoFailure) -> Self {
-        Self::Io { what, source }
+    fn from(failure: IoFailure) -> Self {
+        Self::Io(failure)
     }
 }
 
 impl From<CommandFailure> for GoldenError {
-    fn from(CommandFailure { command, detail }: CommandFailure) -> Self {
-        Self::Command { command, detail }
+    fn from(failure: CommandFailure) -> Self {
+        Self::Command(failure)
     }
 }
 
@@ -230,15 +229,15 @@ fn version_problems(python: &Path, pins: &[(String, String)]) -> Result<Vec<Stri
         .arg(PROBE)
         .args(pins.iter().map(|(name, _)| name))
         .output()
-        .map_err(|e| GoldenError::Command {
-            command: format!("{} -c <version probe>", python.display()),
-            detail: format!("could not start: {e}"),
+        .map_err(|e| {
+            CommandFailure::could_not_start(format!("{} -c <version probe>", python.display()), e)
         })?;
     if !output.status.success() {
-        return Err(GoldenError::Command {
+        return Err(CommandFailure {
             command: format!("{} -c <version probe>", python.display()),
             detail: format!("failed: {}", String::from_utf8_lossy(&output.stderr).trim()),
-        });
+        }
+        .into());
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
     let installed: Vec<(&str, &str)> = stdout.lines().filter_map(|l| l.split_once(' ')).collect();

@@ -16,14 +16,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use gemma4_reference::faults::Fault;
 use serde_json::Value;
 
-use crate::process::repo_root;
+use crate::process::{io_err, repo_root, CommandFailure, IoFailure};
 
 /// Arguments of `cargo xtask mutants`.
 #[derive(Debug, clap::Args)]
@@ -41,13 +40,13 @@ pub struct MutantsArgs {
 #[derive(Debug)]
 pub enum MutantsError {
     /// A program could not be started, or `cargo` failed.
-    Command { command: String, detail: String },
+    Command(CommandFailure),
     /// An unknown fault id was asked for.
     UnknownFault(String),
     /// Tests fail with no fault on.
     RedBaseline { failing: Vec<String> },
     /// The report could not be written.
-    Io { path: PathBuf, source: io::Error },
+    Io(IoFailure),
     /// Some faults are caught by no test.
     Survivors { faults: Vec<String> },
 }
@@ -55,7 +54,7 @@ pub enum MutantsError {
 impl fmt::Display for MutantsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Command { command, detail } => write!(f, "`{command}` {detail}"),
+            Self::Command(failure) => failure.fmt(f),
             Self::UnknownFault(id) => write!(
                 f,
                 "unknown fault id `{id}` (see reference/src/faults.rs for the catalogue)"
@@ -66,7 +65,7 @@ impl fmt::Display for MutantsError {
                 failing.len(),
                 failing.join(", ")
             ),
-            Self::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            Self::Io(failure) => failure.fmt(f),
             Self::Survivors { faults } => write!(
                 f,
                 "{} fault(s) survive the test suite (no test fails with them on): {}",
@@ -78,6 +77,18 @@ impl fmt::Display for MutantsError {
 }
 
 impl std::error::Error for MutantsError {}
+
+impl From<IoFailure> for MutantsError {
+    fn from(failure: IoFailure) -> Self {
+        Self::Io(failure)
+    }
+}
+
+impl From<CommandFailure> for MutantsError {
+    fn from(failure: CommandFailure) -> Self {
+        Self::Command(failure)
+    }
+}
 
 type Result<T, E = MutantsError> = std::result::Result<T, E>;
 
@@ -138,15 +149,9 @@ pub fn run(args: &MutantsArgs) -> Result<()> {
     print!("{}", format_table(&rows));
     let out = root.join(&args.out);
     if let Some(parent) = out.parent() {
-        std::fs::create_dir_all(parent).map_err(|source| MutantsError::Io {
-            path: parent.to_path_buf(),
-            source,
-        })?;
+        std::fs::create_dir_all(parent).map_err(io_err(parent.display().to_string()))?;
     }
-    std::fs::write(&out, markdown).map_err(|source| MutantsError::Io {
-        path: out.clone(),
-        source,
-    })?;
+    std::fs::write(&out, markdown).map_err(io_err(out.display().to_string()))?;
     eprintln!("xtask mutants: wrote {}", out.display());
 
     let survivors: Vec<String> = rows
@@ -175,19 +180,17 @@ fn build_test_binaries(root: &Path) -> Result<Vec<TestBinary>> {
         ])
         .current_dir(root)
         .output()
-        .map_err(|e| MutantsError::Command {
-            command: command.into(),
-            detail: format!("could not start: {e}"),
-        })?;
+        .map_err(|e| CommandFailure::could_not_start(command, e))?;
     if !output.status.success() {
-        return Err(MutantsError::Command {
+        return Err(CommandFailure {
             command: command.into(),
             detail: format!(
                 "failed ({}):\n{}",
                 output.status,
                 String::from_utf8_lossy(&output.stderr)
             ),
-        });
+        }
+        .into());
     }
     let mut binaries = Vec::new();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
@@ -243,9 +246,8 @@ fn run_suite(binaries: &[TestBinary], fault: Option<Fault>) -> Result<RunResult>
         if let Some(fault) = fault {
             command.env("GEMMA4_FAULTS", fault.id());
         }
-        let output = command.output().map_err(|e| MutantsError::Command {
-            command: binary.executable.display().to_string(),
-            detail: format!("could not start: {e}"),
+        let output = command.output().map_err(|e| {
+            CommandFailure::could_not_start(binary.executable.display().to_string(), e)
         })?;
         let stdout = String::from_utf8_lossy(&output.stdout);
         let mut failed_here = 0;

@@ -1,6 +1,7 @@
 //! Running the programs xtask tasks drive (pip, python, cargo fuzz, ...), where they run, and
 //! the file-system failures the tasks report.
 
+use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -21,12 +22,42 @@ pub struct CommandFailure {
     pub detail: String,
 }
 
+impl CommandFailure {
+    /// `command` could not be started at all.
+    pub fn could_not_start(command: impl Into<String>, error: io::Error) -> CommandFailure {
+        CommandFailure {
+            command: command.into(),
+            detail: format!("could not start: {error}"),
+        }
+    }
+}
+
+impl fmt::Display for CommandFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}` {}", self.command, self.detail)
+    }
+}
+
+impl std::error::Error for CommandFailure {}
+
 /// A file-system operation that failed: what was being done ("reading golden/...") and why.
-/// Each task's error type turns it into its own `Io` variant (`From`).
+/// Each task's error type holds it as its `Io` variant (`From`).
 #[derive(Debug)]
 pub struct IoFailure {
     pub what: String,
     pub source: io::Error,
+}
+
+impl fmt::Display for IoFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.what, self.source)
+    }
+}
+
+impl std::error::Error for IoFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
 }
 
 /// A `map_err` adapter naming the operation an `io::Error` comes from.
@@ -43,10 +74,9 @@ pub fn read(path: &Path) -> Result<Vec<u8>, IoFailure> {
 /// Runs `command` with inherited stdio; an unsuccessful exit is an error.
 pub fn run(command: &mut Command) -> Result<(), CommandFailure> {
     let shown = format!("{command:?}");
-    let status = command.status().map_err(|e| CommandFailure {
-        command: shown.clone(),
-        detail: format!("could not start: {e}"),
-    })?;
+    let status = command
+        .status()
+        .map_err(|e| CommandFailure::could_not_start(shown.clone(), e))?;
     if status.success() {
         Ok(())
     } else {
