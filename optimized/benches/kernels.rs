@@ -246,19 +246,25 @@ fn kv_rebuild(c: &mut Criterion) {
     group.finish();
 }
 
-fn attend_decode(c: &mut Criterion) {
-    use gemma4_optimized::attention::attend;
-    use gemma4_reference::layer_plan::ModelPlan;
-    const POSITIONS: usize = 4096;
-    let (heads, kv_heads, head_dim) = (32, 4, 512);
-    let layer = attention_layer(head_dim, heads, kv_heads, None);
-    let plan = ModelPlan {
+/// A cache for the one attention layer `layer` (separate keys and values), with random keys and
+/// values for `positions` positions staged (not committed).
+fn one_layer_cache(layer: &gemma4_reference::layer_plan::LayerPlan, positions: usize) -> KvCache {
+    let plan = gemma4_reference::layer_plan::ModelPlan {
         layers: vec![layer.clone()],
         first_kv_shared_layer: 1,
     };
     let mut cache = KvCache::new(&plan, |_| Vec::new(), |_| Vec::new());
-    let n = POSITIONS * kv_heads * head_dim;
+    let n = positions * layer.num_kv_heads * layer.head_dim;
     cache.stage(0, random_values(n, 7, 1.0), random_values(n, 8, 1.0));
+    cache
+}
+
+fn attend_decode(c: &mut Criterion) {
+    use gemma4_optimized::attention::attend;
+    const POSITIONS: usize = 4096;
+    let (heads, kv_heads, head_dim) = (32, 4, 512);
+    let layer = attention_layer(head_dim, heads, kv_heads, None);
+    let mut cache = one_layer_cache(&layer, POSITIONS);
     cache.commit();
     let queries = random_values(heads * head_dim, 9, 0.05);
     let mut output = vec![0.0f32; heads * head_dim];
@@ -276,18 +282,11 @@ fn attend_decode(c: &mut Criterion) {
 /// (the same call 8 tokens at a time).
 fn attend_prefill(c: &mut Criterion) {
     use gemma4_optimized::attention::{attend, PER_QUERY_MAX_TOKENS};
-    use gemma4_reference::layer_plan::ModelPlan;
     const TOKENS: usize = 1024;
     let (heads, kv_heads, head_dim) = (8, 1, 256);
     let layer = attention_layer(head_dim, heads, kv_heads, Some(512));
-    let plan = ModelPlan {
-        layers: vec![layer.clone()],
-        first_kv_shared_layer: 1,
-    };
-    let mut cache = KvCache::new(&plan, |_| Vec::new(), |_| Vec::new());
-    let n = TOKENS * kv_heads * head_dim;
     // Staged, not committed: the pass's own keys, as during a prefill.
-    cache.stage(0, random_values(n, 7, 1.0), random_values(n, 8, 1.0));
+    let mut cache = one_layer_cache(&layer, TOKENS);
     let queries = random_values(TOKENS * heads * head_dim, 9, 0.05);
     let positions: Vec<usize> = (0..TOKENS).collect();
     let mut output = vec![0.0f32; TOKENS * heads * head_dim];
