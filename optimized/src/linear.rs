@@ -33,8 +33,10 @@ pub const SKINNY_MAX_TOKENS: usize = 8;
 const SKINNY_ROW_BLOCK: usize = 64;
 /// Weight rows per GEMM call (and per parallel task) in the `gemm` crate fallback.
 const GEMM_ROW_BLOCK: usize = 128;
-/// Weight rows per parallel task in the AVX-512 GEMM (two packed panels).
+/// Weight rows per parallel task in the AVX-512 GEMMs: two packed panels of the f32 kernel,
+/// eight row blocks of the bf16 kernel (no partial block inside a task).
 const AVX512_ROW_BLOCK: usize = 2 * crate::gemm512::NR;
+const _: () = assert!(AVX512_ROW_BLOCK % crate::gemm512::BF16_ROWS == 0);
 
 /// The arithmetic of the prefill matrix products (more than `SKINNY_MAX_TOKENS` token rows).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
