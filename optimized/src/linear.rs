@@ -36,7 +36,7 @@ const GEMM_ROW_BLOCK: usize = 128;
 /// Weight rows per parallel task in the AVX-512 GEMMs: two packed panels of the f32 kernel,
 /// eight row blocks of the bf16 kernel (no partial block inside a task).
 const AVX512_ROW_BLOCK: usize = 2 * crate::gemm512::NR;
-const _: () = assert!(AVX512_ROW_BLOCK % crate::gemm512::BF16_ROWS == 0);
+const _: () = assert!(AVX512_ROW_BLOCK.is_multiple_of(crate::gemm512::BF16_ROWS));
 
 /// The arithmetic of the prefill matrix products (more than `SKINNY_MAX_TOKENS` token rows).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
