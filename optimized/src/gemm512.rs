@@ -46,9 +46,11 @@ pub const MR: usize = 8;
 /// Reduction columns per packed chunk (a panel chunk is `KC · NR · 4` = 48 KiB).
 pub const KC: usize = 512;
 /// Weight rows per block of the bf16 kernel: one broadcast each per pair.
-pub const BF16_ROWS: usize = 12;
-/// Tokens per group of the bf16 kernel: two zmm vectors of 16 lanes.
+pub const BF16_ROWS: usize = 6;
+/// Tokens per group of the rounded activations: two zmm vectors of 16 lanes.
 pub const TOKEN_GROUP: usize = 32;
+/// Tokens per tile of the bf16 kernel: two groups, four zmm vectors.
+pub const BF16_TILE_TOKENS: usize = 2 * TOKEN_GROUP;
 
 /// Calls `kernel::<M>(args)` with the tile height `m` (1..=8) as the const generic `M`.
 macro_rules! with_tile_height {
@@ -66,22 +68,35 @@ macro_rules! with_tile_height {
     };
 }
 
-/// Calls `kernel::<R, V>(args)` with the block height `r` (1..=12) as the const generic `R`.
-macro_rules! with_block_height {
-    ($r:expr, $v:literal, $kernel:ident($($arg:expr),* $(,)?)) => {
-        match $r {
-            12 => $kernel::<12, $v>($($arg),*),
-            11 => $kernel::<11, $v>($($arg),*),
-            10 => $kernel::<10, $v>($($arg),*),
-            9 => $kernel::<9, $v>($($arg),*),
-            8 => $kernel::<8, $v>($($arg),*),
-            7 => $kernel::<7, $v>($($arg),*),
-            6 => $kernel::<6, $v>($($arg),*),
-            5 => $kernel::<5, $v>($($arg),*),
-            4 => $kernel::<4, $v>($($arg),*),
-            3 => $kernel::<3, $v>($($arg),*),
-            2 => $kernel::<2, $v>($($arg),*),
-            _ => $kernel::<1, $v>($($arg),*),
+/// Calls `kernel::<R, V>(args)` with the tile's weight rows `r` (1..=6) and token vectors `v`
+/// (1..=4) as the const generics `R` and `V`.
+macro_rules! with_tile_shape {
+    ($r:expr, $v:expr, $kernel:ident($($arg:expr),* $(,)?)) => {
+        match ($r, $v) {
+            (6, 4) => $kernel::<6, 4>($($arg),*),
+            (6, 3) => $kernel::<6, 3>($($arg),*),
+            (6, 2) => $kernel::<6, 2>($($arg),*),
+            (6, _) => $kernel::<6, 1>($($arg),*),
+            (5, 4) => $kernel::<5, 4>($($arg),*),
+            (5, 3) => $kernel::<5, 3>($($arg),*),
+            (5, 2) => $kernel::<5, 2>($($arg),*),
+            (5, _) => $kernel::<5, 1>($($arg),*),
+            (4, 4) => $kernel::<4, 4>($($arg),*),
+            (4, 3) => $kernel::<4, 3>($($arg),*),
+            (4, 2) => $kernel::<4, 2>($($arg),*),
+            (4, _) => $kernel::<4, 1>($($arg),*),
+            (3, 4) => $kernel::<3, 4>($($arg),*),
+            (3, 3) => $kernel::<3, 3>($($arg),*),
+            (3, 2) => $kernel::<3, 2>($($arg),*),
+            (3, _) => $kernel::<3, 1>($($arg),*),
+            (2, 4) => $kernel::<2, 4>($($arg),*),
+            (2, 3) => $kernel::<2, 3>($($arg),*),
+            (2, 2) => $kernel::<2, 2>($($arg),*),
+            (2, _) => $kernel::<2, 1>($($arg),*),
+            (_, 4) => $kernel::<1, 4>($($arg),*),
+            (_, 3) => $kernel::<1, 3>($($arg),*),
+            (_, 2) => $kernel::<1, 2>($($arg),*),
+            (_, _) => $kernel::<1, 1>($($arg),*),
         }
     };
 }
@@ -306,16 +321,18 @@ impl Prefetch {
 /// [`round_to_bf16_token_groups`] (`xg`): `vdpbf16ps`, two exact products per lane added in
 /// turn to an f32 sum (denormals flushed). Weights are read where they are stored, never packed.
 ///
-/// Blocking: for each block of [`BF16_ROWS`] = 12 weight rows, for each group of [`TOKEN_GROUP`] =
-/// 32 tokens, the tile (`tile_bf16`) keeps the `12 × 32` sums in 24 zmm accumulators (tokens along
-/// the lanes) for the whole reduction: per pair `j` it loads the two activation vectors of the
-/// group and broadcasts each row's pair `(W[n, 2j], W[n, 2j+1])` straight from the weight row, 24
-/// `vdpbf16ps`. The block's rows (12 · K · 2 bytes, 36 KiB at K = 1536) are read from memory by the
-/// first group and from cache by the others. Measured against the previous kernel, which packed
-/// each 48-row panel into `[k/2][48]` pairs first (criterion `prefill_gemm` on 2 threads): 378 →
-/// 416 GFLOP/s on `[128, 1536] × [6144, 1536]ᵀ`, 375 → 367 on `[128, 6144] × [1536, 6144]ᵀ` (its
-/// 1.5 MB of activations no longer fit L2 beside the rows; splitting the reduction into chunks
-/// measured slower still); in the full E2B prefill the MLP's products went from ~280 to ~268 ms.
+/// Blocking: for each block of [`BF16_ROWS`] = 6 weight rows, for each tile of
+/// [`BF16_TILE_TOKENS`] = 64 tokens (two groups), `tile_bf16` keeps the `6 × 64` sums in 24 zmm
+/// accumulators (tokens along the lanes) for the whole reduction: per pair `j` it loads the four
+/// activation vectors of the tile and broadcasts each row's pair `(W[n, 2j], W[n, 2j+1])` straight
+/// from the weight row, 24 `vdpbf16ps`. The block's rows (6 · K · 2 bytes) are read from memory by
+/// the first tile and from cache by the others.
+///
+/// Why 6 rows × 64 tokens and not 12 × 32 (same 24 accumulators): when a row is a multiple of
+/// 4 KiB long (K = 2048, 4096, 6144: the E2B output and down projections), all rows of a block
+/// fall in the same L1 set, and 12 of them do not fit its 8 ways; measured in isolation (one
+/// core, rows in L3), 12 × 32 ran at 215 GFLOP/s on those widths against 229–231 for 6 × 64, and
+/// both at 230–232 on other widths.
 ///
 /// # Safety
 /// As [`gemm_rows_f32`]; `xg` holds the `⌈tokens/32⌉ · 32 · ⌈cols/2⌉` words of
@@ -332,26 +349,53 @@ pub unsafe fn gemm_rows_bf16(
     y_stride: usize,
 ) {
     let pairs = cols.div_ceil(2);
-    let mut r0 = rows.start;
-    while r0 < rows.end {
-        let n = (rows.end - r0).min(BF16_ROWS);
-        let block = BlockOfRows {
-            first: (w as *const u16).add(r0 * cols),
-            cols,
-        };
-        for group_start in (0..tokens).step_by(TOKEN_GROUP) {
-            let m = (tokens - group_start).min(TOKEN_GROUP);
-            let a = xg.add(group_start * pairs);
-            let c = y.add(group_start * y_stride + (r0 - rows.start));
-            // Two activation vectors per pair, or one when at most 16 tokens are left.
-            if m > 16 {
-                with_block_height!(n, 2, tile_bf16(block, a, m, c, y_stride));
-            } else {
-                with_block_height!(n, 1, tile_bf16(block, a, m, c, y_stride));
-            }
+    let width = rows.len();
+    TILE_OUTPUTS.with(|outputs| {
+        let mut outputs = outputs.borrow_mut();
+        if outputs.len() < tokens * width {
+            outputs.resize(tokens * width, 0.0);
         }
-        r0 += BF16_ROWS;
-    }
+        let out = outputs.as_mut_ptr();
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let n = (rows.end - r0).min(BF16_ROWS);
+            let block = BlockOfRows {
+                first: (w as *const u16).add(r0 * cols),
+                cols,
+            };
+            // The next block's rows, fetched into cache while the first tile computes.
+            let next_rows = (rows.end - r0).saturating_sub(BF16_ROWS).min(BF16_ROWS);
+            let mut ahead = NextRows {
+                next: (w as *const u8).wrapping_add((r0 + BF16_ROWS) * cols * 2),
+                end: (w as *const u8).wrapping_add((r0 + BF16_ROWS + next_rows) * cols * 2),
+            };
+            for tile_start in (0..tokens).step_by(BF16_TILE_TOKENS) {
+                let m = (tokens - tile_start).min(BF16_TILE_TOKENS);
+                let a = xg.add(tile_start * pairs);
+                let c = out.add(tile_start * width + (r0 - rows.start));
+                // One activation vector per 16 tokens left in the tile.
+                with_tile_shape!(
+                    n,
+                    m.div_ceil(16),
+                    tile_bf16(block, a, m, c, width, &mut ahead)
+                );
+            }
+            r0 += BF16_ROWS;
+        }
+        for t in 0..tokens {
+            std::ptr::copy_nonoverlapping(out.add(t * width), y.add(t * y_stride), width);
+        }
+    });
+}
+
+thread_local! {
+    /// The bf16 kernel's `[tokens, rows of the task]` results before they are copied to `y`.
+    ///
+    /// Storing each tile straight into `y` (`[tokens, rows]`, one partial line per token, token
+    /// rows 24 KiB apart on E2B's 6144-wide products, so all in one L1 set) cost about 4% in
+    /// isolation (one core: 231 → 222 GFLOP/s with such stores after each tile); here a task's
+    /// tiles write a few KiB that stay in L1, then each token's row goes to `y` in one copy.
+    static TILE_OUTPUTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Consecutive bf16 weight rows of `cols` elements from `first`.
@@ -361,9 +405,34 @@ struct BlockOfRows {
     cols: usize,
 }
 
+/// The bytes `next..end` of the weight rows the next block will read, not yet prefetched.
+///
+/// Without it the first tile of each block waits for its rows to come from memory: in
+/// isolation (one core, rows beyond L2) the tile ran at 222–225 GFLOP/s, with one line of the
+/// next block prefetched every second pair at 229–231, of the 233 the core can do. One line per
+/// two pairs always covers the next block within a tile: a block of `R ≤ 6` rows holds
+/// `R · ⌈K/2⌉ / 16 ≤ ⌈K/2⌉ / 2` lines.
+struct NextRows {
+    next: *const u8,
+    end: *const u8,
+}
+
+impl NextRows {
+    /// Prefetches the next line into L1, if any is left.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn step(&mut self) {
+        if self.next < self.end {
+            // SAFETY: a prefetch never faults (and `next` lies inside the weight rows).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.next as *const i8) };
+            self.next = self.next.wrapping_add(64);
+        }
+    }
+}
+
 /// One tile of [`gemm_rows_bf16`]: `c[t, r] = Σ_j pair_j(x[t]) · pair_j(W[r])` for the `R`
-/// rows of `block` and the `m ≤ 16·V` tokens of one group (`a`: the group's pairs, 32 words per
-/// pair), over all pairs in order.
+/// rows of `block` and the `m ≤ 16·V` tokens from `a` (the pairs of the tile's first group; a
+/// second group follows `32 · ⌈cols/2⌉` words later), over all pairs in order.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn tile_bf16<const R: usize, const V: usize>(
@@ -372,25 +441,33 @@ unsafe fn tile_bf16<const R: usize, const V: usize>(
     m: usize,
     c: *mut f32,
     ldc: usize,
+    ahead: &mut NextRows,
 ) {
     let cols = block.cols;
+    let group_words = TOKEN_GROUP * cols.div_ceil(2);
     let rows: [*const u16; R] = std::array::from_fn(|r| block.first.add(r * cols));
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     let whole_pairs = cols / 2;
     for j in 0..whole_pairs {
+        if j % 2 == 0 {
+            ahead.step();
+        }
         // Columns 2j and 2j+1 as one (possibly unaligned) 32-bit word, low half first.
-        pair_step(&mut acc, a.add(j * TOKEN_GROUP), |r| {
+        pair_step(&mut acc, a.add(j * TOKEN_GROUP), group_words, |r| {
             (rows[r].add(2 * j) as *const u32).read_unaligned()
         });
     }
     if cols % 2 == 1 {
         // The last column alone (its missing partner counts as zero, as in the activations).
-        pair_step(&mut acc, a.add(whole_pairs * TOKEN_GROUP), |r| {
-            *rows[r].add(cols - 1) as u32
-        });
+        pair_step(
+            &mut acc,
+            a.add(whole_pairs * TOKEN_GROUP),
+            group_words,
+            |r| *rows[r].add(cols - 1) as u32,
+        );
     }
     // Store: transpose each vector column (16 tokens × R rows) to one row per token.
-    let row_lanes: u16 = (1u16 << R) - 1; // R ≤ 12
+    let row_lanes: u16 = (1u16 << R) - 1; // R ≤ 6
     for v in 0..V {
         let tokens = m.saturating_sub(16 * v).min(16);
         let mut by_token = [_mm512_setzero_si512(); 16];
@@ -408,18 +485,21 @@ unsafe fn tile_bf16<const R: usize, const V: usize>(
     }
 }
 
-/// One pair step of [`tile_bf16`]: `acc[r][v] += pair · pair_of_row(r)` for the group's
-/// activation pairs at `aj` (two vectors, or one).
+/// One pair step of [`tile_bf16`]: `acc[r][v] += pair · pair_of_row(r)` for the tile's
+/// activation pairs at `aj` (vector `v`: tokens `16v..16v+16`, in group `v / 2`, which starts
+/// `group_words` words after the one before).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[inline]
 unsafe fn pair_step<const R: usize, const V: usize>(
     acc: &mut [[__m512; V]; R],
     aj: *const u32,
+    group_words: usize,
     pair_of_row: impl Fn(usize) -> u32,
 ) {
     let activations: [__m512bh; V] = std::array::from_fn(|v| {
-        std::mem::transmute(_mm512_loadu_si512(aj.add(16 * v) as *const __m512i))
+        let vector = aj.add((v / 2) * group_words + (v % 2) * 16);
+        std::mem::transmute(_mm512_loadu_si512(vector as *const __m512i))
     });
     for (r, row_sums) in acc.iter_mut().enumerate() {
         let weights: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair_of_row(r) as i32));
@@ -434,57 +514,77 @@ unsafe fn pair_step<const R: usize, const V: usize>(
 /// `(g·kp + j)·32 + l` is the pair `(x[t, 2j], x[t, 2j+1])` of token `t = 32g + l` (low half
 /// first), so a tile reads a pair of all its tokens as two consecutive vectors. The tokens
 /// padding the last group, and the missing half of the last pair when `cols` is odd, are zero.
-/// `out` gets `⌈tokens/32⌉ · 32 · kp` words.
+/// `out` gets `⌈tokens/32⌉ · 32 · kp` words. The groups are rounded in parallel (on the
+/// calling thread alone this took about 0.5% of a fast prefill while the other thread waited).
 ///
 /// # Safety
 /// The CPU has AVX-512 BF16.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
 pub unsafe fn round_to_bf16_token_groups(
     x: &[f32],
     tokens: usize,
     cols: usize,
     out: &mut Vec<u32>,
 ) {
-    let kp = cols.div_ceil(2);
+    use rayon::prelude::*;
+    assert_eq!(x.len(), tokens * cols, "x is [tokens, cols]");
+    let group_words = TOKEN_GROUP * cols.div_ceil(2);
     let groups = tokens.div_ceil(TOKEN_GROUP);
     out.clear();
-    out.resize(groups * TOKEN_GROUP * kp, 0);
-    let whole_blocks = cols / 32; // blocks of 16 whole pairs
-    for g in 0..groups {
-        let group = out.as_mut_ptr().add(g * TOKEN_GROUP * kp);
-        let group_tokens = (tokens - g * TOKEN_GROUP).min(TOKEN_GROUP);
-        // 16 pairs × 16 tokens at a time: round 16 tokens' 32 columns, transpose, store.
-        for half in 0..group_tokens.div_ceil(16) {
-            let first_token = g * TOKEN_GROUP + 16 * half;
-            let lanes = (tokens - first_token).min(16);
-            for b in 0..whole_blocks {
-                let mut v = [_mm512_setzero_si512(); 16];
-                for (l, vl) in v.iter_mut().enumerate().take(lanes) {
-                    let row = x.as_ptr().add((first_token + l) * cols + 32 * b);
-                    // cvtne2ps_pbh(a, b): b's 16 values in the low half, a's in the high half.
-                    *vl = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(
-                        _mm512_loadu_ps(row.add(16)),
-                        _mm512_loadu_ps(row),
-                    ));
-                }
-                transpose16(&mut v);
-                for (i, vi) in v.iter().enumerate() {
-                    let j = 16 * b + i;
-                    _mm512_storeu_si512(
-                        group.add(j * TOKEN_GROUP + 16 * half) as *mut __m512i,
-                        *vi,
-                    );
-                }
+    out.reserve(groups * group_words);
+    out.spare_capacity_mut()[..groups * group_words]
+        .par_chunks_mut(group_words.max(1))
+        .enumerate()
+        .for_each(|(g, words)| {
+            let words = words.as_mut_ptr() as *mut u32;
+            // SAFETY: `words` holds this group's `group_words` words (zeroed first, so padding
+            // is written too); AVX-512 BF16 is available (the caller's contract).
+            unsafe {
+                std::ptr::write_bytes(words, 0, group_words);
+                round_token_group(x, tokens, cols, g, words);
             }
-            // The last pairs, one by one.
-            for l in 0..lanes {
-                let row = &x[(first_token + l) * cols..][..cols];
-                for j in 16 * whole_blocks..kp {
-                    let low = bf16_bits_rne(row[2 * j]) as u32;
-                    let high = row.get(2 * j + 1).map_or(0, |&v| bf16_bits_rne(v) as u32);
-                    *group.add(j * TOKEN_GROUP + 16 * half + l) = low | (high << 16);
-                }
+        });
+    // SAFETY: every group's words were written above.
+    out.set_len(groups * group_words);
+}
+
+/// Token group `g` of [`round_to_bf16_token_groups`], into `group` (its zeroed words).
+///
+/// # Safety
+/// The CPU has AVX-512 BF16; `group` is valid for `TOKEN_GROUP · ⌈cols/2⌉` words.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn round_token_group(x: &[f32], tokens: usize, cols: usize, g: usize, group: *mut u32) {
+    let kp = cols.div_ceil(2);
+    let whole_blocks = cols / 32; // blocks of 16 whole pairs
+    let group_tokens = (tokens - g * TOKEN_GROUP).min(TOKEN_GROUP);
+    // 16 pairs × 16 tokens at a time: round 16 tokens' 32 columns, transpose, store.
+    for half in 0..group_tokens.div_ceil(16) {
+        let first_token = g * TOKEN_GROUP + 16 * half;
+        let lanes = (tokens - first_token).min(16);
+        for b in 0..whole_blocks {
+            let mut v = [_mm512_setzero_si512(); 16];
+            for (l, vl) in v.iter_mut().enumerate().take(lanes) {
+                let row = x.as_ptr().add((first_token + l) * cols + 32 * b);
+                // cvtne2ps_pbh(a, b): b's 16 values in the low half, a's in the high half.
+                *vl = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(
+                    _mm512_loadu_ps(row.add(16)),
+                    _mm512_loadu_ps(row),
+                ));
+            }
+            transpose16(&mut v);
+            for (i, vi) in v.iter().enumerate() {
+                let j = 16 * b + i;
+                _mm512_storeu_si512(group.add(j * TOKEN_GROUP + 16 * half) as *mut __m512i, *vi);
+            }
+        }
+        // The last pairs, one by one.
+        for l in 0..lanes {
+            let row = &x[(first_token + l) * cols..][..cols];
+            for j in 16 * whole_blocks..kp {
+                let low = bf16_bits_rne(row[2 * j]) as u32;
+                let high = row.get(2 * j + 1).map_or(0, |&v| bf16_bits_rne(v) as u32);
+                *group.add(j * TOKEN_GROUP + 16 * half + l) = low | (high << 16);
             }
         }
     }

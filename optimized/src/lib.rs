@@ -40,6 +40,7 @@ pub mod mask;
 pub mod mlp;
 pub mod model;
 pub mod moe;
+pub mod parallel;
 pub mod ple;
 pub mod rms_norm;
 pub mod rope;

@@ -33,10 +33,14 @@ pub const SKINNY_MAX_TOKENS: usize = 8;
 const SKINNY_ROW_BLOCK: usize = 64;
 /// Weight rows per GEMM call (and per parallel task) in the `gemm` crate fallback.
 const GEMM_ROW_BLOCK: usize = 128;
-/// Weight rows per parallel task in the AVX-512 GEMMs: two packed panels of the f32 kernel,
-/// eight row blocks of the bf16 kernel (no partial block inside a task).
+/// Weight rows per parallel task in the AVX-512 f32 GEMM: two packed panels.
 const AVX512_ROW_BLOCK: usize = 2 * crate::gemm512::NR;
-const _: () = assert!(AVX512_ROW_BLOCK.is_multiple_of(crate::gemm512::BF16_ROWS));
+/// Weight rows per parallel task in the bf16 GEMM: four row blocks of its tiles (whole blocks
+/// only). Small tasks even out the two threads' shares at the end of each product: 24-row tasks
+/// against 96-row ones made the whole fast E2B prefill ~3% faster (medians of three
+/// `xtask bench-engine --engine optimized --precision bf16` runs each, alternated); a task still
+/// holds 24 · 128 · K multiply-adds.
+const BF16_ROW_BLOCK: usize = 4 * crate::gemm512::BF16_ROWS;
 
 /// The arithmetic of the prefill matrix products (more than `SKINNY_MAX_TOKENS` token rows).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -140,8 +144,23 @@ pub enum Threads {
 
 /// `x` `[tokens, in]` (row-major) times `weightᵀ` → `[tokens, out]`.
 pub fn linear(x: &[f32], tokens: usize, weight: &Matrix) -> Vec<f32> {
-    let mut y = vec![0.0f32; tokens * weight.rows];
-    linear_into(x, tokens, weight, &mut y, Threads::Pool);
+    assert_eq!(x.len(), tokens * weight.cols, "x is [tokens, in]");
+    let kernel = PrefillKernel::select(weight.dtype, current_precision());
+    written_by(tokens * weight.rows, |y| {
+        // SAFETY: `y` has room for [tokens, rows]; `kernel` was selected as available.
+        unsafe { product_into(x, tokens, weight, y, Threads::Pool, kernel) }
+    })
+}
+
+/// A new buffer of `len` floats, every one of which `write` writes: it is not zeroed first (on
+/// the prefill's [128, 12288] products, zeroing on the calling thread while the other waited
+/// took about 1% of the pass, measured with `perf`).
+fn written_by(len: usize, write: impl FnOnce(SendPtr)) -> Vec<f32> {
+    let mut y = Vec::with_capacity(len);
+    write(SendPtr(y.as_mut_ptr()));
+    // SAFETY: `write` wrote all `len` elements (`product_into` writes every column of every
+    // token row; the tests fill outputs with NaN first to check that no element is skipped).
+    unsafe { y.set_len(len) };
     y
 }
 
@@ -166,8 +185,24 @@ pub fn linear_into_with(
     threads: Threads,
     kernel: PrefillKernel,
 ) {
-    assert_eq!(x.len(), tokens * weight.cols, "x is [tokens, in]");
     assert_eq!(y.len(), tokens * weight.rows, "y is [tokens, out]");
+    // SAFETY: `y` is [tokens, rows].
+    unsafe { product_into(x, tokens, weight, SendPtr(y.as_mut_ptr()), threads, kernel) }
+}
+
+/// `y = x · weightᵀ`, every element of `y` written (never read).
+///
+/// # Safety
+/// `y` is valid for writes of `tokens · weight.rows` floats that nothing else accesses.
+unsafe fn product_into(
+    x: &[f32],
+    tokens: usize,
+    weight: &Matrix,
+    y: SendPtr,
+    threads: Threads,
+    kernel: PrefillKernel,
+) {
+    assert_eq!(x.len(), tokens * weight.cols, "x is [tokens, in]");
     if tokens == 0 || weight.rows == 0 {
         return;
     }
@@ -178,10 +213,9 @@ pub fn linear_into_with(
     );
     let route = Route::of(tokens, weight.cols, kernel);
     let input = Input::prepare(x, tokens, weight.cols, route);
-    let out = SendPtr(y.as_mut_ptr());
     for_each_row_block(weight.rows, route.block_rows(), threads, |block| {
         // SAFETY: `y` is [tokens, rows]; this task writes only the columns `block`.
-        unsafe { route.run(weight, &input, tokens, out, block) }
+        unsafe { route.run(weight, &input, tokens, y, block) }
     });
 }
 
@@ -191,19 +225,12 @@ pub fn linear_into_with(
 /// calls, bit for bit; the grouping balances small matrices (a 256-row key projection is only
 /// three GEMM tasks) over the threads and rounds `x` to bf16 once in the fast prefill.
 pub fn linear_group(x: &[f32], tokens: usize, weights: &[&Matrix]) -> Vec<Vec<f32>> {
-    let mut outputs: Vec<Vec<f32>> = weights
-        .iter()
-        .map(|w| vec![0.0f32; tokens * w.rows])
-        .collect();
     let Some(first) = weights.first() else {
-        return outputs;
+        return Vec::new();
     };
     let (cols, dtype) = (first.cols, first.dtype);
     if tokens == 0 || weights.iter().any(|w| w.cols != cols || w.dtype != dtype) {
-        for (weight, y) in weights.iter().zip(&mut outputs) {
-            linear_into(x, tokens, weight, y, Threads::Pool);
-        }
-        return outputs;
+        return weights.iter().map(|w| linear(x, tokens, w)).collect();
     }
     assert_eq!(x.len(), tokens * cols, "x is [tokens, in]");
     let route = Route::of(
@@ -212,6 +239,10 @@ pub fn linear_group(x: &[f32], tokens: usize, weights: &[&Matrix]) -> Vec<Vec<f3
         PrefillKernel::select(dtype, current_precision()),
     );
     let input = Input::prepare(x, tokens, cols, route);
+    let mut outputs: Vec<Vec<f32>> = weights
+        .iter()
+        .map(|w| Vec::with_capacity(tokens * w.rows))
+        .collect();
     let outs: Vec<SendPtr> = outputs
         .iter_mut()
         .map(|y| SendPtr(y.as_mut_ptr()))
@@ -225,9 +256,15 @@ pub fn linear_group(x: &[f32], tokens: usize, weights: &[&Matrix]) -> Vec<Vec<f3
         })
         .collect();
     tasks.into_par_iter().for_each(|(i, rows)| {
-        // SAFETY: output i is [tokens, weights[i].rows]; this task writes only its columns `rows`.
+        // SAFETY: output i has room for [tokens, weights[i].rows]; this task writes only its
+        // columns `rows`.
         unsafe { route.run(weights[i], &input, tokens, outs[i], rows) }
     });
+    for (y, w) in outputs.iter_mut().zip(weights) {
+        // SAFETY: the tasks cover rows 0..w.rows of every output and write each of their
+        // columns for every token (as in `written_by`).
+        unsafe { y.set_len(tokens * w.rows) };
+    }
     outputs
 }
 
@@ -264,11 +301,26 @@ enum Input<'a> {
     Bf16Pairs(&'a [f32], Vec<u32>),
 }
 
+thread_local! {
+    /// The rounded activations' buffer of this thread's last product, kept for its next one:
+    /// a fresh 0.4–1.5 MB buffer per product was a fresh mapping each time, and its page faults
+    /// took ~1.5% of `prefill_gemm` (`perf`, one thread).
+    static SPARE_PAIRS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl Drop for Input<'_> {
+    fn drop(&mut self) {
+        if let Input::Bf16Pairs(_, pairs) = self {
+            SPARE_PAIRS.set(std::mem::take(pairs));
+        }
+    }
+}
+
 impl<'a> Input<'a> {
     fn prepare(x: &'a [f32], tokens: usize, cols: usize, route: Route) -> Input<'a> {
         #[cfg(target_arch = "x86_64")]
         if route == Route::Prefill(PrefillKernel::Avx512Bf16) {
-            let mut pairs = Vec::new();
+            let mut pairs = SPARE_PAIRS.take();
             // SAFETY: the route is only chosen where AVX-512 BF16 is available.
             unsafe { crate::gemm512::round_to_bf16_token_groups(x, tokens, cols, &mut pairs) };
             return Input::Bf16Pairs(x, pairs);
@@ -298,6 +350,7 @@ impl Route {
         match self {
             Route::Skinny => SKINNY_ROW_BLOCK,
             Route::Prefill(PrefillKernel::GemmCrate) => GEMM_ROW_BLOCK,
+            Route::Prefill(PrefillKernel::Avx512Bf16) => BF16_ROW_BLOCK,
             Route::Prefill(_) => AVX512_ROW_BLOCK,
         }
     }
@@ -521,8 +574,11 @@ mod tests {
     /// Shapes that cross every blocking boundary of the prefill kernels: token counts around the
     /// 8-row micro-tile, weight rows around the 48-row panel and the 96-row task, columns odd,
     /// around the 16/32-column transposes and across the 512-column chunk.
-    const AWKWARD_SHAPES: [(usize, usize, usize); 7] = [
+    const AWKWARD_SHAPES: [(usize, usize, usize); 10] = [
         (9, 1, 1),
+        (49, 13, 66),
+        (64, 7, 129),
+        (100, 25, 47),
         (9, 47, 31),
         (17, 49, 33),
         (16, 97, 64),

@@ -10,6 +10,7 @@
 //! - [`add_normed`]: `h ← h + RMSNorm_w(branch)`, the sandwich post-norm and residual add;
 //! - [`add_normed_scaled`]: `h ← (h + RMSNorm_w(branch)) · s`, the PLE residual and `layer_scalar`.
 
+use crate::parallel::{for_each_row, for_each_row_pair};
 use crate::simd::sum_of_squares_f64;
 
 /// `1 / rms` of one row, exactly as the reference computes it.
@@ -22,13 +23,13 @@ pub fn inverse_rms(row: &[f32], eps: f64) -> f32 {
 /// In place, every row of `x` (`[rows, n]`, `n = x.len() / rows`): `x ← RMSNorm_w(x)`
 /// (`weight = None`: the weight-free `RMSNorm_∅`).
 pub fn rms_norm_in_place(x: &mut [f32], n: usize, weight: Option<&[f32]>, eps: f64) {
-    for row in x.chunks_exact_mut(n) {
+    for_each_row(x, n, |_, row| {
         let inv = inverse_rms(row, eps);
         match weight {
             Some(w) => row.iter_mut().zip(w).for_each(|(v, &s)| *v = *v * inv * s),
             None => row.iter_mut().for_each(|v| *v *= inv),
         }
-    }
+    });
 }
 
 /// `RMSNorm_w(x)` of every row into a new buffer.
@@ -40,12 +41,12 @@ pub fn rms_norm(x: &[f32], n: usize, weight: &[f32], eps: f64) -> Vec<f32> {
 
 /// `h ← h + RMSNorm_w(branch)` row by row (`[rows, n]` both).
 pub fn add_normed(h: &mut [f32], branch: &[f32], n: usize, weight: &[f32], eps: f64) {
-    for (hr, br) in h.chunks_exact_mut(n).zip(branch.chunks_exact(n)) {
+    for_each_row_pair(h, branch, n, |hr, br| {
         let inv = inverse_rms(br, eps);
         for ((hv, &bv), &s) in hr.iter_mut().zip(br).zip(weight) {
             *hv += bv * inv * s;
         }
-    }
+    });
 }
 
 /// `h ← (h + RMSNorm_w(branch)) · scale` row by row.
@@ -57,12 +58,12 @@ pub fn add_normed_scaled(
     eps: f64,
     scale: f32,
 ) {
-    for (hr, br) in h.chunks_exact_mut(n).zip(branch.chunks_exact(n)) {
+    for_each_row_pair(h, branch, n, |hr, br| {
         let inv = inverse_rms(br, eps);
         for ((hv, &bv), &s) in hr.iter_mut().zip(br).zip(weight) {
             *hv = (*hv + bv * inv * s) * scale;
         }
-    }
+    });
 }
 
 #[cfg(test)]
@@ -74,7 +75,13 @@ mod tests {
 
     #[test]
     fn rms_norm_matches_reference_with_and_without_weight() {
-        let (rows, n) = (5, 67);
+        // 600 rows: above `PARALLEL_ELEMENTS`, the rows are split over the pool.
+        for rows in [5, 600] {
+            rms_norm_matches_reference(rows, 67);
+        }
+    }
+
+    fn rms_norm_matches_reference(rows: usize, n: usize) {
         let x = random_values(rows * n, 1, 3.0);
         let w = random_values(n, 2, 1.0);
         let reference = rms_norm_rows(
@@ -106,7 +113,12 @@ mod tests {
 
     #[test]
     fn rms_norm_fused_residual_forms_match_unfused() {
-        let (rows, n) = (3, 40);
+        for rows in [3, 900] {
+            fused_residual_forms_match_unfused(rows, 40);
+        }
+    }
+
+    fn fused_residual_forms_match_unfused(rows: usize, n: usize) {
         let h = random_values(rows * n, 3, 1.0);
         let b = random_values(rows * n, 4, 5.0);
         let w = random_values(n, 5, 1.0);

@@ -141,11 +141,11 @@ impl<'a> RopeRows<'a> {
     /// Rotates `x` (`[T, heads, d]`, row-major): token `t` by the angles of row `first_row + t`.
     pub fn apply(&self, x: &mut [f32], heads: usize) {
         let d = 2 * self.table.half;
-        for (t, token) in x.chunks_exact_mut(heads * d).enumerate() {
+        crate::parallel::for_each_row(x, heads * d, |t, token| {
             for head in token.chunks_exact_mut(d) {
                 self.table.rotate(head, self.first_row + t);
             }
-        }
+        });
     }
 }
 
@@ -185,7 +185,12 @@ mod tests {
                 },
                 d,
             );
-            let positions = [0usize, 1, 7, 1000, 131_071];
+            // Five awkward positions, then a run long enough (≥ `PARALLEL_ELEMENTS` at d = 512)
+            // for the tokens to be split over the pool.
+            let positions: Vec<usize> = [0usize, 1, 7, 1000, 131_071]
+                .into_iter()
+                .chain(2000..2040)
+                .collect();
             let heads = 3;
             let x = random_values(positions.len() * heads * d, d as u64, 2.0);
             let mut ours = x.clone();
