@@ -12,8 +12,8 @@
 //! touches just those pages), so it costs disk space, not memory.
 
 use crate::checkpoint::{LayerPleWeights, PleWeights};
-use crate::embedding::scaled_embedding;
 use crate::linear::linear;
+use crate::parallel::for_each_row;
 use crate::rms_norm::{add_normed_scaled, rms_norm_in_place};
 
 /// Builds `ple` `[T, L·P]` (layer-major) from the PLE ids and the scaled main embedding `x⁰`
@@ -28,15 +28,24 @@ pub fn per_layer_inputs(
 ) -> Vec<f32> {
     let tokens = ple_ids.len();
     let width = weights.projection_norm.len();
-    let token_part = scaled_embedding(&weights.table, ple_ids, token_scale);
     let projection_scale = (hidden_size as f64).powf(-0.5) as f32;
-    let mut context = linear(scaled_embeddings, tokens, &weights.model_projection);
-    context.iter_mut().for_each(|v| *v *= projection_scale);
-    rms_norm_in_place(&mut context, width, Some(&weights.projection_norm), eps);
     let input_scale = std::f64::consts::FRAC_1_SQRT_2 as f32;
-    for (c, &t) in context.iter_mut().zip(&token_part) {
-        *c = (*c + t) * input_scale;
-    }
+    let mut context = linear(scaled_embeddings, tokens, &weights.model_projection);
+    // The rest, token by token (in parallel for a prompt): the same operations in the same
+    // order as one pass per step over all tokens, so the same bits.
+    for_each_row(&mut context, weights.model_projection.rows, |t, row| {
+        let mut token_part = vec![0.0f32; row.len()];
+        weights
+            .table
+            .row_scaled_into(ple_ids[t], token_scale, &mut token_part);
+        row.iter_mut().for_each(|v| *v *= projection_scale);
+        for layer in row.chunks_exact_mut(width) {
+            rms_norm_in_place(layer, width, Some(&weights.projection_norm), eps);
+        }
+        for (c, &t) in row.iter_mut().zip(&token_part) {
+            *c = (*c + t) * input_scale;
+        }
+    });
     context
 }
 
