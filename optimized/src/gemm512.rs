@@ -363,11 +363,13 @@ pub unsafe fn gemm_rows_bf16(
                 first: (w as *const u16).add(r0 * cols),
                 cols,
             };
-            // The next block's rows, fetched into cache while the first tile computes.
-            let next_rows = (rows.end - r0).saturating_sub(BF16_ROWS).min(BF16_ROWS);
+            // The next block's rows, fetched into cache while the first tile computes; after
+            // the task's last block, the rows that follow it (the next task's, which this
+            // thread usually takes next: rayon hands each thread a run of consecutive tasks).
+            // Past the matrix's end, at most one block of addresses is prefetched for nothing.
             let mut ahead = NextRows {
                 next: (w as *const u8).wrapping_add((r0 + BF16_ROWS) * cols * 2),
-                end: (w as *const u8).wrapping_add((r0 + BF16_ROWS + next_rows) * cols * 2),
+                end: (w as *const u8).wrapping_add((r0 + 2 * BF16_ROWS) * cols * 2),
             };
             for tile_start in (0..tokens).step_by(BF16_TILE_TOKENS) {
                 let m = (tokens - tile_start).min(BF16_TILE_TOKENS);
@@ -423,7 +425,7 @@ impl NextRows {
     #[inline(always)]
     fn step(&mut self) {
         if self.next < self.end {
-            // SAFETY: a prefetch never faults (and `next` lies inside the weight rows).
+            // SAFETY: a prefetch never faults, whatever the address (it may lie past the rows).
             unsafe { _mm_prefetch::<_MM_HINT_T0>(self.next as *const i8) };
             self.next = self.next.wrapping_add(64);
         }

@@ -25,6 +25,7 @@ use rayon::prelude::*;
 use crate::checkpoint::{Elements, Matrix};
 use gemma4_reference::checkpoint::WeightDtype;
 
+use crate::gelu::geglu_in_place;
 use crate::simd::{skinny_rows, widen, Element};
 
 /// Up to this many token rows, the skinny (GEMV-like) kernel is used.
@@ -131,6 +132,11 @@ impl SendPtr {
     fn get(self) -> *mut f32 {
         self.0
     }
+
+    /// `column` floats further on (column `column` of row 0 of a row-major matrix).
+    fn column(self, column: usize) -> SendPtr {
+        SendPtr(self.0.wrapping_add(column))
+    }
 }
 
 /// Whether a call may spread its work over the rayon pool.
@@ -215,7 +221,16 @@ unsafe fn product_into(
     let input = Input::prepare(x, tokens, weight.cols, route);
     for_each_row_block(weight.rows, route.block_rows(), threads, |block| {
         // SAFETY: `y` is [tokens, rows]; this task writes only the columns `block`.
-        unsafe { route.run(weight, &input, tokens, y, block) }
+        unsafe {
+            route.run(
+                weight,
+                &input,
+                tokens,
+                y.column(block.start),
+                weight.rows,
+                block,
+            )
+        }
     });
 }
 
@@ -258,7 +273,16 @@ pub fn linear_group(x: &[f32], tokens: usize, weights: &[&Matrix]) -> Vec<Vec<f3
     tasks.into_par_iter().for_each(|(i, rows)| {
         // SAFETY: output i has room for [tokens, weights[i].rows]; this task writes only its
         // columns `rows`.
-        unsafe { route.run(weights[i], &input, tokens, outs[i], rows) }
+        unsafe {
+            route.run(
+                weights[i],
+                &input,
+                tokens,
+                outs[i].column(rows.start),
+                weights[i].rows,
+                rows,
+            )
+        }
     });
     for (y, w) in outputs.iter_mut().zip(weights) {
         // SAFETY: the tasks cover rows 0..w.rows of every output and write each of their
@@ -266,6 +290,90 @@ pub fn linear_group(x: &[f32], tokens: usize, weights: &[&Matrix]) -> Vec<Vec<f3
         unsafe { y.set_len(tokens * w.rows) };
     }
     outputs
+}
+
+/// GeGLU of two products of one input: `gelu_tanh(x · gateᵀ) ⊙ (x · upᵀ)` → `[tokens, F]`
+/// (`gate`, `up`: `[F, in]`), the first half of the MLP.
+///
+/// In the fast prefill (the bf16 route) it is fused: each task computes its rows of both
+/// products into a per-thread buffer and writes only their GeGLU, so neither `[T, F]` product
+/// is written out whole and read back by a separate pass (on a 128-token E2B prefill that pass
+/// took ~5 ms and writing the second product out ~3 ms). The products are the same bits as
+/// [`linear_group`]'s; the GeGLU runs on each task's rows instead of on 4096-element chunks, so an
+/// element may take `simd::geglu`'s scalar tail instead of its vector form (within 3e-7,
+/// tested). Every other route is [`linear_group`] then [`geglu_in_place`], as before.
+pub fn linear_geglu(x: &[f32], tokens: usize, gate: &Matrix, up: &Matrix) -> Vec<f32> {
+    let route = Route::of(
+        tokens,
+        gate.cols,
+        PrefillKernel::select(gate.dtype, current_precision()),
+    );
+    let fused = route == Route::Prefill(PrefillKernel::Avx512Bf16)
+        && (up.rows, up.cols, up.dtype) == (gate.rows, gate.cols, gate.dtype);
+    if !fused {
+        let [mut gated, up]: [Vec<f32>; 2] = linear_group(x, tokens, &[gate, up])
+            .try_into()
+            .expect("two products");
+        geglu_in_place(&mut gated, &up);
+        return gated;
+    }
+    assert_eq!(x.len(), tokens * gate.cols, "x is [tokens, in]");
+    let input = Input::prepare(x, tokens, gate.cols, route);
+    let width = gate.rows;
+    written_by(tokens * width, |y| {
+        for_each_row_block(width, route.block_rows(), Threads::Pool, |block| {
+            let w = block.len();
+            GEGLU_STAGING.with(|staging| {
+                let mut staging = staging.borrow_mut();
+                if staging.len() < 2 * tokens * w {
+                    staging.resize(2 * tokens * w, 0.0);
+                }
+                let (gated, rest) = staging.split_at_mut(tokens * w);
+                let up_rows = &mut rest[..tokens * w];
+                // SAFETY: both buffers hold [tokens, w] (rows w apart); the route's kernel was
+                // selected as available; `input` holds x.
+                unsafe {
+                    route.run(
+                        gate,
+                        &input,
+                        tokens,
+                        SendPtr(gated.as_mut_ptr()),
+                        w,
+                        block.clone(),
+                    );
+                    route.run(
+                        up,
+                        &input,
+                        tokens,
+                        SendPtr(up_rows.as_mut_ptr()),
+                        w,
+                        block.clone(),
+                    );
+                }
+                for (t, (g, u)) in gated
+                    .chunks_exact_mut(w)
+                    .zip(up_rows.chunks_exact(w))
+                    .enumerate()
+                {
+                    crate::simd::geglu(g, u);
+                    // SAFETY: `y` has room for [tokens, width]; this task writes only the
+                    // columns `block` (every one of them, for every token).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            g.as_ptr(),
+                            y.get().add(t * width + block.start),
+                            w,
+                        )
+                    };
+                }
+            });
+        });
+    })
+}
+
+thread_local! {
+    /// [`linear_geglu`]'s per-thread buffer: one task's rows of the two products.
+    static GEGLU_STAGING: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `task` on the weight rows `0..rows` cut into blocks of `block` rows, each block on one
@@ -355,30 +463,28 @@ impl Route {
         }
     }
 
-    /// `y[:, block] = x · weight[block, :]ᵀ` on this thread.
+    /// `y[:, block] = x · weight[block, :]ᵀ` on this thread, where `y` points at element
+    /// `(0, block.start)` and its rows are `y_stride` floats apart.
     ///
     /// # Safety
-    /// `y` is `[tokens, weight.rows]`, valid for writes in the columns `block`, which no other
-    /// task writes; `block` ⊆ `0..weight.rows`; `input` holds `tokens` rows of `weight.cols`;
-    /// the route's kernel is available for `weight.dtype` on this CPU.
+    /// `y` is valid for writes of `tokens` rows of `block.len()` floats, `y_stride` apart, which
+    /// no other task writes; `block` ⊆ `0..weight.rows`; `input` holds `tokens` rows of
+    /// `weight.cols`; the route's kernel is available for `weight.dtype` on this CPU.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn run(
         self,
         weight: &Matrix,
         input: &Input,
         tokens: usize,
         y: SendPtr,
+        y_stride: usize,
         block: std::ops::Range<usize>,
     ) {
+        let (cols, b) = (weight.cols, block);
         match weight.elements() {
-            Elements::F32(w) => {
-                self.run_typed(w, weight.rows, weight.cols, input, tokens, y, block)
-            }
-            Elements::BF16(w) => {
-                self.run_typed(w, weight.rows, weight.cols, input, tokens, y, block)
-            }
-            Elements::F16(w) => {
-                self.run_typed(w, weight.rows, weight.cols, input, tokens, y, block)
-            }
+            Elements::F32(w) => self.run_typed(w, cols, input, tokens, y, y_stride, b),
+            Elements::BF16(w) => self.run_typed(w, cols, input, tokens, y, y_stride, b),
+            Elements::F16(w) => self.run_typed(w, cols, input, tokens, y, y_stride, b),
         }
     }
 
@@ -386,15 +492,14 @@ impl Route {
     unsafe fn run_typed<E: Element>(
         self,
         w: &[E],
-        rows: usize,
         cols: usize,
         input: &Input,
         tokens: usize,
         y: SendPtr,
+        y_stride: usize,
         block: std::ops::Range<usize>,
     ) {
         let x = input.f32();
-        let start = block.start;
         match (self, input) {
             (Route::Skinny, _) => skinny_rows(
                 w.as_ptr(),
@@ -402,8 +507,8 @@ impl Route {
                 block,
                 x.as_ptr(),
                 tokens,
-                y.get().add(start),
-                rows,
+                y.get(),
+                y_stride,
             ),
             #[cfg(target_arch = "x86_64")]
             (Route::Prefill(PrefillKernel::Avx512Bf16), Input::Bf16Pairs(_, pairs)) => {
@@ -414,8 +519,8 @@ impl Route {
                     block,
                     pairs.as_ptr(),
                     tokens,
-                    y.get().add(start),
-                    rows,
+                    y.get(),
+                    y_stride,
                 )
             }
             #[cfg(target_arch = "x86_64")]
@@ -425,10 +530,10 @@ impl Route {
                 block,
                 x.as_ptr(),
                 tokens,
-                y.get().add(start),
-                rows,
+                y.get(),
+                y_stride,
             ),
-            _ => gemm_block(w, cols, block, x, tokens, y, rows),
+            _ => gemm_block(w, cols, block, x, tokens, y, y_stride),
         }
     }
 }
@@ -438,7 +543,8 @@ thread_local! {
     static STAGING: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `y[:, rows] = x · W[rows, :]ᵀ` with one single-threaded f32 GEMM call.
+/// `y[:, rows] = x · W[rows, :]ᵀ` with one single-threaded f32 GEMM call (`y` points at
+/// element `(0, rows.start)`, its rows `y_stride` apart).
 fn gemm_block<E: Element>(
     w: &[E],
     cols: usize,
@@ -451,14 +557,14 @@ fn gemm_block<E: Element>(
     let n = rows.len();
     let block = &w[rows.start * cols..rows.end * cols];
     let run = |wf: &[f32]| {
-        // SAFETY: dst is y[:, rows] (row stride y_stride, column stride 1), written only by this
-        // task; lhs = x [tokens, cols]; rhs = W_blockᵀ: element (k, j) is wf[j·cols + k].
+        // SAFETY: dst is y[:, rows] (from `y`, row stride y_stride, column stride 1), written
+        // only by this task; lhs = x [tokens, cols]; rhs = W_blockᵀ: element (k, j) is wf[j·cols + k].
         unsafe {
             gemm::gemm(
                 tokens,
                 n,
                 cols,
-                y.get().add(rows.start),
+                y.get(),
                 1,
                 y_stride as isize,
                 false,
@@ -774,6 +880,45 @@ mod tests {
     /// `linear_group` = separate `linear` calls, bit for bit: for skinny and prefill token
     /// counts, in both precisions, on 1 and 3 threads, for matrices of one dtype (one parallel
     /// loop) and of mixed dtypes (the fallback), with row counts that leave partial blocks.
+    /// The fused GeGLU of the bf16 route is the unfused one up to `simd::geglu`'s vector/scalar
+    /// difference (3e-7 relative, its own test), and every other route is the unfused one, bit
+    /// for bit. Outputs start as NaN inside the kernels' buffers only, so a skipped column fails.
+    #[test]
+    fn linear_geglu_equals_products_then_geglu() {
+        for &(tokens, rows, cols) in &[(9, 13, 66), (64, 50, 129), (100, 24, 47), (3, 30, 20)] {
+            let x = random(tokens * cols, 17 + cols as u64);
+            let (_, gate, _) = matrices(rows, cols, 5 + rows as u64).remove(1);
+            let (_, up, _) = matrices(rows, cols, 6 + rows as u64).remove(1);
+            for precision in [Precision::F32, Precision::Bf16Activations] {
+                let (fused, products) = with_precision(precision, || {
+                    let products = linear_group(&x, tokens, &[&gate, &up]);
+                    (linear_geglu(&x, tokens, &gate, &up), products)
+                });
+                let (g, u) = (&products[0], &products[1]);
+                let mut unfused = g.clone();
+                geglu_in_place(&mut unfused, u);
+                let route = Route::of(tokens, cols, PrefillKernel::select(gate.dtype, precision));
+                let exact = route != Route::Prefill(PrefillKernel::Avx512Bf16);
+                for (i, (f, e)) in fused.iter().zip(&unfused).enumerate() {
+                    // Both forms of `simd::geglu` are within 3e-7·max(|g|, 1)·|u| of the
+                    // reference's, so within twice that of each other.
+                    let bound = 6e-7 * g[i].abs().max(1.0) * u[i].abs();
+                    let ok = if exact {
+                        f.to_bits() == e.to_bits()
+                    } else {
+                        (f - e).abs() <= bound
+                    };
+                    assert!(
+                        ok,
+                        "{tokens}x{rows}x{cols} {precision:?}: [{}, {}] fused {f} vs {e}",
+                        i / rows,
+                        i % rows
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn linear_group_equals_separate_products() {
         let cols = 70;

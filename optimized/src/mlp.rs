@@ -4,17 +4,12 @@
 //! E2B's double-wide KV-shared layers). The activation and the product are one fused pass.
 
 use crate::checkpoint::MlpWeights;
-use crate::gelu::geglu_in_place;
-use crate::linear::{linear, linear_group};
+use crate::linear::{linear, linear_geglu};
 
 /// `x`: `[T, D]` → `[T, D]`.
 pub fn mlp(x: &[f32], tokens: usize, weights: &MlpWeights) -> Vec<f32> {
-    let [mut gate, up]: [Vec<f32>; 2] =
-        linear_group(x, tokens, &[&weights.gate_proj, &weights.up_proj])
-            .try_into()
-            .expect("two products");
-    geglu_in_place(&mut gate, &up);
-    linear(&gate, tokens, &weights.down_proj)
+    let gated = linear_geglu(x, tokens, &weights.gate_proj, &weights.up_proj);
+    linear(&gated, tokens, &weights.down_proj)
 }
 
 #[cfg(test)]
