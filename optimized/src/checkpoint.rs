@@ -304,6 +304,16 @@ impl Loader<'_> {
     /// finite as the reference loader does.
     fn matrix(&self, spec_name: &str) -> Result<Matrix> {
         let tensor = self.tensors.get(spec_name);
+        // Before the first read (the finiteness scan): weights read whole on every pass are
+        // best streamed through 2 MiB pages (no TLB miss, no prefetcher stop every 4 KiB).
+        // Measured with a read-only stream over 3 GB of the mapped E2B file on this machine,
+        // 2 threads: 4 KiB pages 31–34 GB/s, huge pages 34–36 (as fast as anonymous memory)
+        // while memory was contended; once it was not, 4 KiB file pages 51–53 GB/s against
+        // 68–69 for huge-page anonymous memory. The advice is best effort (a kernel without
+        // transparent huge pages refuses it, and the weights then stay in 4 KiB pages).
+        if let Some(file) = self.checkpoint.file_of(&tensor.name) {
+            let _ = file.advise_huge_pages(&tensor.name);
+        }
         self.checkpoint
             .check_finite(&tensor.name, &tensor.shape, tensor.dtype)?;
         Ok(self.map(tensor))
