@@ -72,31 +72,21 @@ macro_rules! with_tile_height {
 /// (1..=4) as the const generics `R` and `V`.
 macro_rules! with_tile_shape {
     ($r:expr, $v:expr, $kernel:ident($($arg:expr),* $(,)?)) => {
-        match ($r, $v) {
-            (6, 4) => $kernel::<6, 4>($($arg),*),
-            (6, 3) => $kernel::<6, 3>($($arg),*),
-            (6, 2) => $kernel::<6, 2>($($arg),*),
-            (6, _) => $kernel::<6, 1>($($arg),*),
-            (5, 4) => $kernel::<5, 4>($($arg),*),
-            (5, 3) => $kernel::<5, 3>($($arg),*),
-            (5, 2) => $kernel::<5, 2>($($arg),*),
-            (5, _) => $kernel::<5, 1>($($arg),*),
-            (4, 4) => $kernel::<4, 4>($($arg),*),
-            (4, 3) => $kernel::<4, 3>($($arg),*),
-            (4, 2) => $kernel::<4, 2>($($arg),*),
-            (4, _) => $kernel::<4, 1>($($arg),*),
-            (3, 4) => $kernel::<3, 4>($($arg),*),
-            (3, 3) => $kernel::<3, 3>($($arg),*),
-            (3, 2) => $kernel::<3, 2>($($arg),*),
-            (3, _) => $kernel::<3, 1>($($arg),*),
-            (2, 4) => $kernel::<2, 4>($($arg),*),
-            (2, 3) => $kernel::<2, 3>($($arg),*),
-            (2, 2) => $kernel::<2, 2>($($arg),*),
-            (2, _) => $kernel::<2, 1>($($arg),*),
-            (_, 4) => $kernel::<1, 4>($($arg),*),
-            (_, 3) => $kernel::<1, 3>($($arg),*),
-            (_, 2) => $kernel::<1, 2>($($arg),*),
-            (_, _) => $kernel::<1, 1>($($arg),*),
+        match $r {
+            6 => with_tile_shape!(@vectors 6, $v, $kernel($($arg),*)),
+            5 => with_tile_shape!(@vectors 5, $v, $kernel($($arg),*)),
+            4 => with_tile_shape!(@vectors 4, $v, $kernel($($arg),*)),
+            3 => with_tile_shape!(@vectors 3, $v, $kernel($($arg),*)),
+            2 => with_tile_shape!(@vectors 2, $v, $kernel($($arg),*)),
+            _ => with_tile_shape!(@vectors 1, $v, $kernel($($arg),*)),
+        }
+    };
+    (@vectors $r:literal, $v:expr, $kernel:ident($($arg:expr),*)) => {
+        match $v {
+            4 => $kernel::<$r, 4>($($arg),*),
+            3 => $kernel::<$r, 3>($($arg),*),
+            2 => $kernel::<$r, 2>($($arg),*),
+            _ => $kernel::<$r, 1>($($arg),*),
         }
     };
 }
