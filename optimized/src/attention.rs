@@ -554,7 +554,7 @@ mod tests {
     /// path, one token at a time: 21 queries at positions 6..27 after a cache of 6 positions, keys
     /// in two segments (a ring's split at position 11, inside a block), for a sliding window
     /// narrower than a block (so blocks compute keys outside some rows' windows), one wider, and
-    /// full attention; KV groups of 3 (blocks of 10 tokens, the last of 1) and of 8 (blocks of 4).
+    /// full attention; KV groups of 3 (one block of all 21 tokens) and of 8 (blocks of 16 and 5).
     #[test]
     fn attend_blocked_equals_per_query_attention() {
         let (d, first, tokens) = (16, 6, 21);

@@ -25,7 +25,7 @@
 //! (they are then used exactly). Its blocking is the other way round: the *activations* are
 //! rearranged once per product (groups of 32 tokens side by side, [`round_to_bf16_token_groups`])
 //! and the weights are read in place, each row's pair `(W[n, 2j], W[n, 2j+1])` broadcast to the
-//! 32 token lanes — no weight packing, which cost about 10% of the kernel's time when it packed
+//! token lanes of a 64-token tile — no weight packing, which cost about 10% of the kernel's time when it packed
 //! `[k/2][48]` panels like the f32 kernel. Each `y[t, n]` is one fixed chain (pairs in order,
 //! `vdpbf16ps`'s odd product then even product per pair), so this mode is deterministic across
 //! thread counts too, but it is *not* the reference's arithmetic: activations carry a relative
@@ -151,65 +151,33 @@ pub unsafe fn gemm_rows_f32<E: Element>(
         let mut pack = pack.borrow_mut();
         pack.resize(KC * NR, 0.0);
         let packed = pack.as_mut_ptr();
-        for_each_panel_chunk(
-            w as *const u8,
-            cols,
-            std::mem::size_of::<E>(),
-            &rows,
-            KC,
-            tokens,
-            |r0, n, k0, kc| pack_f32(w, cols, r0, n, k0, kc, packed),
-            |t, m, r0, k0, kc, masks| {
-                let a = x.add(t * cols + k0);
-                let c = y.add(t * y_stride + (r0 - rows.start));
-                with_tile_height!(m, tile_f32(kc, packed, a, cols, c, y_stride, k0 > 0, masks));
-            },
-        );
-    });
-}
-
-/// The loop of the packed GEMM: for each panel of at most `NR` weight rows of `rows` and each
-/// chunk of at most `chunk` reduction columns, `pack(r0, n, k0, kc)`, then
-/// `tile(t, m, r0, k0, kc, masks)` for each tile of `m ≤ MR` tokens from token `t`, while the
-/// next chunk's weights (elements of `element_bytes`) are prefetched into L2.
-///
-/// # Safety
-/// `w` holds rows `rows` of `cols` elements of `element_bytes`; `pack` and `tile` are safe to
-/// call with the arguments given.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn for_each_panel_chunk(
-    w: *const u8,
-    cols: usize,
-    element_bytes: usize,
-    rows: &std::ops::Range<usize>,
-    chunk: usize,
-    tokens: usize,
-    mut pack: impl FnMut(usize, usize, usize, usize),
-    mut tile: impl FnMut(usize, usize, usize, usize, usize, [u16; 3]),
-) {
-    let mut r0 = rows.start;
-    while r0 < rows.end {
-        let n = (rows.end - r0).min(NR);
-        let masks = lane_masks(n);
-        let mut k0 = 0;
-        while k0 < cols {
-            let kc = (cols - k0).min(chunk);
-            pack(r0, n, k0, kc);
-            let next = next_chunk(rows, r0, k0, cols, chunk);
-            let mut prefetch = Prefetch::new(w, cols * element_bytes, next, element_bytes, tokens);
-            let mut t = 0;
-            while t < tokens {
-                prefetch.step();
-                tile(t, (tokens - t).min(MR), r0, k0, kc, masks);
-                t += MR;
+        let bytes = std::mem::size_of::<E>();
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let n = (rows.end - r0).min(NR);
+            let masks = lane_masks(n);
+            let mut k0 = 0;
+            while k0 < cols {
+                let kc = (cols - k0).min(KC);
+                pack_f32(w, cols, r0, n, k0, kc, packed);
+                // While this chunk computes, bring the next one's weights into L2.
+                let next = next_chunk(&rows, r0, k0, cols, KC);
+                let mut prefetch = Prefetch::new(w as *const u8, cols * bytes, next, bytes, tokens);
+                let mut t = 0;
+                while t < tokens {
+                    prefetch.step();
+                    let m = (tokens - t).min(MR);
+                    let a = x.add(t * cols + k0);
+                    let c = y.add(t * y_stride + (r0 - rows.start));
+                    with_tile_height!(m, tile_f32(kc, packed, a, cols, c, y_stride, k0 > 0, masks));
+                    t += MR;
+                }
+                prefetch.finish();
+                k0 += KC;
             }
-            prefetch.finish();
-            k0 += chunk;
+            r0 += NR;
         }
-        r0 += NR;
-    }
+    });
 }
 
 /// The chunk after (`r0`, `k0`) in the loop order of the kernels (`k` chunks of `kc` within a
@@ -504,7 +472,7 @@ unsafe fn pair_step<const R: usize, const V: usize>(
 /// Rounds `x` (`[tokens, cols]`) to bf16 (round to nearest even) for [`gemm_rows_bf16`], in
 /// groups of [`TOKEN_GROUP`] tokens: with `kp = ⌈cols/2⌉`, the word at
 /// `(g·kp + j)·32 + l` is the pair `(x[t, 2j], x[t, 2j+1])` of token `t = 32g + l` (low half
-/// first), so a tile reads a pair of all its tokens as two consecutive vectors. The tokens
+/// first), so a tile reads pair `j` of a group's 32 tokens as two consecutive vectors. The tokens
 /// padding the last group, and the missing half of the last pair when `cols` is odd, are zero.
 /// `out` gets `⌈tokens/32⌉ · 32 · kp` words. The groups are rounded in parallel (on the
 /// calling thread alone this took about 0.5% of a fast prefill while the other thread waited).

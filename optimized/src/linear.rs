@@ -9,8 +9,8 @@
 //!   widens bf16/f16 weights while packing them into L2-resident panels (no separate widening
 //!   pass) and runs an 8 × 48 f32 FMA micro-kernel; every output is one sequential f32 FMA chain
 //!   over `k`. With [`Precision::Bf16Activations`] (opt-in, bf16 weights, AVX-512 BF16 CPUs),
-//!   its `vdpbf16ps` sibling on activations rounded to bf16 (12 weight rows read in place ×
-//!   32 tokens per tile) — twice the multiply-adds per instruction, not the reference's
+//!   its `vdpbf16ps` sibling on activations rounded to bf16 (6 weight rows read in place ×
+//!   64 tokens per tile) — twice the multiply-adds per instruction, not the reference's
 //!   arithmetic.
 //! - larger `T` on other CPUs: the `gemm` crate's f32 GEMM on blocks of `GEMM_ROW_BLOCK` weight
 //!   rows; 16-bit blocks are widened to f32 into a per-thread staging buffer first.
@@ -330,25 +330,11 @@ pub fn linear_geglu(x: &[f32], tokens: usize, gate: &Matrix, up: &Matrix) -> Vec
                 }
                 let (gated, rest) = staging.split_at_mut(tokens * w);
                 let up_rows = &mut rest[..tokens * w];
-                // SAFETY: both buffers hold [tokens, w] (rows w apart); the route's kernel was
-                // selected as available; `input` holds x.
-                unsafe {
-                    route.run(
-                        gate,
-                        &input,
-                        tokens,
-                        SendPtr(gated.as_mut_ptr()),
-                        w,
-                        block.clone(),
-                    );
-                    route.run(
-                        up,
-                        &input,
-                        tokens,
-                        SendPtr(up_rows.as_mut_ptr()),
-                        w,
-                        block.clone(),
-                    );
+                for (weight, rows) in [(gate, &mut *gated), (up, &mut *up_rows)] {
+                    // SAFETY: `rows` holds [tokens, w] (rows w apart); the route's kernel was
+                    // selected as available; `input` holds x.
+                    let y = SendPtr(rows.as_mut_ptr());
+                    unsafe { route.run(weight, &input, tokens, y, w, block.clone()) };
                 }
                 for (t, (g, u)) in gated
                     .chunks_exact_mut(w)
@@ -413,7 +399,7 @@ thread_local! {
     /// The rounded activations' buffer of this thread's last product, kept for its next one:
     /// a fresh 0.4–1.5 MB buffer per product was a fresh mapping each time, and its page faults
     /// took ~1.5% of `prefill_gemm` (`perf`, one thread).
-    static SPARE_PAIRS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+    static SPARE_PAIRS: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
 }
 
 impl Drop for Input<'_> {
@@ -877,12 +863,9 @@ mod tests {
         assert_eq!(current_precision(), Precision::F32);
     }
 
-    /// `linear_group` = separate `linear` calls, bit for bit: for skinny and prefill token
-    /// counts, in both precisions, on 1 and 3 threads, for matrices of one dtype (one parallel
-    /// loop) and of mixed dtypes (the fallback), with row counts that leave partial blocks.
     /// The fused GeGLU of the bf16 route is the unfused one up to `simd::geglu`'s vector/scalar
     /// difference (3e-7 relative, its own test), and every other route is the unfused one, bit
-    /// for bit. Outputs start as NaN inside the kernels' buffers only, so a skipped column fails.
+    /// for bit.
     #[test]
     fn linear_geglu_equals_products_then_geglu() {
         for &(tokens, rows, cols) in &[(9, 13, 66), (64, 50, 129), (100, 24, 47), (3, 30, 20)] {
@@ -919,6 +902,9 @@ mod tests {
         }
     }
 
+    /// `linear_group` = separate `linear` calls, bit for bit: for skinny and prefill token
+    /// counts, in both precisions, on 1 and 3 threads, for matrices of one dtype (one parallel
+    /// loop) and of mixed dtypes (the fallback), with row counts that leave partial blocks.
     #[test]
     fn linear_group_equals_separate_products() {
         let cols = 70;

@@ -375,8 +375,6 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     result.map_err(io_error)
 }
 
-/// Sort key putting dump names in model order: inputs, vision, audio, embeddings, PLE, then each
-/// layer (q, k, v, attention output, MLP, router, MoE, layer output), final norm, logits, decode.
 /// `(i, part)` of a decoder-layer tensor name `layers.{i}.{part}` (shared contracts §2), e.g.
 /// `layers.3.attn.q` → `(3, "attn.q")`; `None` for any other name.
 pub fn layer_and_part(name: &str) -> Option<(usize, &str)> {
@@ -384,6 +382,8 @@ pub fn layer_and_part(name: &str) -> Option<(usize, &str)> {
     Some((index.parse().ok()?, part))
 }
 
+/// Sort key putting dump names in model order: inputs, vision, audio, embeddings, PLE, then each
+/// layer (q, k, v, attention output, MLP, router, MoE, layer output), final norm, logits, decode.
 pub fn model_order_key(name: &str) -> (u32, u64, u32, String) {
     const LAYER_PARTS: [&str; 9] = [
         "attn.q",
