@@ -20,7 +20,7 @@ pub struct GenerateOptions {
     pub threads: Option<usize>,
     /// Optimized engine, bf16 weights: the prompt's matrix products on activations rounded to
     /// bf16 ([`Precision::Bf16Activations`]), as torch and llama.cpp do for bf16 models. Faster
-    /// prefill on AVX-512 BF16 CPUs; not the reference's arithmetic (the greedy continuation may
+    /// prefill on AVX-512 BF16 and AMX CPUs; not the reference's arithmetic (the greedy continuation may
     /// differ where two candidates are nearly tied).
     pub fast_prefill: bool,
 }

@@ -54,7 +54,7 @@ struct GenerateArgs {
     #[arg(long)]
     threads: Option<usize>,
     /// Optimized engine on bf16 weights: run the prompt's matrix products on bf16-rounded
-    /// activations (AVX-512 BF16), as torch and llama.cpp do; faster, not the reference's
+    /// activations (AMX or AVX-512 BF16), as torch and llama.cpp do; faster, not the reference's
     /// float32 arithmetic.
     #[arg(long)]
     fast_prefill: bool,

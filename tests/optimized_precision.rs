@@ -1,5 +1,5 @@
 //! The optimized engine's opt-in fast prefill (`Precision::Bf16Activations`: the prompt's matrix
-//! products on bf16-rounded activations, AVX-512 BF16, bf16 weights only) — what it may and may
+//! products on bf16-rounded activations, AMX or AVX-512 BF16, bf16 weights only) — what it may and may
 //! not change.
 //!
 //! Its arithmetic is checked where a bound can be proved, in the kernel tests of
@@ -8,7 +8,8 @@
 //! by up to 0.4 of the largest logit, and a near-tied argmax may flip), so here the model-level
 //! facts are structural: the mode never touches f32/f16 weights, decode steps or dumps; it is
 //! deterministic across thread counts, MoE experts included (they run on the pool's threads);
-//! and on a CPU that has AVX-512 BF16 it really runs (its logits differ from the f32 mode's).
+//! and on a CPU that has AVX-512 BF16 it really runs (its logits differ from the f32 mode's; on
+//! AMX CPUs that run is the AMX kernel's).
 
 mod common;
 

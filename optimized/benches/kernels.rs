@@ -1,10 +1,12 @@
 //! Kernel benchmarks (criterion): the matrix products that make up a forward pass, at E2B sizes.
 //!
-//! - decode GEMV, `[1, 1536] x [6144, 1536]ᵀ`: the AVX2 skinny kernel on bf16 and f32 weights;
+//! - decode GEMV, `[1, 1536] x [6144, 1536]ᵀ`: the skinny kernel (AVX2, or AVX-512 on Intel
+//!   CPUs) on bf16 and f32 weights;
 //! - prefill GEMM, `[128, 1536] x [6144, 1536]ᵀ` (and `[128, 6144] x [1536, 6144]ᵀ`, the down
 //!   projection): every prefill kernel of `linear` on bf16 weights — the `gemm` crate on widened
 //!   blocks (the fallback), the packed AVX-512 f32 GEMM (the default on AVX-512 CPUs), the
-//!   opt-in AVX-512 BF16 GEMM — and the `gemm` crate / AVX-512 f32 on f32 weights.
+//!   opt-in fast-prefill GEMMs (AVX-512 BF16 `vdpbf16ps`, and AMX where the CPU has it) — and the
+//!   `gemm` crate / AVX-512 f32 on f32 weights.
 //!
 //! - K=V key rebuild: one decode step's keys of a K=V layer (31B's global layers: 4 KV heads of
 //!   512, p-RoPE 0.25) rebuilt from a cache of 4096 positions (`KvCache::segments`);
@@ -140,6 +142,12 @@ fn prefill_gemm(c: &mut Criterion) {
             PrefillKernel::Avx512Bf16,
         ),
         (
+            "amx_bf16",
+            &bf16_matrix,
+            WeightDtype::BF16,
+            PrefillKernel::AmxBf16,
+        ),
+        (
             "gemm_crate_f32",
             &f32_matrix,
             WeightDtype::F32,
@@ -200,6 +208,7 @@ fn prefill_gemm(c: &mut Criterion) {
         ("gemm_crate_bf16_widened", PrefillKernel::GemmCrate),
         ("avx512_f32_bf16", PrefillKernel::Avx512),
         ("avx512_bf16_dot", PrefillKernel::Avx512Bf16),
+        ("amx_bf16", PrefillKernel::AmxBf16),
     ] {
         if kernel.available(WeightDtype::BF16) {
             group.bench_function(name, |b| {

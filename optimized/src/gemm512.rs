@@ -52,6 +52,14 @@ pub const TOKEN_GROUP: usize = 32;
 /// Tokens per tile of the bf16 kernel: two groups, four zmm vectors.
 pub const BF16_TILE_TOKENS: usize = 2 * TOKEN_GROUP;
 
+/// Pairs per token in [`round_to_bf16_token_groups`]' layout: `⌈cols/2⌉` rounded up to a
+/// multiple of 16, the extra pairs zero, so that the AMX kernel ([`crate::amx`]) reads whole
+/// 16-pair tiles of activations at the end of a row too (the AVX-512 kernel reads only the first
+/// `⌈cols/2⌉`).
+pub fn group_pairs(cols: usize) -> usize {
+    cols.div_ceil(32) * 16
+}
+
 /// Calls `kernel::<M>(args)` with the tile height `m` (1..=8) as the const generic `M`.
 macro_rules! with_tile_height {
     ($m:expr, $kernel:ident($($arg:expr),* $(,)?)) => {
@@ -293,7 +301,7 @@ impl Prefetch {
 /// both at 230–232 on other widths.
 ///
 /// # Safety
-/// As [`gemm_rows_f32`]; `xg` holds the `⌈tokens/32⌉ · 32 · ⌈cols/2⌉` words of
+/// As [`gemm_rows_f32`]; `xg` holds the `⌈tokens/32⌉ · 32 · group_pairs(cols)` words of
 /// [`round_to_bf16_token_groups`]; the CPU has AVX-512 BF16 ([`has_avx512_bf16`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
@@ -306,7 +314,7 @@ pub unsafe fn gemm_rows_bf16(
     y: *mut f32,
     y_stride: usize,
 ) {
-    let pairs = cols.div_ceil(2);
+    let pairs = group_pairs(cols);
     let width = rows.len();
     TILE_OUTPUTS.with(|outputs| {
         let mut outputs = outputs.borrow_mut();
@@ -392,7 +400,7 @@ impl NextRows {
 
 /// One tile of [`gemm_rows_bf16`]: `c[t, r] = Σ_j pair_j(x[t]) · pair_j(W[r])` for the `R`
 /// rows of `block` and the `m ≤ 16·V` tokens from `a` (the pairs of the tile's first group; a
-/// second group follows `32 · ⌈cols/2⌉` words later), over all pairs in order.
+/// second group follows `32 · group_pairs(cols)` words later), over all pairs in order.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn tile_bf16<const R: usize, const V: usize>(
@@ -404,7 +412,7 @@ unsafe fn tile_bf16<const R: usize, const V: usize>(
     ahead: &mut NextRows,
 ) {
     let cols = block.cols;
-    let group_words = TOKEN_GROUP * cols.div_ceil(2);
+    let group_words = TOKEN_GROUP * group_pairs(cols);
     let rows: [*const u16; R] = std::array::from_fn(|r| block.first.add(r * cols));
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     let whole_pairs = cols / 2;
@@ -470,11 +478,12 @@ unsafe fn pair_step<const R: usize, const V: usize>(
 }
 
 /// Rounds `x` (`[tokens, cols]`) to bf16 (round to nearest even) for [`gemm_rows_bf16`], in
-/// groups of [`TOKEN_GROUP`] tokens: with `kp = ⌈cols/2⌉`, the word at
-/// `(g·kp + j)·32 + l` is the pair `(x[t, 2j], x[t, 2j+1])` of token `t = 32g + l` (low half
-/// first), so a tile reads pair `j` of a group's 32 tokens as two consecutive vectors. The tokens
-/// padding the last group, and the missing half of the last pair when `cols` is odd, are zero.
-/// `out` gets `⌈tokens/32⌉ · 32 · kp` words. The groups are rounded in parallel (on the
+/// groups of [`TOKEN_GROUP`] tokens: with `kp` = [`group_pairs`]`(cols)` (`⌈cols/2⌉` rounded up
+/// to a multiple of 16), the word at `(g·kp + j)·32 + l` is the pair `(x[t, 2j], x[t, 2j+1])` of
+/// token `t = 32g + l` (low half first), so a tile reads pair `j` of a group's 32 tokens as two
+/// consecutive vectors. The tokens padding the last group, the missing half of the last pair
+/// when `cols` is odd and the pairs past `⌈cols/2⌉` are zero. `out` gets `⌈tokens/32⌉ · 32 · kp`
+/// words. The groups are rounded in parallel (on the
 /// calling thread alone this took about 0.5% of a fast prefill while the other thread waited).
 ///
 /// # Safety
@@ -488,7 +497,7 @@ pub unsafe fn round_to_bf16_token_groups(
 ) {
     use rayon::prelude::*;
     assert_eq!(x.len(), tokens * cols, "x is [tokens, cols]");
-    let group_words = TOKEN_GROUP * cols.div_ceil(2);
+    let group_words = TOKEN_GROUP * group_pairs(cols);
     let groups = tokens.div_ceil(TOKEN_GROUP);
     out.clear();
     out.reserve(groups * group_words);
@@ -511,11 +520,11 @@ pub unsafe fn round_to_bf16_token_groups(
 /// Token group `g` of [`round_to_bf16_token_groups`], into `group` (its zeroed words).
 ///
 /// # Safety
-/// The CPU has AVX-512 BF16; `group` is valid for `TOKEN_GROUP · ⌈cols/2⌉` words.
+/// The CPU has AVX-512 BF16; `group` is valid for `TOKEN_GROUP · group_pairs(cols)` words.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn round_token_group(x: &[f32], tokens: usize, cols: usize, g: usize, group: *mut u32) {
-    let kp = cols.div_ceil(2);
+    let kp = cols.div_ceil(2); // the pairs that hold columns; the padding stays zero
     let whole_blocks = cols / 32; // blocks of 16 whole pairs
     let group_tokens = (tokens - g * TOKEN_GROUP).min(TOKEN_GROUP);
     // 16 pairs × 16 tokens at a time: round 16 tokens' 32 columns, transpose, store.
@@ -657,7 +666,7 @@ unsafe fn pack_f32<E: Element>(
 /// Transposes a 16 × 16 matrix of 32-bit elements held as 16 rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose16(r: &mut [__m512i; 16]) {
+pub(crate) unsafe fn transpose16(r: &mut [__m512i; 16]) {
     // 1. Interleave 32-bit elements of row pairs.
     let mut t = [_mm512_setzero_si512(); 16];
     for i in 0..8 {

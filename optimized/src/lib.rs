@@ -9,13 +9,15 @@
 //! - weights **as stored**: bf16/f16/f32 checkpoints are memory-mapped and never converted;
 //!   16-bit weights are widened inside the kernels ([`checkpoint`], [`simd`]);
 //! - the PLE table stays on disk: only the rows of the tokens seen are read ([`ple`]);
-//! - decode GEMVs through a hand-written AVX2/FMA kernel streaming each weight row once; prefill
+//! - decode GEMVs through a hand-written AVX2/FMA kernel (AVX-512 on Intel CPUs) streaming each
+//!   weight row once; prefill
 //!   GEMMs through a packed AVX-512 kernel that widens 16-bit weights while packing them
 //!   ([`gemm512`]; the `gemm` crate on widened blocks on CPUs without AVX-512); both split over
 //!   threads in fixed blocks ([`linear`]);
 //! - an opt-in fast prefill for generation on bf16 weights (`Precision::Bf16Activations`,
 //!   `gemma4 generate --fast-prefill`): the prompt's products on bf16-rounded activations with
-//!   AVX-512 BF16, as torch and llama.cpp do; never used for dumps;
+//!   AVX-512 BF16, or on AMX tiles where the CPU has them ([`amx`]), as torch and llama.cpp do;
+//!   never used for dumps;
 //! - fused norms, residual adds, GeGLU and `layer_scalar` ([`rms_norm`], [`gelu`], [`ple`]);
 //! - attention over the visible key range only, straight from the cache ([`attention`], [`mask`]);
 //! - a KV cache that is a ring of `W` positions on sliding layers, one tensor on K=V layers and
@@ -28,6 +30,7 @@
 //! Validation (config, layer plan, checkpoint headers, tensor shapes and dtypes, token ids) is the
 //! reference's own code, so both engines reject bad input with the same error.
 
+pub mod amx;
 pub mod attention;
 pub mod checkpoint;
 pub mod decoder_layer;

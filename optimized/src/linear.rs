@@ -2,16 +2,18 @@
 //! on weights in their storage dtype.
 //!
 //! Kernels, chosen by the number of token rows `T` and the CPU:
-//! - `T ≤ SKINNY_MAX_TOKENS` (decode, small expert groups): the hand-written AVX2 skinny kernel
-//!   (`simd::skinny_rows`), which streams each weight row from memory once, widening bf16/f16 in
-//!   registers. Memory-bound: this is what decode speed is made of.
+//! - `T ≤ SKINNY_MAX_TOKENS` (decode, small expert groups): the hand-written skinny kernel
+//!   (`simd::skinny_rows`: AVX2, or AVX-512 for one token on Intel CPUs), which streams each
+//!   weight row from memory once, widening bf16/f16 in registers. Memory-bound: this is what
+//!   decode speed is made of.
 //! - larger `T` (prefill) on an AVX-512 CPU: the packed AVX-512 GEMM of [`crate::gemm512`], which
 //!   widens bf16/f16 weights while packing them into L2-resident panels (no separate widening
 //!   pass) and runs an 8 × 48 f32 FMA micro-kernel; every output is one sequential f32 FMA chain
 //!   over `k`. With [`Precision::Bf16Activations`] (opt-in, bf16 weights, AVX-512 BF16 CPUs),
 //!   its `vdpbf16ps` sibling on activations rounded to bf16 (6 weight rows read in place ×
 //!   64 tokens per tile) — twice the multiply-adds per instruction, not the reference's
-//!   arithmetic.
+//!   arithmetic — or, where the CPU has AMX, the same arithmetic on the tile unit
+//!   ([`crate::amx`], 32 weight rows × 32 tokens per tile set).
 //! - larger `T` on other CPUs: the `gemm` crate's f32 GEMM on blocks of `GEMM_ROW_BLOCK` weight
 //!   rows; 16-bit blocks are widened to f32 into a per-thread staging buffer first.
 //!
@@ -43,6 +45,9 @@ const AVX512_ROW_BLOCK: usize = 2 * crate::gemm512::NR;
 /// holds 24 · 128 · K multiply-adds.
 const BF16_ROW_BLOCK: usize = 4 * crate::gemm512::BF16_ROWS;
 
+/// Weight rows per parallel task in the AMX GEMM: two blocks of 32 rows.
+const AMX_ROW_BLOCK: usize = 2 * crate::amx::BLOCK_ROWS;
+
 /// The arithmetic of the prefill matrix products (more than `SKINNY_MAX_TOKENS` token rows).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
@@ -51,8 +56,9 @@ pub enum Precision {
     #[default]
     F32,
     /// Opt-in fast prefill: activations rounded to bf16 (relative error ≤ 2⁻⁸, the bf16 unit roundoff) and multiplied by
-    /// bf16 weights with AVX-512 BF16 `vdpbf16ps` (f32 sums), as torch's bf16 CPU path does.
-    /// Twice the f32 multiply-add rate. Applies to bf16 weights on CPUs with AVX-512 BF16; other
+    /// bf16 weights with f32 sums, as torch's bf16 CPU path does: on AMX tiles where the CPU has
+    /// them ([`PrefillKernel::AmxBf16`]), else with AVX-512 BF16 `vdpbf16ps` (twice the f32
+    /// multiply-add rate). Applies to bf16 weights on CPUs with AVX-512 BF16; other
     /// cases, and every product of at most `SKINNY_MAX_TOKENS` rows (decode), stay [`F32`].
     /// Not within the equivalence tolerance of the reference: never used for dumps.
     ///
@@ -92,15 +98,17 @@ pub enum PrefillKernel {
     Avx512,
     /// The packed AVX-512 BF16 GEMM (bf16 weights and activations).
     Avx512Bf16,
+    /// The AMX GEMM (bf16 weights and activations, the tile unit).
+    AmxBf16,
 }
 
 impl PrefillKernel {
     /// The kernel `linear` picks for weights of `dtype` under `precision` on this CPU.
     pub fn select(dtype: WeightDtype, precision: Precision) -> PrefillKernel {
-        if crate::gemm512::has_avx512_bf16()
-            && dtype == WeightDtype::BF16
-            && precision == Precision::Bf16Activations
-        {
+        let bf16_products = dtype == WeightDtype::BF16 && precision == Precision::Bf16Activations;
+        if bf16_products && crate::amx::has_amx_bf16() {
+            PrefillKernel::AmxBf16
+        } else if bf16_products && crate::gemm512::has_avx512_bf16() {
             PrefillKernel::Avx512Bf16
         } else if crate::gemm512::has_avx512() {
             PrefillKernel::Avx512
@@ -117,7 +125,13 @@ impl PrefillKernel {
             PrefillKernel::Avx512Bf16 => {
                 crate::gemm512::has_avx512_bf16() && dtype == WeightDtype::BF16
             }
+            PrefillKernel::AmxBf16 => crate::amx::has_amx_bf16() && dtype == WeightDtype::BF16,
         }
+    }
+
+    /// Whether this kernel multiplies activations rounded to bf16 (the fast prefill's kernels).
+    pub fn rounds_activations(self) -> bool {
+        matches!(self, PrefillKernel::Avx512Bf16 | PrefillKernel::AmxBf16)
     }
 }
 
@@ -308,7 +322,7 @@ pub fn linear_geglu(x: &[f32], tokens: usize, gate: &Matrix, up: &Matrix) -> Vec
         gate.cols,
         PrefillKernel::select(gate.dtype, current_precision()),
     );
-    let fused = route == Route::Prefill(PrefillKernel::Avx512Bf16)
+    let fused = route.rounds_activations()
         && (up.rows, up.cols, up.dtype) == (gate.rows, gate.cols, gate.dtype);
     if !fused {
         let [mut gated, up]: [Vec<f32>; 2] = linear_group(x, tokens, &[gate, up])
@@ -413,9 +427,9 @@ impl Drop for Input<'_> {
 impl<'a> Input<'a> {
     fn prepare(x: &'a [f32], tokens: usize, cols: usize, route: Route) -> Input<'a> {
         #[cfg(target_arch = "x86_64")]
-        if route == Route::Prefill(PrefillKernel::Avx512Bf16) {
+        if route.rounds_activations() {
             let mut pairs = SPARE_PAIRS.take();
-            // SAFETY: the route is only chosen where AVX-512 BF16 is available.
+            // SAFETY: the bf16 routes are only chosen where AVX-512 BF16 is available.
             unsafe { crate::gemm512::round_to_bf16_token_groups(x, tokens, cols, &mut pairs) };
             return Input::Bf16Pairs(x, pairs);
         }
@@ -439,12 +453,18 @@ impl Route {
         }
     }
 
+    /// Whether the route's kernel reads the activations rounded to bf16 pairs.
+    fn rounds_activations(self) -> bool {
+        matches!(self, Route::Prefill(kernel) if kernel.rounds_activations())
+    }
+
     /// Weight rows per parallel task.
     fn block_rows(self) -> usize {
         match self {
             Route::Skinny => SKINNY_ROW_BLOCK,
             Route::Prefill(PrefillKernel::GemmCrate) => GEMM_ROW_BLOCK,
             Route::Prefill(PrefillKernel::Avx512Bf16) => BF16_ROW_BLOCK,
+            Route::Prefill(PrefillKernel::AmxBf16) => AMX_ROW_BLOCK,
             Route::Prefill(_) => AVX512_ROW_BLOCK,
         }
     }
@@ -500,6 +520,19 @@ impl Route {
             (Route::Prefill(PrefillKernel::Avx512Bf16), Input::Bf16Pairs(_, pairs)) => {
                 // E is bf16 (the route is chosen for bf16 weights only).
                 crate::gemm512::gemm_rows_bf16(
+                    w.as_ptr() as *const half::bf16,
+                    cols,
+                    block,
+                    pairs.as_ptr(),
+                    tokens,
+                    y.get(),
+                    y_stride,
+                )
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Route::Prefill(PrefillKernel::AmxBf16), Input::Bf16Pairs(_, pairs)) => {
+                // E is bf16 (the route is chosen for bf16 weights only).
+                crate::amx::gemm_rows_amx(
                     w.as_ptr() as *const half::bf16,
                     cols,
                     block,
@@ -799,6 +832,81 @@ mod tests {
         }
     }
 
+    /// The AMX kernel is the dot product of the bf16 values (weights, rounded activations) up to
+    /// f32 summation error, on shapes crossing its 32-row blocks, 32-column steps, 16-row half
+    /// blocks and 32-token groups; and so it is the `vdpbf16ps` kernel up to that error too.
+    #[test]
+    fn amx_kernel_is_the_bf16_dot_product_within_f32_summation_error() {
+        if !PrefillKernel::AmxBf16.available(WeightDtype::BF16) {
+            eprintln!("skipped: this CPU (or OS) has no AMX-BF16");
+            return;
+        }
+        let amx_shapes = [
+            (32, 32, 32),
+            (64, 64, 64),
+            (65, 17, 96),
+            (31, 33, 100),
+            (128, 160, 1024),
+        ];
+        for &(tokens, rows, cols) in AWKWARD_SHAPES.iter().chain(&amx_shapes) {
+            let x = random(tokens * cols, 5 + cols as u64);
+            let x_rounded: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+            let (_, matrix, widened) = matrices(rows, cols, 3 + rows as u64).remove(1);
+            let mut got = vec![f32::NAN; tokens * rows];
+            linear_into_with(
+                &x,
+                tokens,
+                &matrix,
+                &mut got,
+                Threads::Pool,
+                PrefillKernel::AmxBf16,
+            );
+            let mut vector_kernel = vec![f32::NAN; tokens * rows];
+            if PrefillKernel::Avx512Bf16.available(WeightDtype::BF16) {
+                let kernel = PrefillKernel::Avx512Bf16;
+                linear_into_with(
+                    &x,
+                    tokens,
+                    &matrix,
+                    &mut vector_kernel,
+                    Threads::Pool,
+                    kernel,
+                );
+            }
+            for t in 0..tokens {
+                for r in 0..rows {
+                    let (w, xr) = (&widened[r * cols..][..cols], &x_rounded[t * cols..][..cols]);
+                    let exact: f64 = w.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let magnitude: f64 = w
+                        .iter()
+                        .zip(xr)
+                        .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                        .sum();
+                    // Products of bf16 values are exact in f32 (8-bit significands), so the only
+                    // error is the f32 additions': in any order, n additions err by at most
+                    // n·2⁻²⁴·Σ|products| (Higham's γₙ, to first order). A product lost or
+                    // misplaced errs by ~1/cols of the magnitude, far above it.
+                    let bound = cols as f64 * 2f64.powi(-24) * magnitude + 1e-30;
+                    let i = t * rows + r;
+                    let error = (got[i] as f64 - exact).abs();
+                    assert!(
+                        error <= bound,
+                        "tokens={tokens} rows={rows} cols={cols}: y[{t}, {r}] = {}, exact {exact}, |Δ| = {error:.3e} > {bound:.3e}",
+                        got[i]
+                    );
+                    // The AVX-512 kernel's result is within the same bound of the exact sum.
+                    let between = (got[i] - vector_kernel[i]).abs() as f64;
+                    assert!(
+                        vector_kernel[i].is_nan() || between <= 2.0 * bound,
+                        "tokens={tokens} rows={rows} cols={cols}: y[{t}, {r}] = {}, vdpbf16ps {}",
+                        got[i],
+                        vector_kernel[i]
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn every_prefill_kernel_is_independent_of_thread_count() {
         let (tokens, rows, cols) = (20, 700, 600);
@@ -816,6 +924,7 @@ mod tests {
                 PrefillKernel::GemmCrate,
                 PrefillKernel::Avx512,
                 PrefillKernel::Avx512Bf16,
+                PrefillKernel::AmxBf16,
             ] {
                 if !kernel.available(dtype) {
                     continue;
@@ -841,7 +950,9 @@ mod tests {
         assert_eq!(current_precision(), Precision::F32);
         with_precision(Precision::Bf16Activations, || {
             assert_eq!(current_precision(), Precision::Bf16Activations);
-            let expected = if crate::gemm512::has_avx512_bf16() {
+            let expected = if crate::amx::has_amx_bf16() {
+                PrefillKernel::AmxBf16
+            } else if crate::gemm512::has_avx512_bf16() {
                 PrefillKernel::Avx512Bf16
             } else {
                 PrefillKernel::select(WeightDtype::BF16, Precision::F32)
@@ -850,15 +961,10 @@ mod tests {
                 PrefillKernel::select(WeightDtype::BF16, current_precision()),
                 expected
             );
-            // f32 and f16 weights never take the bf16 path.
-            assert_ne!(
-                PrefillKernel::select(WeightDtype::F32, current_precision()),
-                PrefillKernel::Avx512Bf16
-            );
-            assert_ne!(
-                PrefillKernel::select(WeightDtype::F16, current_precision()),
-                PrefillKernel::Avx512Bf16
-            );
+            // f32 and f16 weights never take a bf16 path.
+            for dtype in [WeightDtype::F32, WeightDtype::F16] {
+                assert!(!PrefillKernel::select(dtype, current_precision()).rounds_activations());
+            }
         });
         assert_eq!(current_precision(), Precision::F32);
     }
@@ -881,7 +987,7 @@ mod tests {
                 let mut unfused = g.clone();
                 geglu_in_place(&mut unfused, u);
                 let route = Route::of(tokens, cols, PrefillKernel::select(gate.dtype, precision));
-                let exact = route != Route::Prefill(PrefillKernel::Avx512Bf16);
+                let exact = !route.rounds_activations();
                 for (i, (f, e)) in fused.iter().zip(&unfused).enumerate() {
                     // Both forms of `simd::geglu` are within 3e-7·max(|g|, 1)·|u| of the
                     // reference's, so within twice that of each other.

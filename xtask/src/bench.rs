@@ -20,9 +20,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use gemma4_optimized::linear::Precision;
+use gemma4_optimized::linear::{Precision, PrefillKernel};
 use gemma4_optimized::model::argmax;
 use gemma4_optimized::{Gemma4Optimized, Logits};
+use gemma4_reference::checkpoint::WeightDtype;
 use gemma4_reference::dump::Recorder;
 use gemma4_reference::Gemma4TextModel;
 use serde_json::{json, Value};
@@ -98,7 +99,7 @@ pub struct BenchEngineArgs {
     #[arg(long, default_value_t = 3)]
     pub prefill_runs: usize,
     /// Optimized engine: arithmetic of the prompt's matrix products, `f32` (the default, the
-    /// reference's) or `bf16` (`--fast-prefill`: bf16-rounded activations, AVX-512 BF16).
+    /// reference's) or `bf16` (`--fast-prefill`: bf16-rounded activations, AMX or AVX-512 BF16).
     #[arg(long, default_value = "f32")]
     pub precision: String,
 }
@@ -220,6 +221,7 @@ pub fn run_engine(args: &BenchEngineArgs) -> Result<(), String> {
                 "threads": model.threads(),
                 "precision": args.precision,
                 "bf16_kernel": gemma4_optimized::gemm512::has_avx512_bf16(),
+                "fast_prefill_kernel": format!("{:?}", fast_prefill_kernel()),
             })
         }
         "reference" => {
@@ -781,13 +783,18 @@ fn report(
          (plain `ndarray`) and computes every position's logits and every layer's positions; the optimized engine's \
          prefill runs the KV-shared layers, the LM head and the last cache-writing layer's queries, attention output \
          and MLP for the last position only (as HF's `logits_to_keep=1`). \
-         `--fast-prefill` rounds the prompt's matrix-product inputs to bf16 and multiplies with AVX-512 BF16 \
-         `vdpbf16ps` (what torch and llama.cpp do for bf16 weights); it applies on this CPU: {}. Decode steps are f32 \
+         `--fast-prefill` rounds the prompt's matrix-product inputs to bf16 and multiplies them by the bf16 weights \
+         with f32 sums (what torch and llama.cpp do for bf16 weights), on AMX tiles where the CPU has them, else with \
+         AVX-512 BF16 `vdpbf16ps`; on this CPU: {}. Decode steps are f32 \
          in both modes. llama.cpp is built here from source with `GGML_NATIVE=ON` (every SIMD extension of this \
          CPU, AVX-512 BF16 included) and runs a bf16 GGUF converted from the same checkpoint; its decode test starts \
          from an empty context (ours after the prompt: 128 more positions to attend over, under 1% of a step).\n\n",
         if reference_full.is_some() { "; this run did" } else { "; this run did not" },
-        gemma4_optimized::gemm512::has_avx512_bf16(),
+        match fast_prefill_kernel() {
+            PrefillKernel::AmxBf16 => "AMX",
+            PrefillKernel::Avx512Bf16 => "AVX-512 BF16",
+            _ => "neither, so `--fast-prefill` changes nothing",
+        },
     ));
     out.push_str(&format!(
         "## Decode bound\n\nMeasured read bandwidth: **{bandwidth:.1} GB/s** on {} threads ({bandwidth_one:.1} GB/s on one; load {bandwidth_load:.2}). \
@@ -861,11 +868,18 @@ fn cpu_description() -> String {
         .map(|f| f.split_whitespace().collect())
         .unwrap_or_default();
     let has = |f: &str| flags.contains(&f);
-    let extensions: Vec<&str> = ["avx2", "fma", "f16c", "avx512f", "avx512_bf16"]
+    let extensions: Vec<&str> = ["avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16"]
         .into_iter()
         .filter(|f| has(f))
         .collect();
-    let prefill = if gemma4_optimized::gemm512::has_avx512_bf16() {
+    let decode = if gemma4_optimized::simd::prefers_avx512_gemv() {
+        "AVX-512F"
+    } else {
+        "AVX2 + FMA + F16C"
+    };
+    let prefill = if fast_prefill_kernel() == PrefillKernel::AmxBf16 {
+        "AVX-512F prefill GEMM (AMX with `--fast-prefill`)"
+    } else if gemma4_optimized::gemm512::has_avx512_bf16() {
         "AVX-512F prefill GEMM (AVX-512 BF16 with `--fast-prefill`)"
     } else if gemma4_optimized::gemm512::has_avx512() {
         "AVX-512F prefill GEMM"
@@ -873,7 +887,7 @@ fn cpu_description() -> String {
         "the `gemm` crate's prefill GEMM"
     };
     format!(
-        "{cores} vCPU {model}, {}; the engine uses its AVX2 + FMA + F16C decode kernel and the {prefill}",
+        "{cores} vCPU {model}, {}; the engine uses its {decode} decode kernel and the {prefill}",
         extensions.join(" ")
     )
 }
@@ -908,4 +922,9 @@ fn ple_table_bytes(dir: &Path) -> u64 {
             * c.text.hidden_size_per_layer_input
             * 2) as u64
     })
+}
+
+/// The kernel that `--fast-prefill` products of bf16 weights run on here.
+fn fast_prefill_kernel() -> PrefillKernel {
+    PrefillKernel::select(WeightDtype::BF16, Precision::Bf16Activations)
 }
