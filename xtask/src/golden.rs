@@ -7,7 +7,14 @@
 //!    `golden/released_configs.py` (`tests/data/released/`) from the repository root.
 //! 3. With `--check`, writes both into a temporary directory instead and fails, naming the
 //!    file, unless every generated file is byte-identical to the committed one and no
-//!    committed file is missing from the regenerated set.
+//!    committed file is missing from the regenerated set — with one allowance: the oracle's
+//!    outputs (`<case>/expected.safetensors`, and their sha256 in `manifest.json`) are float32
+//!    or bf16 results of torch's CPU kernels, whose summation order depends on the CPU (a
+//!    fixture made on an AMD EPYC regenerates on an Intel Xeon with other low bits). Those are
+//!    compared tensor by tensor instead, with the tolerances `gemma4 conform` applies to our
+//!    reference against the same file: a regeneration may move them no further than a correct
+//!    engine may differ from them. The checkpoints, token ids and configs must still match byte
+//!    for byte.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -15,6 +22,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use gemma4::comparison::Status;
+use gemma4_reference::dump::ActivationDump;
 use sha2::{Digest, Sha256};
 
 use crate::process::{io_err, read, repo_root, CommandFailure, IoFailure};
@@ -27,7 +36,8 @@ pub struct GoldenArgs {
     venv: Option<PathBuf>,
 
     /// Regenerate into a temporary directory and verify that every file is byte-identical
-    /// to the committed one (exit non-zero naming the first file that differs).
+    /// to the committed one, the oracle's outputs within the conformance tolerances (exit
+    /// non-zero naming the first file that differs).
     #[arg(long)]
     check: bool,
 }
@@ -133,7 +143,7 @@ pub fn run(args: &GoldenArgs) -> Result<()> {
     )?);
     if problems.is_empty() {
         eprintln!(
-            "xtask: golden fixtures and tests/data/released are byte-identical to a fresh run"
+            "xtask: golden fixtures and tests/data/released agree with a fresh run (byte for byte, the oracle's outputs within tolerance)"
         );
         Ok(())
     } else {
@@ -316,7 +326,7 @@ fn print_manifest_summary(golden_out: &Path) {
 // ---------------------------------------------------------------------------------------------
 
 /// Compares the generated part of `golden/` (manifest.json and every case directory) with a
-/// fresh run in `fresh`.
+/// fresh run in `fresh`: byte for byte, except the oracle's outputs (see the module doc).
 fn compare_golden(committed: &Path, fresh: &Path) -> Result<Vec<String>> {
     let mut committed_files = BTreeSet::new();
     for entry in
@@ -333,7 +343,113 @@ fn compare_golden(committed: &Path, fresh: &Path) -> Result<Vec<String>> {
             committed_files.insert(name);
         }
     }
-    compare_sets(committed, fresh, &committed_files, "golden")
+    let differences = differences(committed, fresh, &committed_files)?;
+    // The oracle outputs that differ only within tolerance: their manifest entries may differ.
+    let mut within_tolerance = BTreeSet::new();
+    let mut problems = Vec::new();
+    for (rel, difference) in &differences {
+        if let (Some(case), Difference::Bytes { .. }) =
+            (rel.strip_suffix("/expected.safetensors"), difference)
+        {
+            match compare_oracle_outputs(committed, fresh, case) {
+                Ok(summary) => {
+                    eprintln!("xtask: golden/{rel}: not byte-identical; {summary}");
+                    within_tolerance.insert(rel.clone());
+                }
+                Err(problem) => problems.push(format!("golden/{rel}: {problem}")),
+            }
+        }
+    }
+    for (rel, difference) in &differences {
+        let bytes_differ = matches!(difference, Difference::Bytes { .. });
+        if bytes_differ && rel.ends_with("/expected.safetensors") {
+            continue; // judged above
+        }
+        if bytes_differ
+            && rel == "manifest.json"
+            && manifests_agree_except(committed, fresh, &within_tolerance)?
+        {
+            continue;
+        }
+        problems.push(difference.describe(&format!("golden/{rel}")));
+    }
+    Ok(problems)
+}
+
+/// Compares one case's committed and regenerated oracle outputs with `gemma4 conform`'s
+/// tolerances (committed as the expected side): the same tensor names, every tensor within
+/// tolerance. `Ok` gives the closest call (largest error relative to its tolerance).
+fn compare_oracle_outputs(
+    committed: &Path,
+    fresh: &Path,
+    case_name: &str,
+) -> std::result::Result<String, String> {
+    let cases = gemma4::golden::load_cases(fresh)?;
+    let case = cases
+        .iter()
+        .find(|c| c.name == case_name)
+        .ok_or_else(|| format!("case `{case_name}` is not in the regenerated manifest"))?;
+    let read = |root: &Path| {
+        let path = root.join(case_name).join("expected.safetensors");
+        ActivationDump::read(&path).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let (old, new) = (read(committed)?, read(fresh)?);
+    let (old_names, new_names) = (old.names_in_model_order(), new.names_in_model_order());
+    if old_names != new_names {
+        return Err(format!(
+            "tensor names differ (committed {}, regenerated {})",
+            old_names.len(),
+            new_names.len()
+        ));
+    }
+    let reports = gemma4::conform::compare_with_case(case, &old, &new);
+    if let Some(failure) = reports.iter().find(|r| r.status != Status::Pass) {
+        return Err(format!(
+            "the regenerated oracle outputs differ beyond the conformance tolerance: {}",
+            failure.describe()
+        ));
+    }
+    let closest = reports
+        .iter()
+        .filter(|r| r.tolerance > 0.0)
+        .max_by(|a, b| (a.max_rel / a.tolerance).total_cmp(&(b.max_rel / b.tolerance)));
+    Ok(match closest {
+        Some(r) => format!(
+            "all {} tensors within the conformance tolerances, the closest at {:.0}% of its tolerance ({})",
+            reports.len(),
+            100.0 * r.max_rel / r.tolerance,
+            r.describe()
+        ),
+        None => format!("all {} tensors equal", reports.len()),
+    })
+}
+
+/// Whether the two `manifest.json` files are the same JSON once the sha256 entries of the
+/// files in `ignored` are removed from both (false when either is not valid JSON: the byte
+/// difference is then reported as it is).
+fn manifests_agree_except(
+    committed: &Path,
+    fresh: &Path,
+    ignored: &BTreeSet<String>,
+) -> Result<bool> {
+    let parse = |root: &Path| -> Result<Option<serde_json::Value>> {
+        let bytes = read(&root.join("manifest.json"))?;
+        let Ok(mut manifest) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            return Ok(None);
+        };
+        if let Some(cases) = manifest.get_mut("cases").and_then(|c| c.as_array_mut()) {
+            for case in cases {
+                if let Some(files) = case.get_mut("files").and_then(|f| f.as_object_mut()) {
+                    files.retain(|rel, _| !ignored.contains(rel));
+                }
+            }
+        }
+        Ok(Some(manifest))
+    };
+    Ok(match (parse(committed)?, parse(fresh)?) {
+        (Some(old), Some(new)) => old == new,
+        _ => false,
+    })
 }
 
 /// Compares every file under `committed` with the tree under `fresh`.
@@ -342,37 +458,65 @@ fn compare_tree(committed: &Path, fresh: &Path, label: &str) -> Result<Vec<Strin
     if committed.exists() {
         walk(committed, committed, &mut committed_files)?;
     }
-    compare_sets(committed, fresh, &committed_files, label)
+    Ok(differences(committed, fresh, &committed_files)?
+        .iter()
+        .map(|(rel, difference)| difference.describe(&format!("{label}/{rel}")))
+        .collect())
 }
 
-fn compare_sets(
+/// How a file of the committed tree and the regenerated one differ.
+enum Difference {
+    NotCommitted,
+    NotGenerated,
+    Bytes {
+        committed_sha256: String,
+        regenerated_sha256: String,
+    },
+}
+
+impl Difference {
+    fn describe(&self, shown: &str) -> String {
+        match self {
+            Difference::NotCommitted => format!("{shown}: generated but not in the repository"),
+            Difference::NotGenerated => format!("{shown}: in the repository but not generated"),
+            Difference::Bytes {
+                committed_sha256,
+                regenerated_sha256,
+            } => format!(
+                "{shown}: differs (committed sha256 {committed_sha256}, regenerated {regenerated_sha256})"
+            ),
+        }
+    }
+}
+
+/// Every file (relative path) that is in only one of the trees or differs between them.
+fn differences(
     committed: &Path,
     fresh: &Path,
     committed_files: &BTreeSet<String>,
-    label: &str,
-) -> Result<Vec<String>> {
+) -> Result<Vec<(String, Difference)>> {
     let mut fresh_files = BTreeSet::new();
     walk(fresh, fresh, &mut fresh_files)?;
-    let mut problems = Vec::new();
+    let mut differences = Vec::new();
     for rel in fresh_files.union(committed_files) {
-        let shown = format!("{label}/{rel}");
-        match (committed_files.contains(rel), fresh_files.contains(rel)) {
-            (false, _) => problems.push(format!("{shown}: generated but not in the repository")),
-            (_, false) => problems.push(format!("{shown}: in the repository but not generated")),
+        let difference = match (committed_files.contains(rel), fresh_files.contains(rel)) {
+            (false, _) => Difference::NotCommitted,
+            (_, false) => Difference::NotGenerated,
             (true, true) => {
                 let old = read(&committed.join(rel))?;
                 let new = read(&fresh.join(rel))?;
-                if old != new {
-                    problems.push(format!(
-                        "{shown}: differs (committed sha256 {}, regenerated {})",
-                        sha256_hex(&old),
-                        sha256_hex(&new)
-                    ));
+                if old == new {
+                    continue;
+                }
+                Difference::Bytes {
+                    committed_sha256: sha256_hex(&old),
+                    regenerated_sha256: sha256_hex(&new),
                 }
             }
-        }
+        };
+        differences.push((rel.clone(), difference));
     }
-    Ok(problems)
+    Ok(differences)
 }
 
 /// Adds every file below `dir` to `out`, as a `/`-separated path relative to `root`.
