@@ -84,11 +84,9 @@ fn decode_gemv(c: &mut Criterion) {
     let x = random_values(D, 2, 1.0);
     let mut group = c.benchmark_group("decode_gemv_1x1536x6144");
     group.throughput(Throughput::Bytes((F * D * 2) as u64));
-    group.bench_function("skinny_avx2_bf16", |b| {
-        b.iter(|| linear(&x, 1, &bf16_matrix))
-    });
+    group.bench_function("skinny_bf16", |b| b.iter(|| linear(&x, 1, &bf16_matrix)));
     group.throughput(Throughput::Bytes((F * D * 4) as u64));
-    group.bench_function("skinny_avx2_f32", |b| b.iter(|| linear(&x, 1, &f32_matrix)));
+    group.bench_function("skinny_f32", |b| b.iter(|| linear(&x, 1, &f32_matrix)));
     #[cfg(feature = "openblas-bench")]
     {
         let mut y = vec![0.0f32; F];
