@@ -1,8 +1,10 @@
 //! The fast prefill's matrix product on AMX, Intel's tile unit (Sapphire Rapids and later):
 //! `y[T, N] = x[T, K] · W[N, K]ᵀ` with bf16 weights as stored and the activations rounded to
-//! bf16, f32 sums — the arithmetic of `Precision::Bf16Activations`, on the unit that does eight
-//! times the multiply-adds per cycle of `vdpbf16ps` (not a model component: the arithmetic under
-//! `linear` for more than `SKINNY_MAX_TOKENS` token rows).
+//! bf16, f32 sums — the arithmetic of `Precision::Bf16Activations`, on a unit that does many times
+//! the multiply-adds per cycle of `vdpbf16ps` (one core of this project's Intel Xeon: 3.0 TFLOP/s
+//! for back-to-back `tdpbf16ps` on tiles in registers, a C microbenchmark; our `vdpbf16ps` kernel
+//! ~95 GFLOP/s per core there) (not a model component: the arithmetic under `linear` for more
+//! than `SKINNY_MAX_TOKENS` token rows).
 //!
 //! AMX has eight tile registers `tmm0..tmm7` of up to 16 rows × 64 bytes, shaped by a
 //! configuration loaded with `ldtilecfg`. `tdpbf16ps C, A, B` adds to the 16 × 16 f32 tile `C`

@@ -517,22 +517,17 @@ impl Route {
                 y_stride,
             ),
             #[cfg(target_arch = "x86_64")]
-            (Route::Prefill(PrefillKernel::Avx512Bf16), Input::Bf16Pairs(_, pairs)) => {
-                // E is bf16 (the route is chosen for bf16 weights only).
-                crate::gemm512::gemm_rows_bf16(
-                    w.as_ptr() as *const half::bf16,
-                    cols,
-                    block,
-                    pairs.as_ptr(),
-                    tokens,
-                    y.get(),
-                    y_stride,
-                )
-            }
-            #[cfg(target_arch = "x86_64")]
-            (Route::Prefill(PrefillKernel::AmxBf16), Input::Bf16Pairs(_, pairs)) => {
-                // E is bf16 (the route is chosen for bf16 weights only).
-                crate::amx::gemm_rows_amx(
+            (
+                Route::Prefill(kernel @ (PrefillKernel::Avx512Bf16 | PrefillKernel::AmxBf16)),
+                Input::Bf16Pairs(_, pairs),
+            ) => {
+                let product = if kernel == PrefillKernel::AmxBf16 {
+                    crate::amx::gemm_rows_amx
+                } else {
+                    crate::gemm512::gemm_rows_bf16
+                };
+                // E is bf16 (the bf16 routes are chosen for bf16 weights only).
+                product(
                     w.as_ptr() as *const half::bf16,
                     cols,
                     block,
@@ -778,6 +773,32 @@ mod tests {
         sum
     }
 
+    /// Random activations `x` (`[tokens, cols]`) and their bf16 rounding, a random bf16 matrix
+    /// (`[rows, cols]`) and its values, and `kernel`'s product of the two (its output filled with
+    /// NaN first, so an element it does not write shows).
+    struct Bf16Product {
+        x: Vec<f32>,
+        x_rounded: Vec<f32>,
+        matrix: Matrix,
+        widened: Vec<f32>,
+        got: Vec<f32>,
+    }
+
+    fn bf16_product(tokens: usize, rows: usize, cols: usize, kernel: PrefillKernel) -> Bf16Product {
+        let x = random(tokens * cols, 5 + cols as u64);
+        let x_rounded = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        let (_, matrix, widened) = matrices(rows, cols, 3 + rows as u64).remove(1);
+        let mut got = vec![f32::NAN; tokens * rows];
+        linear_into_with(&x, tokens, &matrix, &mut got, Threads::Pool, kernel);
+        Bf16Product {
+            x,
+            x_rounded,
+            matrix,
+            widened,
+            got,
+        }
+    }
+
     /// The bf16 kernel is exactly `vdpbf16ps`'s chain over the pairs (bit for bit against the
     /// scalar model [`dot_bf16_pairs`]), and so within the bf16 rounding of the activations of
     /// the f32 result.
@@ -788,18 +809,13 @@ mod tests {
             return;
         }
         for &(tokens, rows, cols) in &AWKWARD_SHAPES {
-            let x = random(tokens * cols, 5 + cols as u64);
-            let x_rounded: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
-            let (_, matrix, widened) = matrices(rows, cols, 3 + rows as u64).remove(1);
-            let mut got = vec![f32::NAN; tokens * rows];
-            linear_into_with(
-                &x,
-                tokens,
-                &matrix,
-                &mut got,
-                Threads::Pool,
-                PrefillKernel::Avx512Bf16,
-            );
+            let Bf16Product {
+                x,
+                x_rounded,
+                widened,
+                got,
+                ..
+            } = bf16_product(tokens, rows, cols, PrefillKernel::Avx512Bf16);
             let exact_inputs = sequential_fma(&widened, &x, tokens, rows, cols);
             for t in 0..tokens {
                 for r in 0..rows {
@@ -849,18 +865,13 @@ mod tests {
             (128, 160, 1024),
         ];
         for &(tokens, rows, cols) in AWKWARD_SHAPES.iter().chain(&amx_shapes) {
-            let x = random(tokens * cols, 5 + cols as u64);
-            let x_rounded: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
-            let (_, matrix, widened) = matrices(rows, cols, 3 + rows as u64).remove(1);
-            let mut got = vec![f32::NAN; tokens * rows];
-            linear_into_with(
-                &x,
-                tokens,
-                &matrix,
-                &mut got,
-                Threads::Pool,
-                PrefillKernel::AmxBf16,
-            );
+            let Bf16Product {
+                x,
+                x_rounded,
+                matrix,
+                widened,
+                got,
+            } = bf16_product(tokens, rows, cols, PrefillKernel::AmxBf16);
             let mut vector_kernel = vec![f32::NAN; tokens * rows];
             if PrefillKernel::Avx512Bf16.available(WeightDtype::BF16) {
                 let kernel = PrefillKernel::Avx512Bf16;

@@ -33,7 +33,7 @@ pub fn has_avx2() -> bool {
     }
 }
 
-/// True when one-token products (decode) use the AVX-512 GEMV ([`gemv_avx512`]) rather than the
+/// True when one-token products (decode) use the AVX-512 GEMV (`gemv_avx512`) rather than the
 /// AVX2 one: an Intel CPU with AVX-512F (and `GEMMA4_NO_AVX512` unset). Measured on the decode
 /// of the E2B-dims checkpoint (`cargo xtask bench`, docs/performance.md): on an Intel Xeon with
 /// AMX (512-bit units, 48 KiB L1d) it streams the weights faster than the AVX2 loop; on a Zen 4
