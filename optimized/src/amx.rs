@@ -188,6 +188,9 @@ pub unsafe fn gemm_rows_amx(
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
         let Scratch { tail, results } = &mut *scratch;
+        // The tail buffer's padding columns stay zero for the whole call (each block overwrites
+        // only the first `tail_columns` of its rows; rows past a block's `n` are not loaded).
+        tail.fill(0);
         let mut loaded: Option<TileConfig> = None;
         for r0 in rows.clone().step_by(BLOCK_ROWS) {
             let n = (rows.end - r0).min(BLOCK_ROWS);
@@ -201,7 +204,6 @@ pub unsafe fn gemm_rows_amx(
             if tail_columns > 0 {
                 // The last columns of each row, zero-padded to a whole step: loading them in
                 // place would read past the row (past the matrix, for its last row).
-                tail.fill(0);
                 for r in 0..n {
                     std::ptr::copy_nonoverlapping(
                         (a as *const u16).add(r * cols + whole_steps * STEP_COLUMNS),

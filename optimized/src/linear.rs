@@ -774,12 +774,11 @@ mod tests {
     }
 
     /// Random activations `x` (`[tokens, cols]`) and their bf16 rounding, a random bf16 matrix
-    /// (`[rows, cols]`) and its values, and `kernel`'s product of the two (its output filled with
-    /// NaN first, so an element it does not write shows).
+    /// (`[rows, cols]`) as values, and `kernel`'s product of the two (its output filled with NaN
+    /// first, so an element it does not write shows). The same shape gives the same inputs.
     struct Bf16Product {
         x: Vec<f32>,
         x_rounded: Vec<f32>,
-        matrix: Matrix,
         widened: Vec<f32>,
         got: Vec<f32>,
     }
@@ -793,7 +792,6 @@ mod tests {
         Bf16Product {
             x,
             x_rounded,
-            matrix,
             widened,
             got,
         }
@@ -866,24 +864,17 @@ mod tests {
         ];
         for &(tokens, rows, cols) in AWKWARD_SHAPES.iter().chain(&amx_shapes) {
             let Bf16Product {
-                x,
                 x_rounded,
-                matrix,
                 widened,
                 got,
+                ..
             } = bf16_product(tokens, rows, cols, PrefillKernel::AmxBf16);
-            let mut vector_kernel = vec![f32::NAN; tokens * rows];
-            if PrefillKernel::Avx512Bf16.available(WeightDtype::BF16) {
-                let kernel = PrefillKernel::Avx512Bf16;
-                linear_into_with(
-                    &x,
-                    tokens,
-                    &matrix,
-                    &mut vector_kernel,
-                    Threads::Pool,
-                    kernel,
-                );
-            }
+            // The same product by the `vdpbf16ps` kernel (NaN where it cannot run here).
+            let vector_kernel = if PrefillKernel::Avx512Bf16.available(WeightDtype::BF16) {
+                bf16_product(tokens, rows, cols, PrefillKernel::Avx512Bf16).got
+            } else {
+                vec![f32::NAN; tokens * rows]
+            };
             for t in 0..tokens {
                 for r in 0..rows {
                     let (w, xr) = (&widened[r * cols..][..cols], &x_rounded[t * cols..][..cols]);

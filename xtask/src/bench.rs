@@ -877,14 +877,11 @@ fn cpu_description() -> String {
     } else {
         "AVX2 + FMA + F16C"
     };
-    let prefill = if fast_prefill_kernel() == PrefillKernel::AmxBf16 {
-        "AVX-512F prefill GEMM (AMX with `--fast-prefill`)"
-    } else if gemma4_optimized::gemm512::has_avx512_bf16() {
-        "AVX-512F prefill GEMM (AVX-512 BF16 with `--fast-prefill`)"
-    } else if gemma4_optimized::gemm512::has_avx512() {
-        "AVX-512F prefill GEMM"
-    } else {
-        "the `gemm` crate's prefill GEMM"
+    let prefill = match fast_prefill_kernel() {
+        PrefillKernel::AmxBf16 => "AVX-512F prefill GEMM (AMX with `--fast-prefill`)",
+        PrefillKernel::Avx512Bf16 => "AVX-512F prefill GEMM (AVX-512 BF16 with `--fast-prefill`)",
+        PrefillKernel::Avx512 => "AVX-512F prefill GEMM",
+        PrefillKernel::GemmCrate => "the `gemm` crate's prefill GEMM",
     };
     format!(
         "{cores} vCPU {model}, {}; the engine uses its {decode} decode kernel and the {prefill}",
