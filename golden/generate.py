@@ -74,7 +74,7 @@ class Case:
     family: str  # e2b | e4b | 31b | 26b-a4b
     layout: str  # causal_lm | conditional_generation
     config_spelling: str  # released | per_layer_config
-    dtype: str  # float32 | bfloat16
+    dtype: str  # float32 | bfloat16: the dtype the oracle computes in (from_pretrained(dtype=...))
     seed: int
     prompt_len: int
     text: dict[str, Any]
@@ -89,10 +89,21 @@ class Case:
     special_tokens: dict[str, int] | None = None
     placeholders: dict[int, str] | None = None
     exercises: list[str] = field(default_factory=list)
+    # The dtype the checkpoint is stored in, when it differs from the compute dtype (a bf16
+    # checkpoint loaded with dtype=float32, the usual way to check a port).
+    checkpoint_dtype: str | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
+
+    @property
+    def storage_dtype(self) -> str:
+        return self.checkpoint_dtype or self.dtype
+
+    @property
+    def torch_storage_dtype(self) -> torch.dtype:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.storage_dtype]
 
     @property
     def sharded(self) -> bool:
@@ -321,6 +332,41 @@ CASES: list[Case] = [
             "double_wide_mlp",
             "sliding_window_4",
             "released_spelling",
+            "causal_lm_prefix",
+        ],
+    ),
+    Case(
+        name="e4b_bf16_as_f32",
+        family="e4b",
+        layout="causal_lm",
+        config_spelling="per_layer_config",
+        dtype="float32",
+        checkpoint_dtype="bfloat16",
+        seed=1006,
+        prompt_len=13,
+        text=text_config(
+            # sqrt(80) = 8.944 (8.9375 in bf16) and sqrt(24) = 4.899 (4.90625 in bf16): loaded in
+            # float32, Hugging Face uses the unrounded scales, whatever the storage dtype.
+            hidden_size=80,
+            num_key_value_heads=2,
+            # The default 5:1 pattern over 8 layers is SSSSSFSF (the last forced full): the two
+            # KV-shared layers (6 sliding, 7 full) both have a producer of their type.
+            num_hidden_layers=8,
+            layer_types=None,
+            hidden_size_per_layer_input=24,
+            num_kv_shared_layers=2,
+            intermediate_size=112,
+            sliding_window=4,
+        ),
+        exercises=[
+            "bfloat16_checkpoint_computed_in_float32",
+            "embed_scale_unrounded_in_float32",
+            "ple_scale_unrounded_in_float32",
+            "ple",
+            "kv_sharing",
+            "default_pattern_5_1",
+            "sliding_window_4",
+            "per_layer_config_spelling",
             "causal_lm_prefix",
         ],
     ),
@@ -698,43 +744,50 @@ def run_case(case: Case, model: nn.Module, tokens: list[int]) -> dict[str, torch
     capped = torch.tanh(rec.raw_logits / SOFTCAP) * SOFTCAP
     assert torch.equal(capped[0], out.logits[0]), "logits are not the soft-capped lm_head output"
 
-    # Greedy decoding through the KV cache (the decode convention, README.md).
+    # Greedy decoding as Hugging Face generate(output_logits=True) records it (the decode
+    # convention, README.md): one logits row per generated token, row 0 = the prefill's last.
+    res = model.generate(
+        ids,
+        max_new_tokens=DECODE_STEPS,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    rows = [row[0].float() for row in res.logits]
+    generated = res.sequences[0, T:].tolist()
+    assert len(rows) == DECODE_STEPS and len(generated) == DECODE_STEPS, (len(rows), generated)
+    assert generated == [int(torch.argmax(row)) for row in rows], "generate's tokens are not the argmax of its rows"
+    dump["decode_logits"] = torch.stack(rows).contiguous()
+    dump["greedy_continuation"] = torch.tensor(generated, dtype=torch.int64)
+
+    # Cross-check with an explicit loop through the KV cache: prefill with a fresh cache (it must
+    # match the uncached forward), then feed each chosen token; its rows must be generate's.
     cache = DynamicCache(config=text_cfg)
     prefill = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0]
     tol = 1e-5 if case.dtype == "float32" else 5e-2
     assert torch.allclose(prefill.float(), out.logits[0].float(), atol=tol, rtol=0), "cached prefill differs"
-    next_token = int(torch.argmax(prefill[-1]))
-    rows, continuation = [], []
-    for _ in range(DECODE_STEPS):
-        step = model(input_ids=torch.tensor([[next_token]]), past_key_values=cache, use_cache=True)
-        row = step.logits[0, -1]
-        next_token = int(torch.argmax(row))  # first index on ties
-        rows.append(row.float())
-        continuation.append(next_token)
-    assert cache.get_seq_length() == T + DECODE_STEPS
+    loop_rows = [prefill[-1].float()]
+    for s in range(1, DECODE_STEPS):
+        step = model(input_ids=torch.tensor([[generated[s - 1]]]), past_key_values=cache, use_cache=True)
+        loop_rows.append(step.logits[0, -1].float())
+    assert cache.get_seq_length() == T + DECODE_STEPS - 1
+    loop = torch.stack(loop_rows)
+    gap = float((loop - dump["decode_logits"]).abs().max())
+    msg = f"{case.name}: the cache loop's rows differ from generate's by {gap}"
+    if case.dtype == "float32":
+        assert gap <= tol, msg
+    elif gap > tol:
+        print(f"  note: {msg}", file=sys.stderr)
+    loop_tokens = [int(torch.argmax(row)) for row in loop_rows]
+    assert loop_tokens == generated or case.dtype != "float32", (loop_tokens, generated)
     # Every greedy choice must be clear, or an engine within tolerance could pick another token.
-    choices = torch.stack([prefill[-1].float()] + rows)
-    top2 = choices.topk(2, dim=-1).values
+    top2 = dump["decode_logits"].topk(2, dim=-1).values
     margin = float((top2[:, 0] - top2[:, 1]).min())
     # float32: 10x the conformance tolerance on logits; bfloat16: 8 ulps at |z| in [2, 4).
     required = 1e-3 if case.dtype == "float32" else 0.125
     assert margin >= required, f"{case.name}: greedy margin {margin} < {required}; pick another seed"
-    dump["decode_logits"] = torch.stack(rows).contiguous()
-    dump["greedy_continuation"] = torch.tensor(continuation, dtype=torch.int64)
-
-    # Cross-check the convention against HF generate (greedy; eos disabled).
-    generated = model.generate(
-        ids,
-        max_new_tokens=DECODE_STEPS + 1,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )[0, T:].tolist()
-    ours = [int(torch.argmax(prefill[-1]))] + continuation
-    if generated != ours:
-        msg = f"{case.name}: generate() gives {generated}, the decode loop gives {ours}"
-        assert case.dtype != "float32", msg
-        print(f"  note: {msg}", file=sys.stderr)
 
     check_dump(case, model, dump, T)
     return dump
@@ -829,7 +882,7 @@ def generate_case(case: Case, out_dir: Path) -> dict[str, str]:
     model = auto.from_config(config, attn_implementation="eager", experts_implementation="eager")
     assert isinstance(model, model_class(case)), type(model)
     randomise(model, g)
-    model = model.to(case.torch_dtype).eval()
+    model = model.to(case.torch_storage_dtype).eval()
     assert_not_neutral(model, case.name)
 
     case_dir = out_dir / case.name
@@ -854,14 +907,16 @@ def generate_case(case: Case, out_dir: Path) -> dict[str, str]:
         ours, theirs = model.state_dict(), reloaded.state_dict()
         assert ours.keys() == theirs.keys()
         for name in ours:
-            assert torch.equal(ours[name], theirs[name]), f"{name} changed through save/load"
+            # A bf16 checkpoint loaded in float32 holds the same values, widened.
+            assert torch.equal(ours[name].to(theirs[name].dtype), theirs[name]), f"{name} changed through save/load"
         assert_not_neutral(reloaded, f"{case.name} (reloaded)")
         probe = torch.tensor([tokens])
         with torch.no_grad():
             reference_logits = reloaded(input_ids=probe, use_cache=False).logits
-            if case.dtype == "float32":
+            if case.storage_dtype == case.dtype == "float32":
                 # (In bfloat16 the in-memory model differs: `.to(bfloat16)` also cast the
-                # RoPE inv_freq buffers, which from_pretrained keeps in float32.)
+                # RoPE inv_freq buffers, which from_pretrained keeps in float32. A bf16
+                # checkpoint loaded in float32 computes in another dtype than it was built in.)
                 built = model(input_ids=probe, use_cache=False).logits
                 assert torch.equal(built, reference_logits), "save/load changed the logits"
 
@@ -912,6 +967,7 @@ def generate_case(case: Case, out_dir: Path) -> dict[str, str]:
         "layout": case.layout,
         "config_spelling": case.config_spelling,
         "dtype": case.dtype,
+        "checkpoint_dtype": case.storage_dtype,
         "sharded": case.sharded,
         "tokens": tokens,
         "decode_steps": DECODE_STEPS,

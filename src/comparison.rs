@@ -16,6 +16,10 @@ use ndarray::ArrayD;
 pub enum Status {
     /// Within tolerance.
     Pass,
+    /// Beyond the fixed tolerance, but within this model's own float-noise envelope at this
+    /// tensor (`compare --model` only; see `crate::compare_diagnosis::clean_noise_envelope`):
+    /// conformant.
+    WithinNoise,
     /// Outside tolerance.
     Fail,
     /// Shapes differ.
@@ -45,6 +49,100 @@ pub struct TensorReport {
     pub candidate_at_worst: f64,
     pub expected_shape: Vec<usize>,
     pub candidate_shape: Vec<usize>,
+    /// For an index tensor that differs: which entries, and the first one's ids.
+    pub index_mismatch: Option<IndexMismatch>,
+    /// The float-noise envelope that admitted a [`Status::WithinNoise`] tensor.
+    pub noise_allowance: Option<f64>,
+}
+
+/// Where an index tensor (`input_ids`, `router.top_k_index`, `greedy_continuation`) differs:
+/// ids are either equal or not, so a count and the first difference say more than an error.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct IndexMismatch {
+    /// Entries that differ, of `total`.
+    pub differing: usize,
+    pub total: usize,
+    /// Rows (tokens, decode steps) holding a differing entry, of `rows`.
+    pub differing_rows: usize,
+    pub rows: usize,
+    /// Of the differing rows of a 2-D tensor (`top_k_index`), those holding the same ids in
+    /// another order (a different ranking of the same experts).
+    pub reordered_rows: usize,
+    /// The first differing entry (row-major), and the ids there.
+    pub first_index: Vec<usize>,
+    pub expected: i64,
+    pub got: i64,
+}
+
+impl IndexMismatch {
+    /// Compares two index tensors of one shape (`None` if they are equal).
+    pub fn of(expected: &ArrayD<i64>, candidate: &ArrayD<i64>) -> Option<IndexMismatch> {
+        let shape = expected.shape().to_vec();
+        let flat_expected: Vec<i64> = expected.iter().copied().collect();
+        let flat_candidate: Vec<i64> = candidate.iter().copied().collect();
+        let first = flat_expected
+            .iter()
+            .zip(&flat_candidate)
+            .position(|(e, c)| e != c)?;
+        let row_length = shape.iter().skip(1).product::<usize>().max(1);
+        let rows: Vec<(&[i64], &[i64])> = flat_expected
+            .chunks(row_length)
+            .zip(flat_candidate.chunks(row_length))
+            .collect();
+        let differing_rows: Vec<&(&[i64], &[i64])> = rows.iter().filter(|(e, c)| e != c).collect();
+        let reordered_rows = if shape.len() == 2 {
+            differing_rows
+                .iter()
+                .filter(|(e, c)| {
+                    let (mut e, mut c) = (e.to_vec(), c.to_vec());
+                    e.sort_unstable();
+                    c.sort_unstable();
+                    e == c
+                })
+                .count()
+        } else {
+            0
+        };
+        Some(IndexMismatch {
+            differing: flat_expected
+                .iter()
+                .zip(&flat_candidate)
+                .filter(|(e, c)| e != c)
+                .count(),
+            total: flat_expected.len(),
+            differing_rows: differing_rows.len(),
+            rows: rows.len(),
+            reordered_rows,
+            first_index: unravel(first, &shape),
+            expected: flat_expected[first],
+            got: flat_candidate[first],
+        })
+    }
+
+    /// One phrase, e.g. "3 of 96 entries differ, in 2 of 12 rows (1 the same ids in another
+    /// order); first at [4, 2]: expected 17, got 93".
+    pub fn describe(&self, row_noun: &str) -> String {
+        let reordered = if self.reordered_rows > 0 {
+            format!(
+                " ({} of them the same ids in another order)",
+                self.reordered_rows
+            )
+        } else {
+            String::new()
+        };
+        let rows = if self.total > self.rows {
+            format!(
+                ", in {} of {} {row_noun}{reordered}",
+                self.differing_rows, self.rows
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "{} of {} entries differ{rows}; first at {:?}: expected {}, got {}",
+            self.differing, self.total, self.first_index, self.expected, self.got
+        )
+    }
 }
 
 impl TensorReport {
@@ -60,6 +158,15 @@ impl TensorReport {
                 "{}: non-finite value {} at {:?}",
                 self.name, self.candidate_at_worst, self.worst_index
             ),
+            Status::Fail if self.index_mismatch.is_some() => {
+                let mismatch = self.index_mismatch.as_ref().expect("checked");
+                let noun = if self.name == "greedy_continuation" {
+                    "decode steps"
+                } else {
+                    "tokens"
+                };
+                format!("{}: {}", self.name, mismatch.describe(noun))
+            }
             _ => format!(
                 "{}: max_abs {:.3e}, max_rel {:.3e} (tolerance {:.1e}), worst at {:?}: expected {:.6}, got {:.6}",
                 self.name,
@@ -95,6 +202,8 @@ pub fn compare_tensor(
         candidate_at_worst: 0.0,
         expected_shape: expected.shape().to_vec(),
         candidate_shape: candidate.shape().to_vec(),
+        index_mismatch: None,
+        noise_allowance: None,
     };
     if expected.shape() != candidate.shape() {
         report.status = Status::ShapeMismatch;
@@ -148,6 +257,12 @@ pub fn compare_tensor(
     };
     if report.max_rel > tolerance {
         report.status = Status::Fail;
+    }
+    if let (DumpTensor::I64(e), DumpTensor::I64(c)) = (expected, candidate) {
+        report.index_mismatch = IndexMismatch::of(e, c);
+        if report.index_mismatch.is_some() {
+            report.status = Status::Fail;
+        }
     }
     report
 }
@@ -335,6 +450,8 @@ fn compare_dumps_by(
                     candidate_at_worst: 0.0,
                     expected_shape: expected_tensor.shape().to_vec(),
                     candidate_shape: Vec::new(),
+                    index_mismatch: None,
+                    noise_allowance: None,
                 },
             }
         })

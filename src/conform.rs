@@ -81,12 +81,7 @@ pub fn run_case_on_engines(
         .iter()
         .map(|&engine| {
             let (reports, error) = match &expected {
-                Ok(expected) => match engine.dump_with_threads(
-                    &case.model_dir(),
-                    &case.tokens,
-                    case.decode_steps,
-                    threads,
-                ) {
+                Ok(expected) => match engine.dump_case(case, threads) {
                     Ok(candidate) => (compare_with_case(case, expected, &candidate), None),
                     Err(e) => (Vec::new(), Some(e.to_string())),
                 },

@@ -3,7 +3,9 @@
 use std::path::Path;
 
 use gemma4_optimized::Gemma4Optimized;
-use gemma4_reference::{ActivationDump, Gemma4TextModel, Result};
+use gemma4_reference::{ActivationDump, ComputeDtype, Gemma4TextModel, Result};
+
+use crate::golden::GoldenCase;
 
 /// Which implementation computes a dump.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -23,25 +25,46 @@ impl Engine {
     }
 
     /// Loads the model in `dir` and produces the activation dump of `tokens`, with `decode_steps`
-    /// greedy steps through the KV cache.
+    /// greedy steps through the KV cache, in float32 arithmetic.
     pub fn dump(self, dir: &Path, tokens: &[usize], decode_steps: usize) -> Result<ActivationDump> {
-        self.dump_with_threads(dir, tokens, decode_steps, None)
+        self.dump_with(dir, tokens, decode_steps, &DumpOptions::default())
     }
 
-    /// [`Engine::dump`] with an explicit thread count for the optimized engine (`None`: the
-    /// `RAYON_NUM_THREADS` default). The reference is single-threaded and ignores it.
-    pub fn dump_with_threads(
+    /// The dump of a golden case: its tokens and decode steps, in the arithmetic its oracle ran
+    /// in (`threads` sizes the optimized engine's pool).
+    pub fn dump_case(self, case: &GoldenCase, threads: Option<usize>) -> Result<ActivationDump> {
+        let options = DumpOptions {
+            threads,
+            compute_dtype: case.compute_dtype(),
+        };
+        self.dump_with(&case.model_dir(), &case.tokens, case.decode_steps, &options)
+    }
+
+    /// [`Engine::dump`] with explicit options.
+    pub fn dump_with(
         self,
         dir: &Path,
         tokens: &[usize],
         decode_steps: usize,
-        threads: Option<usize>,
+        options: &DumpOptions,
     ) -> Result<ActivationDump> {
         match self {
-            Engine::Reference => Gemma4TextModel::load(dir)?.dump(tokens, decode_steps),
-            Engine::Optimized => {
-                Gemma4Optimized::load_with_threads(dir, threads)?.dump(tokens, decode_steps)
-            }
+            Engine::Reference => Gemma4TextModel::load(dir)?
+                .with_compute_dtype(options.compute_dtype)
+                .dump(tokens, decode_steps),
+            Engine::Optimized => Gemma4Optimized::load_with_threads(dir, options.threads)?
+                .with_compute_dtype(options.compute_dtype)
+                .dump(tokens, decode_steps),
         }
     }
+}
+
+/// How an engine computes a dump.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DumpOptions {
+    /// Threads of the optimized engine (`None`: the `RAYON_NUM_THREADS` default); the reference
+    /// is single-threaded and ignores it.
+    pub threads: Option<usize>,
+    /// The arithmetic imitated (float32 unless declared: `gemma4_reference::compute_dtype`).
+    pub compute_dtype: ComputeDtype,
 }

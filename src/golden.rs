@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use gemma4_reference::ComputeDtype;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -20,6 +21,8 @@ pub struct GoldenCase {
     pub config_spelling: String,
     /// `float32` or `bfloat16`: the oracle's compute dtype.
     pub dtype: String,
+    /// `float32` or `bfloat16`: the dtype the checkpoint is stored in (`dtype` if not given).
+    pub checkpoint_dtype: String,
     pub tokens: Vec<usize>,
     pub decode_steps: usize,
     pub exercises: Vec<String>,
@@ -32,6 +35,11 @@ impl GoldenCase {
 
     pub fn expected_path(&self) -> PathBuf {
         self.dir.join("expected.safetensors")
+    }
+
+    /// The arithmetic the oracle ran in, which our engines imitate for this case.
+    pub fn compute_dtype(&self) -> ComputeDtype {
+        ComputeDtype::from_name(&self.dtype).unwrap_or_default()
     }
 }
 
@@ -101,13 +109,19 @@ pub fn load_cases(golden: &Path) -> Result<Vec<GoldenCase>, String> {
                     .ok_or_else(|| format!("{name}: bad token {t}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let dtype = text("dtype");
+        let checkpoint_dtype = match text("checkpoint_dtype") {
+            stored if stored.is_empty() => dtype.clone(),
+            stored => stored,
+        };
         result.push(GoldenCase {
             name: name.to_string(),
             dir,
             family: text("family"),
             layout: text("layout"),
             config_spelling: text("config_spelling"),
-            dtype: text("dtype"),
+            dtype,
+            checkpoint_dtype,
             tokens,
             decode_steps: description
                 .get("decode_steps")

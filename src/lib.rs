@@ -6,6 +6,7 @@
 //! `gemma4-reference` (readable) and `gemma4-optimized` (fast).
 
 pub mod compare;
+pub mod compare_decode;
 pub mod compare_diagnosis;
 pub mod compare_structure;
 pub mod comparison;

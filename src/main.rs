@@ -4,11 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use gemma4::compare::{format_report, run_compare, ExpectedSource};
+use gemma4::compare::{format_report, run_compare, CompareOptions, ExpectedSource};
 use gemma4::conform::{format_table, run_case_on_engines};
-use gemma4::engine::Engine;
+use gemma4::engine::{DumpOptions, Engine};
 use gemma4::golden::{golden_dir, load_cases};
 use gemma4::inspect::{format_inspection, inspect};
+use gemma4::reference::ComputeDtype;
 use gemma4::tokens::parse_token_list;
 
 #[derive(Parser)]
@@ -89,12 +90,19 @@ struct DumpArgs {
     out: PathBuf,
     #[arg(long, value_enum, default_value = "reference")]
     engine: Engine,
-    /// Also decode N tokens greedily through the KV cache after the prefill.
+    /// Also generate N tokens greedily as Hugging Face `generate` does: `decode_logits` holds the
+    /// logits row that chose each of them (row 0 is the prefill's last row), then N - 1 single
+    /// tokens go through the KV cache.
     #[arg(long, default_value_t = 0)]
     decode: usize,
     /// Threads of the optimized engine (default: RAYON_NUM_THREADS, else one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// The arithmetic to imitate: float32 (default, what Hugging Face computes with
+    /// torch_dtype=float32, whatever dtype the checkpoint is stored in), or bf16 / f16 for a
+    /// model run in that dtype (the embedding scales are then rounded to it).
+    #[arg(long, default_value = "float32")]
+    compute_dtype: ComputeDtype,
 }
 
 #[derive(Args)]
@@ -117,6 +125,11 @@ struct CompareArgs {
     /// Skip the diagnosis (re-running the reference once per known fault) with --model.
     #[arg(long)]
     no_diagnosis: bool,
+    /// With --model: the arithmetic the reference imitates. float32 (default) is what Hugging
+    /// Face computes with torch_dtype=float32, whatever dtype the checkpoint is stored in; bf16
+    /// or f16 judge a port that runs the model in that dtype (embedding scales rounded to it).
+    #[arg(long, default_value = "float32")]
+    compute_dtype: ComputeDtype,
 }
 
 #[derive(Args)]
@@ -191,9 +204,13 @@ fn dump(args: DumpArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let options = DumpOptions {
+        threads: args.threads,
+        compute_dtype: args.compute_dtype,
+    };
     let result = args
         .engine
-        .dump_with_threads(&args.model, &tokens, args.decode, args.threads)
+        .dump_with(&args.model, &tokens, args.decode, &options)
         .and_then(|dump| {
             dump.write(&args.out, &[("engine", args.engine.name())])
                 .map(|()| dump.len())
@@ -229,7 +246,11 @@ fn compare(args: CompareArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run_compare(source, &args.candidate, !args.no_diagnosis) {
+    let options = CompareOptions {
+        compute_dtype: args.compute_dtype,
+        diagnose: !args.no_diagnosis,
+    };
+    match run_compare(source, &args.candidate, options) {
         Err(e) => {
             eprintln!("gemma4 compare: {e}");
             ExitCode::from(2)

@@ -33,7 +33,9 @@ fn fixture(name: &str) -> &'static Fixture {
 fn build_fixture(name: &str) -> Fixture {
     let case = common::golden_case(name);
     let (model, clean) = with_faults(&[], || {
-        let model = Gemma4TextModel::load(&case.model_dir()).expect("golden model loads");
+        let model = Gemma4TextModel::load(&case.model_dir())
+            .expect("golden model loads")
+            .with_compute_dtype(case.compute_dtype());
         let clean = model
             .dump(&case.tokens, case.decode_steps)
             .expect("reference runs");
@@ -64,7 +66,9 @@ fn candidate(
 ) -> ActivationDump {
     let case = &fixture.case;
     with_faults(faults, || {
-        let mut model = Gemma4TextModel::load(&case.model_dir()).expect("golden model loads");
+        let mut model = Gemma4TextModel::load(&case.model_dir())
+            .expect("golden model loads")
+            .with_compute_dtype(case.compute_dtype());
         if noise > 0.0 {
             perturb_weights(&mut model, noise, 0x5eed);
         }
@@ -90,12 +94,13 @@ fn judge(fixture: &Fixture, candidate: &ActivationDump) -> CompareReport {
     compare_and_diagnose(&fixture.clean, candidate, &fixture.facts, &fixture.library)
 }
 
-const CASES: [&str; 5] = [
+const CASES: [&str; 6] = [
     "e2b_like",
     "e4b_like",
     "31b_like",
     "26b_a4b_like",
     "e2b_bf16",
+    "e4b_bf16_as_f32",
 ];
 
 #[test]
@@ -267,6 +272,11 @@ fn diagnosis_names_each_fault_26b_a4b_like() {
 #[test]
 fn diagnosis_names_each_fault_e2b_bf16() {
     assert_each_fault_diagnosed("e2b_bf16");
+}
+
+#[test]
+fn diagnosis_names_each_fault_e4b_bf16_as_f32() {
+    assert_each_fault_diagnosed("e4b_bf16_as_f32");
 }
 
 #[test]
@@ -709,4 +719,120 @@ fn diagnosis_bf16_port_never_wrong_e2b_bf16() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode rows: conventions and near ties
+// ---------------------------------------------------------------------------------------------
+
+/// `dump` (generate's convention) recorded in the steps-only convention: its decode rows and
+/// tokens from row 1 on.
+fn steps_only(dump: &ActivationDump) -> ActivationDump {
+    let mut old = dump.clone();
+    for name in ["decode_logits", "greedy_continuation"] {
+        let tensor = match dump.get(name).unwrap() {
+            gemma4_reference::dump::DumpTensor::F32(a) => gemma4_reference::dump::DumpTensor::F32(
+                a.slice_axis(ndarray::Axis(0), ndarray::Slice::from(1..))
+                    .to_owned(),
+            ),
+            gemma4_reference::dump::DumpTensor::I64(a) => gemma4_reference::dump::DumpTensor::I64(
+                a.slice_axis(ndarray::Axis(0), ndarray::Slice::from(1..))
+                    .to_owned(),
+            ),
+        };
+        old.insert(name, tensor);
+    }
+    old
+}
+
+#[test]
+fn diagnosis_steps_only_candidate_realigned_then_diagnosed_e2b_like() {
+    // A port with a bug that also records the other decode convention: realigned, then the bug
+    // is named as for a generate-convention dump.
+    let fixture = fixture("e2b_like");
+    for fault in [Fault::GeluExact, Fault::SoftcapMissing] {
+        let dump = steps_only(&candidate(fixture, &[fault], PORT_NOISE, |_| {}));
+        let report = judge(fixture, &dump);
+        assert_eq!(report.decode_convention, Some("steps_only"));
+        assert_eq!(
+            report.diagnosis.as_deref(),
+            Some(fault.id()),
+            "{}",
+            verdict(&report)
+        );
+    }
+}
+
+#[test]
+fn compare_near_tie_in_a_greedy_choice_is_not_a_divergence_e2b_like() {
+    let fixture = fixture("e2b_like");
+    let step = 2;
+    let rows = fixture
+        .clean
+        .get("decode_logits")
+        .unwrap()
+        .as_f32()
+        .unwrap()
+        .clone();
+    let row = rows.index_axis(ndarray::Axis(0), step).to_owned();
+    let scale = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let best = gemma4_reference::model::argmax(row.view().into_dimensionality().unwrap());
+    let other = (best + 1) % row.len();
+    let top = row[[best]];
+    // The expected row: `other` `gap` (relative to the row's scale) below the winner. The
+    // candidate picks `other` (a hair above the winner), and its later rows and tokens follow
+    // another sequence.
+    let judge_choice = |gap: f32| {
+        let mut expected = fixture.clean.clone();
+        let mut expected_rows = rows.clone();
+        expected_rows[[step, other]] = top - gap * scale;
+        expected.insert_f32("decode_logits", expected_rows.clone());
+        let mut candidate = expected.clone();
+        let mut candidate_rows = expected_rows;
+        candidate_rows[[step, other]] = top + 1e-6 * scale;
+        candidate_rows
+            .slice_mut(ndarray::s![step + 1.., ..])
+            .mapv_inplace(|v| 0.5 * v - 1.0);
+        candidate.insert_f32("decode_logits", candidate_rows);
+        let mut tokens = expected
+            .get("greedy_continuation")
+            .unwrap()
+            .as_i64()
+            .unwrap()
+            .clone();
+        tokens[step] = other as i64;
+        tokens
+            .slice_mut(ndarray::s![step + 1..])
+            .mapv_inplace(|t| (t + 7) % 512);
+        candidate.insert_i64("greedy_continuation", tokens);
+        compare(&expected, &candidate, &fixture.facts)
+    };
+    // 1e-6 of the scale, far inside the tolerance: either choice is right.
+    let tie = judge_choice(1e-6);
+    assert!(
+        tie.conformant,
+        "a near tie is either choice: {:?} {:?}",
+        tie.first_divergence, tie.notes
+    );
+    assert!(
+        tie.notes.iter().any(|n| n.contains("near tie")),
+        "{:?}",
+        tie.notes
+    );
+    // The same choice where the expected winner leads by far more than the tolerance.
+    let report = judge_choice(0.1);
+    assert!(!report.conformant);
+    assert!(
+        matches!(
+            report.first_divergence.as_deref(),
+            Some("decode_logits" | "greedy_continuation")
+        ),
+        "{:?}",
+        report.first_divergence
+    );
+    assert!(
+        report.notes.iter().any(|n| n.contains("not a near tie")),
+        "{:?}",
+        report.notes
+    );
 }

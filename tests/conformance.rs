@@ -34,7 +34,7 @@ fn reports(case_name: &str, engine: Engine) -> Vec<TensorReport> {
     let case = golden_case(case_name);
     let expected = ActivationDump::read(&case.expected_path()).expect("expected dump readable");
     let candidate = engine
-        .dump(&case.model_dir(), &case.tokens, case.decode_steps)
+        .dump_case(&case, None)
         .unwrap_or_else(|e| panic!("{case_name}: the {} engine failed: {e}", engine.name()));
     let result = compare_with_case(&case, &expected, &candidate);
     CACHE
@@ -168,9 +168,7 @@ macro_rules! conformance_tests {
             fn dump_has_exactly_the_oracle_tensor_names() {
                 let case = golden_case($case);
                 let expected = ActivationDump::read(&case.expected_path()).unwrap();
-                let ours = Engine::Reference
-                    .dump(&case.model_dir(), &case.tokens, case.decode_steps)
-                    .unwrap();
+                let ours = Engine::Reference.dump_case(&case, None).unwrap();
                 let mut expected_names: Vec<&str> = expected.names_in_model_order();
                 let mut our_names: Vec<&str> = ours.names_in_model_order();
                 expected_names.sort_unstable();
@@ -190,6 +188,7 @@ conformance_tests!(e4b_like, "e4b_like", ple: true, moe: false);
 conformance_tests!(case_31b_like, "31b_like", ple: false, moe: false);
 conformance_tests!(case_26b_a4b_like, "26b_a4b_like", ple: false, moe: true);
 conformance_tests!(e2b_bf16, "e2b_bf16", ple: true, moe: false);
+conformance_tests!(e4b_bf16_as_f32, "e4b_bf16_as_f32", ple: true, moe: false);
 
 #[test]
 fn golden_cases_cover_every_variant_family() {

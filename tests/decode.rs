@@ -109,19 +109,17 @@ fn decode_incremental_equals_full_forward_every_golden_model() {
 
 #[test]
 fn decode_greedy_steps_equal_full_forward_on_the_extended_sequence() {
-    // The dump's decode_logits[s] must be the full forward's logits at position T + s of the
-    // sequence prompt ++ [f_0 ... f_s] (f_0 = argmax of the prefill's last logits).
+    // Hugging Face generate's convention: decode_logits[s] chose f_s, and is the full forward's
+    // logits at position T + s − 1 of the sequence prompt ++ [f_0 ... f_{s−1}] (row 0 is the
+    // prompt's last row); greedy_continuation[s] = f_s = argmax(decode_logits[s]).
     for case in load_cases(&common::golden_dir()).unwrap() {
         let model = Gemma4TextModel::load(&case.model_dir()).unwrap();
-        let dump = model.dump(&case.tokens, 4).unwrap();
+        let steps = 5;
+        let dump = model.dump(&case.tokens, steps).unwrap();
         let decode = dump.get("decode_logits").unwrap().as_f32().unwrap();
         let continuation = dump.get("greedy_continuation").unwrap().as_i64().unwrap();
-        let prompt_logits = dump.get("logits").unwrap().as_f32().unwrap();
-        let last = prompt_logits.slice(s![prompt_logits.shape()[0] - 1, ..]);
-        let first = gemma4_reference::model::argmax(last.view());
         let mut sequence = case.tokens.clone();
-        sequence.push(first);
-        sequence.extend(continuation.iter().take(3).map(|&t| t as usize));
+        sequence.extend(continuation.iter().take(steps - 1).map(|&t| t as usize));
         let full = model
             .forward(
                 &sequence,
@@ -133,8 +131,20 @@ fn decode_greedy_steps_equal_full_forward_on_the_extended_sequence() {
         let decode = decode.view().into_dimensionality().unwrap();
         assert_rows_close(
             &format!("{} decode_logits", case.name),
-            full.slice(s![t..t + 4, ..]),
+            full.slice(s![t - 1..t - 1 + steps, ..]),
             decode,
         );
+        for (s, &token) in continuation.iter().enumerate() {
+            assert_eq!(
+                token as usize,
+                gemma4_reference::model::argmax(decode.row(s)),
+                "{}: greedy_continuation[{s}] is not the argmax of decode_logits[{s}]",
+                case.name
+            );
+        }
+        // Row 0 is the prompt's last row itself, bit for bit.
+        let prompt_logits = dump.get("logits").unwrap().as_f32().unwrap();
+        let last = prompt_logits.slice(s![prompt_logits.shape()[0] - 1, ..]);
+        assert_eq!(decode.row(0), last, "{}: decode_logits[0]", case.name);
     }
 }

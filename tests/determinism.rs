@@ -13,7 +13,11 @@ use common::golden_case;
 /// Loads the case's model and computes its dump (prefill and greedy decode).
 fn reference_dump(case: &GoldenCase) -> ActivationDump {
     Gemma4TextModel::load(&case.model_dir())
-        .and_then(|model| model.dump(&case.tokens, case.decode_steps))
+        .and_then(|model| {
+            model
+                .with_compute_dtype(case.compute_dtype())
+                .dump(&case.tokens, case.decode_steps)
+        })
         .unwrap_or_else(|e| panic!("{}: {e}", case.name))
 }
 
@@ -84,7 +88,9 @@ fn determinism_reference_dump_across_concurrent_threads() {
     for name in ["e2b_like", "26b_a4b_like"] {
         let case = golden_case(name);
         let alone = reference_dump(&case);
-        let shared = Gemma4TextModel::load(&case.model_dir()).unwrap();
+        let shared = Gemma4TextModel::load(&case.model_dir())
+            .unwrap()
+            .with_compute_dtype(case.compute_dtype());
         let (from_shared, from_own) = std::thread::scope(|scope| {
             let shared_run = scope.spawn(|| shared.dump(&case.tokens, case.decode_steps).unwrap());
             let own_run = scope.spawn(|| reference_dump(&case));

@@ -46,18 +46,20 @@ fn generate_streams_the_greedy_continuation_e2b_like_both_engines() {
     let model = Gemma4TextModel::load(dir.path()).unwrap();
     let words = [5usize, 9, 12, 100, 7, 301, 44, 17, 250, 3, 88];
     let prompt: Vec<usize> = std::iter::once(2).chain(words).collect();
-    let dump = model.dump(&prompt, 4).unwrap();
+    let dump = model.dump(&prompt, 5).unwrap();
+    // The dump's continuation starts with the argmax of the prompt's last logits (generate's
+    // convention).
     let logits = dump.get("logits").unwrap().as_f32().unwrap();
     let first = argmax(logits.slice(s![prompt.len() - 1, ..]).view());
-    let mut expected: Vec<usize> = vec![first];
-    expected.extend(
-        dump.get("greedy_continuation")
-            .unwrap()
-            .as_i64()
-            .unwrap()
-            .iter()
-            .map(|&t| t as usize),
-    );
+    let expected: Vec<usize> = dump
+        .get("greedy_continuation")
+        .unwrap()
+        .as_i64()
+        .unwrap()
+        .iter()
+        .map(|&t| t as usize)
+        .collect();
+    assert_eq!(expected[0], first);
     let eos = &model.config.special_tokens.eos_token_ids;
     let expected_words: Vec<String> = expected
         .iter()

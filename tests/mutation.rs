@@ -27,8 +27,11 @@ enum Outcome {
 fn run_case(case: &GoldenCase, expected: &ActivationDump, faults: &[Fault]) -> Outcome {
     let dump = catch_unwind(AssertUnwindSafe(|| {
         with_faults(faults, || {
-            Gemma4TextModel::load(&case.model_dir())
-                .and_then(|model| model.dump(&case.tokens, case.decode_steps))
+            Gemma4TextModel::load(&case.model_dir()).and_then(|model| {
+                model
+                    .with_compute_dtype(case.compute_dtype())
+                    .dump(&case.tokens, case.decode_steps)
+            })
         })
     }));
     match dump {

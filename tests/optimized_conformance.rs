@@ -33,7 +33,7 @@ fn optimized_conforms_to_oracle_every_golden_case() {
     for case in cases() {
         let expected = ActivationDump::read(&case.expected_path()).unwrap();
         let candidate = Engine::Optimized
-            .dump(&case.model_dir(), &case.tokens, case.decode_steps)
+            .dump_case(&case, None)
             .unwrap_or_else(|e| panic!("{}: the optimized engine failed: {e}", case.name));
         let reports = compare_with_case(&case, &expected, &candidate);
         let failed = failures(&reports);
@@ -90,7 +90,10 @@ fn cast_to_bf16(model: &Path) -> tempfile::TempDir {
 
 #[test]
 fn optimized_bf16_weights_match_reference_and_f32_oracle_every_golden_case() {
-    for case in cases().into_iter().filter(|c| c.dtype == "float32") {
+    for case in cases()
+        .into_iter()
+        .filter(|c| c.checkpoint_dtype == "float32")
+    {
         let cast = cast_to_bf16(&case.model_dir());
         // 1. Same bf16 weights, both engines: the optimized engine widens bf16 in its kernels,
         //    the reference converts at load; the arithmetic after that is f32 in both, so the

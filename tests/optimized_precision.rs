@@ -70,7 +70,7 @@ fn fast_prefill_leaves_f32_weights_and_dumps_bit_identical() {
                 case.name
             );
         }
-        if case.dtype == "float32" {
+        if case.checkpoint_dtype == "float32" {
             // f32 weights: the mode does not apply; prefill and decode bit for bit.
             let (a, b) = (
                 prefill(&f32_model, &case.tokens),

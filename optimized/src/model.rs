@@ -27,6 +27,7 @@
 use std::path::Path;
 
 use gemma4_reference::checkpoint::Checkpoint;
+use gemma4_reference::compute_dtype::ComputeDtype;
 use gemma4_reference::dump::{input_ids_tensor, ActivationDump, Recorder};
 use gemma4_reference::embedding::embedding_scale;
 use gemma4_reference::error::Error;
@@ -63,10 +64,12 @@ pub struct Gemma4Optimized {
     pub config: ModelConfig,
     pub plan: ModelPlan,
     pub weights: TextWeights,
-    /// `√D` in the embedding table's dtype.
+    /// `√D` in the compute dtype.
     embed_scale: f32,
-    /// `√P` in the PLE table's dtype.
+    /// `√P` in the compute dtype.
     ple_token_scale: f32,
+    /// The arithmetic this run imitates (the dtype of the two scales above).
+    compute_dtype: ComputeDtype,
     /// The distinct RoPE inverse-frequency tables (one per attention type)...
     inverse_frequencies: Vec<Vec<f32>>,
     /// ... and which one each layer uses.
@@ -94,10 +97,8 @@ impl Gemma4Optimized {
             let plan = ModelPlan::from_config(&config.text);
             let checkpoint = Checkpoint::open(dir)?;
             let weights = TextWeights::load(&checkpoint, &config, &plan)?;
-            let embed_scale = embedding_scale(config.text.hidden_size, weights.embed_tokens.dtype);
-            let ple_token_scale = weights.per_layer_embeddings.as_ref().map_or(1.0, |p| {
-                embedding_scale(p.projection_norm.len(), p.table.dtype)
-            });
+            let compute_dtype = ComputeDtype::Float32;
+            let (embed_scale, ple_token_scale) = embedding_scales(&config, compute_dtype);
             let mut inverse_frequencies_of_types: Vec<Vec<f32>> = Vec::new();
             let rope_of_layer = plan
                 .layers
@@ -126,6 +127,7 @@ impl Gemma4Optimized {
                 weights,
                 embed_scale,
                 ple_token_scale,
+                compute_dtype,
                 inverse_frequencies: inverse_frequencies_of_types,
                 rope_of_layer,
                 precision: Precision::F32,
@@ -146,6 +148,19 @@ impl Gemma4Optimized {
     pub fn with_precision(mut self, precision: Precision) -> Self {
         self.precision = precision;
         self
+    }
+
+    /// This model imitating a `compute` run: the embedding scales `√D` and `√P` rounded to that
+    /// dtype (`gemma4_reference::compute_dtype`; float32 unless declared otherwise).
+    pub fn with_compute_dtype(mut self, compute: ComputeDtype) -> Self {
+        (self.embed_scale, self.ple_token_scale) = embedding_scales(&self.config, compute);
+        self.compute_dtype = compute;
+        self
+    }
+
+    /// The arithmetic this run imitates.
+    pub fn compute_dtype(&self) -> ComputeDtype {
+        self.compute_dtype
     }
 
     /// The precision of [`Gemma4Optimized::forward`]'s matrix products.
@@ -372,8 +387,10 @@ impl Gemma4Optimized {
         Ok(dump)
     }
 
-    /// Greedy decoding after a prefill whose last logits row is `last_logits`: `steps` single
-    /// tokens through the cache. Returns `decode_logits` `[N, V]` and `greedy_continuation` `[N]`.
+    /// Greedy decoding after a prefill whose last logits row is `last_logits`, in the convention
+    /// of Hugging Face `generate` (`gemma4_reference::model::greedy_steps`: row 0 is
+    /// `last_logits`, then `steps − 1` single tokens through the cache). Returns
+    /// `decode_logits` `[N, V]` and `greedy_continuation` `[N]`.
     pub fn greedy_decode(
         &self,
         last_logits: &[f32],
@@ -391,6 +408,19 @@ impl Gemma4Optimized {
             },
         )
     }
+}
+
+/// `(√D, √P)` as a `compute` run applies them (the reference's `embedding_scale`); `√P` is 1
+/// without PLE. (The reference's faults never reach the optimized engine.)
+fn embedding_scales(config: &ModelConfig, compute: ComputeDtype) -> (f32, f32) {
+    let text = &config.text;
+    with_faults(&[], || {
+        let ple = match text.hidden_size_per_layer_input {
+            0 => 1.0,
+            width => embedding_scale(width, compute),
+        };
+        (embedding_scale(text.hidden_size, compute), ple)
+    })
 }
 
 /// Index of the largest value (the first one on ties, as `torch.argmax`): the reference's

@@ -72,7 +72,7 @@ mod tests {
     use super::*;
     use crate::checkpoint::Matrix;
     use crate::testing::{assert_close, random_values, to_array2};
-    use gemma4_reference::checkpoint::WeightDtype;
+    use gemma4_reference::compute_dtype::ComputeDtype;
     use half::bf16;
     use ndarray::Array1;
 
@@ -95,12 +95,11 @@ mod tests {
         };
         let reference = gemma4_reference::checkpoint::PleWeights {
             table: to_array2(vocab, layers * p, &table_f32),
-            table_dtype: WeightDtype::BF16,
             model_projection: to_array2(layers * p, d, &projection),
             projection_norm: Array1::from(norm),
         };
         let got = per_layer_inputs(&ids, &x0, d, &ours, 16.0f32.sqrt(), 1e-6);
-        // sqrt(8) rounded to bf16, as the reference does for a bf16 table.
+        // sqrt(8) rounded to bf16, as the reference does when computing as bf16.
         let got_bf16_scale = per_layer_inputs(
             &ids,
             &x0,
@@ -115,6 +114,7 @@ mod tests {
             &reference,
             layers,
             1e-6,
+            ComputeDtype::BFloat16,
         );
         assert!(
             got.iter()

@@ -929,7 +929,6 @@ pub struct LayerWeights {
 pub struct PleWeights {
     /// `[V_ple, L*P]`, layer-major columns
     pub table: Array2<f32>,
-    pub table_dtype: WeightDtype,
     /// `[L*P, D]`
     pub model_projection: Array2<f32>,
     /// `[P]`, shared by all layers
@@ -966,7 +965,6 @@ impl TextWeights {
         let per_layer_embeddings = if text.hidden_size_per_layer_input > 0 {
             Some(PleWeights {
                 table: tensors.load("embed_tokens_per_layer.weight")?,
-                table_dtype: tensors.get("embed_tokens_per_layer.weight").dtype,
                 model_projection: tensors.load("per_layer_model_projection.weight")?,
                 projection_norm: tensors.load("per_layer_projection_norm.weight")?,
             })

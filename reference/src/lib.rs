@@ -9,7 +9,8 @@
 //! 1. [`config`]: `config.json` in both layouts and both spellings;
 //! 2. [`layer_plan`]: the per-layer decisions (sliding/full, head dims, KV sharing, MLP width);
 //! 3. [`checkpoint`]: safetensors loading — the only module that knows HF tensor names;
-//! 4. [`embedding`] and [`ple`]: scaled embeddings and Per-Layer Embeddings;
+//! 4. [`embedding`] and [`ple`]: scaled embeddings and Per-Layer Embeddings (their scales
+//!    rounded to the [`compute_dtype`] a run imitates);
 //! 5. [`decoder_layer`]: one layer, built from [`rms_norm`], [`attention`] (with [`rope`],
 //!    [`mask`], [`kv_cache`]), [`mlp`] (with [`gelu`]) and [`moe`];
 //! 6. [`model`]: the whole forward pass, logits, softcapping and greedy decoding;
@@ -19,6 +20,7 @@
 
 pub mod attention;
 pub mod checkpoint;
+pub mod compute_dtype;
 pub mod config;
 pub mod decoder_layer;
 pub mod dump;
@@ -39,6 +41,7 @@ pub mod ple;
 pub mod rms_norm;
 pub mod rope;
 
+pub use compute_dtype::ComputeDtype;
 pub use config::ModelConfig;
 pub use dump::ActivationDump;
 pub use error::{Error, Result};

@@ -14,6 +14,7 @@ use std::path::Path;
 use ndarray::{s, Array1, Array2, ArrayView1};
 
 use crate::checkpoint::{Checkpoint, TextWeights};
+use crate::compute_dtype::ComputeDtype;
 use crate::config::{AttentionType, CheckpointLayout, ModelConfig, RopeParameters};
 use crate::decoder_layer::decoder_layer;
 use crate::dump::{input_ids_tensor, ActivationDump, Recorder};
@@ -33,6 +34,9 @@ pub struct Gemma4TextModel {
     pub config: ModelConfig,
     pub plan: ModelPlan,
     pub weights: TextWeights,
+    /// The arithmetic this run imitates: which dtype the embedding scales are rounded to
+    /// ([`ComputeDtype`]; float32 unless declared otherwise).
+    pub compute_dtype: ComputeDtype,
 }
 
 impl Gemma4TextModel {
@@ -51,7 +55,14 @@ impl Gemma4TextModel {
             config,
             plan,
             weights,
+            compute_dtype: ComputeDtype::Float32,
         })
+    }
+
+    /// The same model imitating a `compute` run ([`ComputeDtype`]).
+    pub fn with_compute_dtype(mut self, compute: ComputeDtype) -> Self {
+        self.compute_dtype = compute;
+        self
     }
 
     /// An empty KV cache for this model.
@@ -77,7 +88,7 @@ impl Gemma4TextModel {
 
     /// The scaled main embedding `x⁰` `[T, D]` (text §4).
     pub fn embed(&self, token_ids: &[usize]) -> Array2<f32> {
-        let scale = embedding_scale(self.config.text.hidden_size, self.weights.embed_dtype);
+        let scale = embedding_scale(self.config.text.hidden_size, self.compute_dtype);
         scaled_embedding(
             &self.weights.embed_tokens,
             &self.embedding_token_ids(token_ids),
@@ -136,6 +147,7 @@ impl Gemma4TextModel {
                     ple_weights,
                     text.num_hidden_layers,
                     text.rms_norm_eps,
+                    self.compute_dtype,
                 );
                 recorder.record("per_layer_inputs", ple.view().into_dyn())?;
                 Some(ple)
@@ -188,11 +200,10 @@ impl Gemma4TextModel {
     }
 
     /// The full activation dump of shared contracts §2 for `token_ids`, plus, when
-    /// `decode_steps > 0`, greedy decoding through the KV cache:
-    ///
-    /// after the prefill, `f₀ = argmax(logits[T−1])`; step `s` feeds the single token `f_s` at
-    /// position `T + s`, `decode_logits[s]` is its logits row and
-    /// `greedy_continuation[s] = f_{s+1} = argmax(decode_logits[s])`.
+    /// `decode_steps = N > 0`, greedy decoding through the KV cache as Hugging Face
+    /// `generate(output_logits=True)` records it (see [`greedy_steps`]): `decode_logits` `[N, V]`
+    /// holds the logits row that chose each generated token and `greedy_continuation` `[N]`
+    /// the tokens `f₀ … f_{N−1}`.
     pub fn dump(&self, token_ids: &[usize], decode_steps: usize) -> Result<ActivationDump> {
         let mut dump = ActivationDump::new();
         dump.insert_i64("input_ids", input_ids_tensor(token_ids));
@@ -212,7 +223,8 @@ impl Gemma4TextModel {
     }
 
     /// Greedy decoding after a prefill whose logits are `prefill_logits` and whose keys and
-    /// values are in `cache`. Returns `decode_logits` `[N, V]` and `greedy_continuation` `[N]`.
+    /// values are in `cache` ([`greedy_steps`]: `N − 1` single-token steps through the cache).
+    /// Returns `decode_logits` `[N, V]` and `greedy_continuation` `[N]`.
     pub fn greedy_decode(
         &self,
         prefill_logits: &Array2<f32>,
@@ -231,10 +243,20 @@ impl Gemma4TextModel {
     }
 }
 
-/// The greedy decoding loop of a dump (shared with the optimized engine): `f₀ =
-/// argmax(last_logits)`; step `s` runs `forward_one(f_s)` (the next token's logits, `[V]`),
-/// stores them as `decode_logits[s]` and takes `f_{s+1} = argmax` of them. Returns
-/// `decode_logits` `[N, V]` and `greedy_continuation` `[N]`.
+/// The greedy decoding loop of a dump (shared with the optimized engine), in the convention of
+/// Hugging Face `generate(output_logits=True)`, llama.cpp's and mistral.rs's generation loops
+/// and DeepMind's sampler: one logits row per generated token.
+///
+/// ```text
+/// decode_logits[0] = last_logits                       (the prefill's last row)
+/// f₀               = argmax(decode_logits[0])
+/// decode_logits[s] = forward_one(f_{s−1})  for s ≥ 1   (position T + s − 1, through the cache)
+/// f_s              = argmax(decode_logits[s])
+/// ```
+///
+/// `forward_one(token)` returns the next position's logits `[V]`; it runs `N − 1` times (the
+/// last generated token is chosen, not fed). Returns `decode_logits` `[N, V]` and
+/// `greedy_continuation` `[N]` = `f₀ … f_{N−1}`.
 pub fn greedy_steps(
     last_logits: ArrayView1<f32>,
     vocab: usize,
@@ -244,12 +266,14 @@ pub fn greedy_steps(
     check_decode_logits_fit(steps, vocab)?;
     let mut decode_logits = Array2::<f32>::zeros((steps, vocab));
     let mut continuation = Array1::<usize>::zeros(steps);
-    let mut next = argmax(last_logits);
     for step in 0..steps {
-        let logits = forward_one(next)?;
+        let logits = if step == 0 {
+            last_logits.to_owned()
+        } else {
+            forward_one(continuation[step - 1])?
+        };
         decode_logits.row_mut(step).assign(&logits);
-        next = argmax(logits.view());
-        continuation[step] = next;
+        continuation[step] = argmax(logits.view());
     }
     Ok((decode_logits, continuation))
 }

@@ -3,7 +3,7 @@
 //! Before the layers, one tensor `ple` `[T, L, P]` is built from two parts:
 //!
 //! ```text
-//! token   = embed_tokens_per_layer.weight[ids] · √P          (√P in the table's dtype)
+//! token   = embed_tokens_per_layer.weight[ids] · √P          (√P in the compute dtype)
 //! context = RMSNorm_{per_layer_projection_norm}((x⁰ · per_layer_model_projectionᵀ) · D^(−1/2))
 //! ple     = (context + token) · 2^(−1/2)
 //! ```
@@ -24,6 +24,7 @@
 use ndarray::{Array2, Array3, ArrayView2, Zip};
 
 use crate::checkpoint::{LayerPleWeights, PleWeights};
+use crate::compute_dtype::ComputeDtype;
 use crate::embedding::{embedding_scale, scaled_embedding};
 use crate::faults::{fault_active, Fault};
 use crate::gelu::gelu_tanh;
@@ -31,23 +32,24 @@ use crate::linear::linear;
 use crate::rms_norm::{rms_norm, rms_norm_rows};
 
 /// Builds `ple` `[T, L, P]` from the PLE ids (`[T]`, placeholders already mapped to pad) and the
-/// scaled main embedding `x⁰` (`[T, D]`).
+/// scaled main embedding `x⁰` (`[T, D]`); `compute` is the dtype `√P` is rounded to.
 pub fn per_layer_inputs(
     ple_ids: &[usize],
     scaled_embeddings: &Array2<f32>,
     weights: &PleWeights,
     num_layers: usize,
     eps: f64,
+    compute: ComputeDtype,
 ) -> Array3<f32> {
     let tokens = ple_ids.len();
     let width = weights.projection_norm.len(); // P
     let hidden_size = scaled_embeddings.ncols(); // D
 
-    // Token part: table rows times √P (rounded to the table dtype, like the main embedding).
+    // Token part: table rows times √P (rounded to the compute dtype, like the main embedding).
     let token_scale = if fault_active(Fault::PleNoTokenScale) {
         1.0
     } else {
-        embedding_scale(width, weights.table_dtype)
+        embedding_scale(width, compute)
     };
     let token_part = scaled_embedding(&weights.table, ple_ids, token_scale);
 

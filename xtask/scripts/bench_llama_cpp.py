@@ -1,7 +1,8 @@
 """llama.cpp on the `cargo xtask bench` workload (run by `cargo xtask bench`).
 
 llama.cpp is the peer the benchmark compares against. It is built here from source, the copy
-vendored by the PyPI source package `llama-cpp-python` (pinned below with its sha256), with
+vendored by the PyPI source package `llama-cpp-python` (pinned below with its sha256, fetched by
+`pip download` through whatever package index the user has configured), with
 `GGML_NATIVE=ON` (every SIMD extension this CPU has), into a cache directory outside the
 repository. The checkpoint directory made by `cargo xtask synth` is converted to a bf16 GGUF by
 that copy's `convert_hf_to_gguf.py`; the converter needs a tokenizer, and a random model has
@@ -28,14 +29,10 @@ import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
 from pathlib import Path
 
+SDIST_REQUIREMENT = "llama-cpp-python==0.3.36"
 SDIST_NAME = "llama_cpp_python-0.3.36.tar.gz"
-SDIST_URL = (
-    "https://files.pythonhosted.org/packages/ec/e9/"
-    "e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/" + SDIST_NAME
-)
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 
 
@@ -50,18 +47,25 @@ def run(command, **kwargs):
 
 
 def source_dir(cache: Path) -> Path:
-    """The vendored llama.cpp tree, downloaded and unpacked once."""
+    """The vendored llama.cpp tree, fetched with pip (the source package, no dependencies) and
+    unpacked once."""
     tree = cache / SDIST_NAME.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
     if (tree / "CMakeLists.txt").exists():
         return tree
     cache.mkdir(parents=True, exist_ok=True)
     archive = cache / SDIST_NAME
     if not archive.exists():
-        log(f"downloading {SDIST_URL}")
-        partial = archive.with_suffix(".partial")
-        with urllib.request.urlopen(SDIST_URL) as response, open(partial, "wb") as out:
-            shutil.copyfileobj(response, out)
-        partial.rename(archive)
+        download = cache / "pip-download"
+        shutil.rmtree(download, ignore_errors=True)
+        run([
+            sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+            "--dest", download, SDIST_REQUIREMENT,
+        ])
+        fetched = download / SDIST_NAME
+        if not fetched.exists():
+            raise SystemExit(f"pip download {SDIST_REQUIREMENT} gave {sorted(os.listdir(download))}, not {SDIST_NAME}")
+        fetched.rename(archive)
+        shutil.rmtree(download, ignore_errors=True)
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     if digest != SDIST_SHA256:
         archive.unlink()
