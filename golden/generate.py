@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -38,8 +39,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import safetensors.torch  # noqa: E402
+import skimage.data  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 import transformers  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import (  # noqa: E402
@@ -54,6 +58,7 @@ from transformers import (  # noqa: E402
     Gemma4VisionConfig,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil  # noqa: E402
 from transformers.models.gemma4 import modeling_gemma4 as hf  # noqa: E402
 
 GOLDEN_DIR = Path(__file__).resolve().parent
@@ -92,6 +97,12 @@ class Case:
     # The dtype the checkpoint is stored in, when it differs from the compute dtype (a bf16
     # checkpoint loaded with dtype=float32, the usual way to check a port).
     checkpoint_dtype: str | None = None
+    # Vision cases: the images of the prompt (file name in IMAGES, budget), the text tokens
+    # around them, the case whose model this one reuses, and the clip-bound range.
+    images: list[tuple[str, int]] = field(default_factory=list)
+    text_between: list[int] = field(default_factory=list)
+    model_of: str | None = None
+    clip_bounds: tuple[float, float] = (2.0, 4.0)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -129,6 +140,18 @@ def text_config(**overrides: Any) -> dict[str, Any]:
 
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+
+# Multimodal token ids inside the tiny vocabulary (the released ids are 255999..258884), so that
+# the placeholders' own PLE rows exist and a port reading them instead of the pad row is caught.
+MULTIMODAL_TOKENS = {
+    "boa_token_id": 504,
+    "boi_token_id": 505,
+    "eoi_token_id": 506,
+    "eoa_token_index": 507,
+    "image_token_id": 509,
+    "audio_token_id": 510,
+    "video_token_id": 511,
+}
 
 CASES: list[Case] = [
     Case(
@@ -370,7 +393,167 @@ CASES: list[Case] = [
             "causal_lm_prefix",
         ],
     ),
+    # Vision: an E2B-like model with the on-device tower (clipped linears whose bounds clip) and
+    # a 31B-like one with the large tower (standardize) and bidirectional image blocks; each
+    # with one image, then two images on the same checkpoint. Budget 70 (up to 630 patches, 70
+    # soft tokens): more image tokens than either sliding window.
+    Case(
+        name="e2b_vision",
+        family="e2b",
+        layout="conditional_generation",
+        config_spelling="released",
+        dtype="float32",
+        seed=1020,
+        prompt_len=0,
+        text=text_config(
+            num_key_value_heads=1,
+            num_hidden_layers=6,
+            layer_types=[SLIDING, SLIDING, SLIDING, FULL, SLIDING, FULL],
+            hidden_size_per_layer_input=16,
+            num_kv_shared_layers=2,
+            use_double_wide_mlp=True,
+            intermediate_size=96,
+            sliding_window=6,
+        ),
+        vision={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "intermediate_size": 64,
+            "use_clipped_linears": True,
+            "position_embedding_size": 1024,
+        },
+        special_tokens=MULTIMODAL_TOKENS,
+        images=[("astronaut", 70)],
+        text_between=[5, 9],
+        clip_bounds=(0.8, 2.0),
+        exercises=[
+            "vision_on_device_tower",
+            "clipped_linears_that_clip",
+            "photograph_png",
+            "budget_70",
+            "image_longer_than_sliding_window",
+            "soft_tokens_merged",
+            "ple_pad_row_at_placeholders",
+            "kv_sharing",
+            "decode_after_image",
+            "released_spelling",
+            "conditional_generation_prefix",
+        ],
+    ),
+    Case(
+        name="e2b_vision_two_images",
+        family="e2b",
+        layout="conditional_generation",
+        config_spelling="released",
+        dtype="float32",
+        seed=1021,
+        prompt_len=0,
+        text={},  # the model is e2b_vision's
+        model_of="e2b_vision",
+        special_tokens=MULTIMODAL_TOKENS,
+        images=[("coffee", 70), ("gradient_rgba", 70)],
+        text_between=[3, 4, 6],
+        exercises=["two_images", "rgba_over_white", "image_runs_in_order", "decode_after_image"],
+    ),
+    Case(
+        name="31b_vision",
+        family="31b",
+        layout="conditional_generation",
+        config_spelling="released",
+        dtype="float32",
+        seed=1030,
+        prompt_len=0,
+        text=text_config(
+            num_key_value_heads=2,
+            num_global_key_value_heads=1,
+            attention_k_eq_v=True,
+            hidden_size_per_layer_input=0,
+            use_bidirectional_attention="vision",
+            num_hidden_layers=7,
+            layer_types=None,
+            intermediate_size=128,
+            sliding_window=8,
+        ),
+        vision={
+            "hidden_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 3,
+            "num_key_value_heads": 3,
+            "head_dim": 16,
+            "intermediate_size": 96,
+            "use_clipped_linears": False,
+            "standardize": True,
+            "position_embedding_size": 1024,
+        },
+        special_tokens=MULTIMODAL_TOKENS,
+        images=[("chelsea", 70)],
+        text_between=[4, 7],
+        exercises=[
+            "vision_large_tower",
+            "standardize",
+            "bidirectional_image_block_on_sliding_layers",
+            "image_longer_than_sliding_window",
+            "k_eq_v",
+            "decode_after_image",
+            "released_spelling",
+        ],
+    ),
+    Case(
+        name="31b_vision_two_images",
+        family="31b",
+        layout="conditional_generation",
+        config_spelling="released",
+        dtype="float32",
+        seed=1031,
+        prompt_len=0,
+        text={},  # the model is 31b_vision's
+        model_of="31b_vision",
+        special_tokens=MULTIMODAL_TOKENS,
+        images=[("camera", 70), ("astronaut", 70)],
+        text_between=[2, 3, 5],
+        exercises=["two_images", "two_bidirectional_blocks", "grey_image", "decode_after_image"],
+    ),
 ]
+
+# ----------------------------------------------------------------------------------------------
+# Images of the vision cases (scikit-image's bundled sample photographs, and synthetic ones)
+# ----------------------------------------------------------------------------------------------
+
+# scikit-image's `skimage.data` ships these photographs; its documentation gives their terms:
+# astronaut (NASA, public domain), coffee and chelsea (CC0), camera (CC0). They are downscaled
+# so the committed files stay small; the resize to the budget then up-scales them.
+PHOTOS = {"astronaut": 160, "coffee": 120, "chelsea": 96, "camera": 112}
+
+
+def image_of(name: str) -> Image.Image:
+    """The source image `name`: a downscaled photograph, or a synthetic image (seeded)."""
+    if name in PHOTOS:
+        array = getattr(skimage.data, name)()
+        photo = Image.fromarray(array)
+        side = PHOTOS[name]
+        size = (side, round(side * photo.height / photo.width))
+        return photo.resize(size, Image.Resampling.LANCZOS)
+    if name == "gradient_rgba":
+        # An RGBA image with varied alpha: HF composites it over white (convert_to_rgb).
+        y, x = np.mgrid[0:90, 0:140]
+        rgba = np.stack([x * 255 // 139, y * 255 // 89, (x + y) % 256, (x * 7 + y * 3) % 256], -1)
+        return Image.fromarray(rgba.astype(np.uint8), "RGBA")
+    raise AssertionError(f"unknown image {name}")
+
+
+def preprocess(images: list[Image.Image], budget: int) -> dict[str, Any]:
+    """Hugging Face's PIL image processor at `budget` soft tokens per image."""
+    processor = Gemma4ImageProcessorPil(max_soft_tokens=budget)
+    out = processor(images=images, return_tensors="pt")
+    return {
+        "pixel_values": out["pixel_values"],  # [N, 9B, 768]
+        "image_position_ids": out["image_position_ids"],  # [N, 9B, 2], -1 = padding
+        "soft_tokens": [int(n) for n in out["num_soft_tokens_per_image"]],
+    }
+
 
 # ----------------------------------------------------------------------------------------------
 # Small utilities: determinism, hashing, atomic writes, JSON
@@ -458,7 +641,12 @@ def _fan_in_std(t: torch.Tensor) -> float:
 
 
 def random_value(
-    module: nn.Module, local: str, t: torch.Tensor, g: torch.Generator, embed_tokens: nn.Embedding
+    module: nn.Module,
+    local: str,
+    t: torch.Tensor,
+    g: torch.Generator,
+    embed_tokens: nn.Embedding,
+    clip_bounds: tuple[float, float],
 ) -> torch.Tensor:
     """A random, non-neutral value for tensor `local` of `module` (contracts §3).
 
@@ -492,10 +680,11 @@ def random_value(
     if isinstance(module, hf.Gemma4TextExperts) and local in ("gate_up_proj", "down_proj"):
         return _normal(shape, 1.0 / shape[-1] ** 0.5, g)  # [E, out, in]: fan_in = last axis
     if isinstance(module, hf.Gemma4ClippableLinear):
+        lo, hi = clip_bounds
         if local in ("input_min", "output_min"):
-            return -_uniform(shape, 2.0, 4.0, g)
+            return -_uniform(shape, lo, hi, g)
         if local in ("input_max", "output_max"):
-            return _uniform(shape, 2.0, 4.0, g)
+            return _uniform(shape, lo, hi, g)
     if isinstance(module, hf.Gemma4VisionModel):
         if local == "std_bias":
             return _normal(shape, 0.1, g)
@@ -509,7 +698,7 @@ def random_value(
 
 
 @torch.no_grad()
-def randomise(model: nn.Module, g: torch.Generator) -> None:
+def randomise(model: nn.Module, g: torch.Generator, clip_bounds: tuple[float, float] = (2.0, 4.0)) -> None:
     """Overwrite every parameter and persistent buffer with a random, non-neutral value."""
     modules = dict(model.named_modules())
     embed_tokens = text_model_of(model).embed_tokens
@@ -521,7 +710,7 @@ def randomise(model: nn.Module, g: torch.Generator) -> None:
         if id(t) in done:
             continue
         owner, _, local = name.rpartition(".")
-        t.copy_(random_value(modules[owner], local, t, g, embed_tokens).to(t.dtype))
+        t.copy_(random_value(modules[owner], local, t, g, embed_tokens, clip_bounds).to(t.dtype))
         done.add(id(t))
     # Every state_dict entry (parameters, persistent buffers, the tied lm_head) was visited.
     visited = {t.data_ptr() for _, t in tensors}
@@ -590,8 +779,9 @@ class Recorder:
     forward hooks.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, images: dict[str, Any] | None = None):
         self.model = model
+        self.images = images  # preprocess() output: the vision tensors are recorded per image
         self.text_model = text_model_of(model)
         self.tensors: dict[str, torch.Tensor] = {}
         self.active = False
@@ -650,7 +840,18 @@ class Recorder:
 
         first = lambda out: out[0]  # noqa: E731
         whole = lambda out: out  # noqa: E731
-        hooks = [(tm.embed_tokens, "embeddings", first), (tm.norm, "final_norm", first)]
+        hooks = [(tm.norm, "final_norm", first)]
+        if self.images is None:
+            hooks.append((tm.embed_tokens, "embeddings", first))
+        else:
+            # The merged embeddings (soft tokens in place of the placeholders) are what the
+            # language model receives as inputs_embeds.
+            def merged(_module, _args, kwargs):
+                if self.active:
+                    self.put("embeddings", kwargs["inputs_embeds"][0])
+
+            self._handles.append(tm.register_forward_pre_hook(merged, with_kwargs=True))
+            self._install_vision_hooks()
         for i, layer in enumerate(tm.layers):
             hooks.append((layer, f"layers.{i}.output", first))
             hooks.append((layer.self_attn, f"layers.{i}.attn.output", lambda out: out[0][0]))
@@ -668,6 +869,38 @@ class Recorder:
 
         self._handles.append(self.model.lm_head.register_forward_hook(lm_head_hook))
         return self
+
+    def _install_vision_hooks(self) -> None:
+        """Per image: the patch embeddings and every encoder layer's output (valid patches only,
+        in the processor's row-major order) and the soft tokens after the projector."""
+        inner = self.model.model
+        positions = self.images["image_position_ids"]
+        valid = (positions != -1).all(dim=-1)  # [N, 9B]
+        count = valid.shape[0]
+        prefix = lambda i: "vision." if count == 1 else f"vision.{i}."  # noqa: E731
+
+        def per_image(name):
+            def hook(_module, _inputs, output):
+                if self.active:
+                    for i in range(count):
+                        self.put(prefix(i) + name, output[i][valid[i]])
+
+            return hook
+
+        tower = inner.vision_tower
+        self._handles.append(tower.patch_embedder.register_forward_hook(per_image("patch_embeddings")))
+        for i, layer in enumerate(tower.encoder.layers):
+            self._handles.append(layer.register_forward_hook(per_image(f"layers.{i}.output")))
+
+        def soft_tokens(_module, _inputs, output):
+            if self.active:
+                start = 0
+                for i, n in enumerate(self.images["soft_tokens"]):
+                    self.put(prefix(i) + "soft_tokens", output[start : start + n])
+                    start += n
+                assert start == output.shape[0], (start, output.shape)
+
+        self._handles.append(inner.embed_vision.register_forward_hook(soft_tokens))
 
     def __exit__(self, *exc) -> None:
         hf.eager_attention_forward = self._original_attention
@@ -720,18 +953,66 @@ def expected_shape(name: str, text_cfg: Gemma4TextConfig, T: int) -> tuple[int, 
     return (T, D)
 
 
+def image_inputs(case: Case, tokens: list[int], images: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """The model inputs of a prompt's images, as Hugging Face's processor gives them: the padded
+    pixel values and positions, and the token types (1 at image placeholders), which switch on
+    the bidirectional image blocks of "vision" models."""
+    if images is None:
+        return {}
+    image_token = case.special_tokens["image_token_id"]
+    return {
+        "pixel_values": images["pixel_values"],
+        "image_position_ids": images["image_position_ids"],
+        "mm_token_type_ids": torch.tensor([[1 if t == image_token else 0 for t in tokens]]),
+    }
+
+
 @torch.no_grad()
-def run_case(case: Case, model: nn.Module, tokens: list[int]) -> dict[str, torch.Tensor]:
-    """The dump of contracts.md §2 for `tokens`, plus N greedy decode steps."""
+def assert_clip_bounds_clip(model: nn.Module, inputs: dict[str, Any]) -> None:
+    """Every kind of clamp of the vision tower's clipped linears changes some value: a port that
+    ignores the bounds (or clamps one side only) cannot match the dump."""
+    tower = model.model.vision_tower
+    if not tower.config.use_clipped_linears:
+        return
+    counts = {"input": 0, "output": 0}
+    handles = []
+    for module in tower.modules():
+        if isinstance(module, hf.Gemma4ClippableLinear):
+            def before(m, args):
+                x = args[0]
+                counts["input"] += int(((x < m.input_min) | (x > m.input_max)).sum())
+
+            def after(inner, _args, y, m=module):
+                counts["output"] += int(((y < m.output_min) | (y > m.output_max)).sum())
+
+            handles.append(module.register_forward_pre_hook(before))
+            handles.append(module.linear.register_forward_hook(after))
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert counts["input"] > 0 and counts["output"] > 0, f"clip bounds never clip: {counts}"
+
+
+@torch.no_grad()
+def run_case(
+    case: Case, model: nn.Module, tokens: list[int], images: dict[str, Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """The dump of contracts.md §2 for `tokens` (and the prompt's images), plus N greedy decode
+    steps."""
     text_cfg = text_model_of(model).config
     ids = torch.tensor([tokens], dtype=torch.long)
     T = len(tokens)
+    extra = image_inputs(case, tokens, images)
+    if images is not None:
+        assert_clip_bounds_clip(model, {"input_ids": ids, **extra})
 
     # Prefill dump: one full forward, no cache.
-    plain = model(input_ids=ids, use_cache=False).logits[0]
-    with Recorder(model) as rec:
+    plain = model(input_ids=ids, use_cache=False, **extra).logits[0]
+    with Recorder(model, images) as rec:
         rec.active = True
-        out = model(input_ids=ids, use_cache=False)
+        out = model(input_ids=ids, use_cache=False, **extra)
         rec.active = False
     assert rec.text_attention_calls == text_cfg.num_hidden_layers, rec.text_attention_calls
     dump = dict(rec.tensors)
@@ -748,6 +1029,7 @@ def run_case(case: Case, model: nn.Module, tokens: list[int]) -> dict[str, torch
     # convention, README.md): one logits row per generated token, row 0 = the prefill's last.
     res = model.generate(
         ids,
+        **extra,
         max_new_tokens=DECODE_STEPS,
         do_sample=False,
         output_logits=True,
@@ -765,7 +1047,7 @@ def run_case(case: Case, model: nn.Module, tokens: list[int]) -> dict[str, torch
     # Cross-check with an explicit loop through the KV cache: prefill with a fresh cache (it must
     # match the uncached forward), then feed each chosen token; its rows must be generate's.
     cache = DynamicCache(config=text_cfg)
-    prefill = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0]
+    prefill = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra).logits[0]
     tol = 1e-5 if case.dtype == "float32" else 5e-2
     assert torch.allclose(prefill.float(), out.logits[0].float(), atol=tol, rtol=0), "cached prefill differs"
     loop_rows = [prefill[-1].float()]
@@ -789,17 +1071,39 @@ def run_case(case: Case, model: nn.Module, tokens: list[int]) -> dict[str, torch
     required = 1e-3 if case.dtype == "float32" else 0.125
     assert margin >= required, f"{case.name}: greedy margin {margin} < {required}; pick another seed"
 
-    check_dump(case, model, dump, T)
+    check_dump(case, model, dump, T, images)
     return dump
 
 
-def check_dump(case: Case, model: nn.Module, dump: dict[str, torch.Tensor], T: int) -> None:
+def vision_shapes(model: nn.Module, images: dict[str, Any] | None) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the vision tensors of a dump (contracts §2), valid patches only."""
+    if images is None:
+        return {}
+    vision = model.config.vision_config
+    valid = (images["image_position_ids"] != -1).all(dim=-1)
+    count = valid.shape[0]
+    shapes = {}
+    for i in range(count):
+        prefix = "vision." if count == 1 else f"vision.{i}."
+        n = int(valid[i].sum())
+        shapes[prefix + "patch_embeddings"] = (n, vision.hidden_size)
+        for layer in range(vision.num_hidden_layers):
+            shapes[prefix + f"layers.{layer}.output"] = (n, vision.hidden_size)
+        shapes[prefix + "soft_tokens"] = (images["soft_tokens"][i], model.config.text_config.hidden_size)
+    return shapes
+
+
+def check_dump(
+    case: Case, model: nn.Module, dump: dict[str, torch.Tensor], T: int, images: dict[str, Any] | None
+) -> None:
     tm = text_model_of(model)
     cfg = tm.config
-    names = expected_names(cfg)
+    vision = vision_shapes(model, images)
+    names = expected_names(cfg) | set(vision)
     assert set(dump) == names, f"missing {sorted(names - set(dump))}, extra {sorted(set(dump) - names)}"
     for name, t in dump.items():
-        assert tuple(t.shape) == expected_shape(name, cfg, T), (name, tuple(t.shape))
+        want = vision.get(name) or expected_shape(name, cfg, T)
+        assert tuple(t.shape) == want, (name, tuple(t.shape), want)
         if t.is_floating_point():
             assert t.dtype == torch.float32 and torch.isfinite(t).all(), f"{name} is not finite F32"
         else:
@@ -871,25 +1175,42 @@ def generate_case(case: Case, out_dir: Path) -> dict[str, str]:
     print(f"case {case.name}", file=sys.stderr)
     torch.manual_seed(case.seed)
     g = torch.Generator().manual_seed(case.seed)
-    tokens = torch.randint(1, VOCAB, (case.prompt_len,), generator=g).tolist()
+    images = None
+    if case.images:
+        sources = [image_of(name) for name, _ in case.images]
+        budgets = {budget for _, budget in case.images}
+        assert len(budgets) == 1, "one budget per prompt (the processor pads every image alike)"
+        images = preprocess(sources, budgets.pop())
+        tokens = vision_prompt(case, g, images["soft_tokens"])
+    else:
+        tokens = torch.randint(1, VOCAB, (case.prompt_len,), generator=g).tolist()
     for position, token_name in (case.placeholders or {}).items():
         tokens[position] = case.special_tokens[token_name]
-    window = case.text["sliding_window"]
-    assert case.prompt_len > 2 * window, "the prompt must cross the sliding window twice"
+    owner = next(c for c in CASES if c.name == case.model_of) if case.model_of else case
+    window = owner.text["sliding_window"]
+    assert len(tokens) > 2 * window, "the prompt must cross the sliding window twice"
+    case_dir = out_dir / case.name
+    case_dir.mkdir(parents=True, exist_ok=True)
+    kept = {"model", "expected.safetensors", "case.json", "images", "pixel_values.safetensors"}
+    for stale in sorted(set(os.listdir(case_dir)) - kept):
+        path = case_dir / stale
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if case.model_of is not None:
+        # This prompt runs on another case's checkpoint (written before it).
+        if (case_dir / "model").exists():
+            shutil.rmtree(case_dir / "model")
+        reloaded = load_model(case, out_dir / case.model_of / "model")
+        dump = run_case(case, reloaded, tokens, images)
+        return write_case(case, case_dir, out_dir, tokens, dump, images, f"../{case.model_of}/model")
 
     config = build_config(case)
     auto = AutoModelForCausalLM if case.layout == "causal_lm" else AutoModelForImageTextToText
     model = auto.from_config(config, attn_implementation="eager", experts_implementation="eager")
     assert isinstance(model, model_class(case)), type(model)
-    randomise(model, g)
+    randomise(model, g, case.clip_bounds)
     model = model.to(case.torch_storage_dtype).eval()
     assert_not_neutral(model, case.name)
 
-    case_dir = out_dir / case.name
-    case_dir.mkdir(parents=True, exist_ok=True)
-    for stale in sorted(set(os.listdir(case_dir)) - {"model", "expected.safetensors", "case.json"}):
-        path = case_dir / stale
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
     staging = Path(tempfile.mkdtemp(dir=case_dir, prefix=".staging-"))
     try:
         as_saved = staging / "hf"  # exactly what save_pretrained writes
@@ -944,7 +1265,7 @@ def generate_case(case: Case, out_dir: Path) -> dict[str, str]:
             layer_types = text_model_of(reloaded).config.layer_types
             assert layer_types[-1] == FULL and layer_types[-2] == FULL, layer_types
 
-        dump = run_case(case, reloaded, tokens)
+        dump = run_case(case, reloaded, tokens, images)
         smoke_test_towers(reloaded, g)
 
         # Write the case: model files, the dump, the case description.
@@ -958,9 +1279,65 @@ def generate_case(case: Case, out_dir: Path) -> dict[str, str]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
+    return write_case(case, case_dir, out_dir, tokens, dump, images, None)
+
+
+def vision_prompt(case: Case, g: torch.Generator, soft_tokens: list[int]) -> list[int]:
+    """Text tokens around the images: `text_between[i]` random ids before image i (and after the
+    last), each image as BOI, its soft-token placeholders, EOI (the processor's expansion)."""
+    st = case.special_tokens
+    assert len(case.text_between) == len(soft_tokens) + 1
+    lowest_special = min(st.values())
+    text = lambda n: torch.randint(1, lowest_special, (n,), generator=g).tolist()  # noqa: E731
+    tokens: list[int] = []
+    for between, n in zip(case.text_between, soft_tokens):
+        tokens += text(between)
+        tokens += [st["boi_token_id"]] + [st["image_token_id"]] * n + [st["eoi_token_id"]]
+    return tokens + text(case.text_between[-1])
+
+
+def write_case(
+    case: Case,
+    case_dir: Path,
+    out_dir: Path,
+    tokens: list[int],
+    dump: dict[str, torch.Tensor],
+    images: dict[str, Any] | None,
+    model_dir: str | None,
+) -> dict[str, str]:
+    """Writes the dump, the images and their pixel values, and case.json; returns
+    {path relative to out_dir: sha256} of every file of the case."""
     # One metadata key only: safetensors serialises the metadata map in hash order.
     metadata = {"format": "pt"}
     atomic_write(case_dir / "expected.safetensors", safetensors.torch.save(dump, metadata=metadata))
+    image_entries = []
+    if images is not None:
+        (case_dir / "images").mkdir(exist_ok=True)
+        positions = images["image_position_ids"]
+        count = positions.shape[0]
+        pixel_values = {}
+        for i, (name, budget) in enumerate(case.images):
+            # PNG keeps the pixels exact; no optimisation and no metadata keep it deterministic.
+            buffer = io.BytesIO()
+            image_of(name).save(buffer, format="PNG", optimize=False)
+            atomic_write(case_dir / "images" / f"{name}.png", buffer.getvalue())
+            valid = (positions[i] != -1).all(dim=-1)
+            suffix = "" if count == 1 else f".{i}"
+            pixel_values["pixel_values" + suffix] = images["pixel_values"][i][valid].float().contiguous()
+            pixel_values["image_position_ids" + suffix] = positions[i][valid].to(torch.int64).contiguous()
+            grid = positions[i][valid].max(dim=0).values + 1  # (x, y) extents of the patch grid
+            image_entries.append(
+                {
+                    "file": f"images/{name}.png",
+                    "budget": budget,
+                    "soft_tokens": images["soft_tokens"][i],
+                    "resized": [int(grid[1]) * 16, int(grid[0]) * 16],
+                }
+            )
+        atomic_write(
+            case_dir / "pixel_values.safetensors",
+            safetensors.torch.save(pixel_values, metadata=metadata),
+        )
     description = {
         "name": case.name,
         "family": case.family,
@@ -974,6 +1351,11 @@ def generate_case(case: Case, out_dir: Path) -> dict[str, str]:
         "seed": case.seed,
         "exercises": case.exercises,
     }
+    if images is not None:
+        description["images"] = image_entries
+        description["pixel_values"] = "pixel_values.safetensors"
+    if model_dir is not None:
+        description["model_dir"] = model_dir
     atomic_write(case_dir / "case.json", json_text(description).encode())
 
     files = {}

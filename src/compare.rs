@@ -34,8 +34,9 @@ use crate::compare_diagnosis::{
 };
 use crate::compare_structure::{error_structure, ErrorStructure};
 use crate::comparison::{
-    bf16_rounded, compare_dumps, compare_dumps_exact_bf16_embeddings, depth_of, is_index_tensor,
-    layers_in_dump, tolerance_for, Bf16Rounding, Precision, Status, TensorReport,
+    bf16_rounded, compare_dumps, compare_dumps_exact_bf16_embeddings, is_index_tensor,
+    layers_in_dump, tolerance_with_vision, vision_layers_in_dump, Bf16Rounding, Precision, Status,
+    TensorReport,
 };
 
 /// Depth assumed for the final norm, logits and decode steps when nothing says how many layers
@@ -530,7 +531,8 @@ pub fn compare(
             (FALLBACK_NUM_LAYERS, LayerCountSource::Fallback)
         }
     };
-    let tolerance = |name: &str| tolerance_for(name, precision, depth_of(name, num_layers));
+    let vision_layers = vision_layers_in_dump(expected);
+    let tolerance = |name: &str| tolerance_with_vision(name, precision, num_layers, vision_layers);
 
     // Decode rows: line the candidate's convention up with the expected one's, then keep the
     // rows both computed on the same token sequence (crate::compare_decode).

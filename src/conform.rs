@@ -3,8 +3,8 @@
 use gemma4_reference::dump::ActivationDump;
 
 use crate::comparison::{
-    compare_dumps, compare_dumps_exact_bf16_embeddings, depth_of, layers_in_dump, tolerance_for,
-    Bf16Rounding, Precision, Status, TensorReport,
+    compare_dumps, compare_dumps_exact_bf16_embeddings, layers_in_dump, tolerance_with_vision,
+    vision_layers_in_dump, Bf16Rounding, Precision, Status, TensorReport,
 };
 use crate::engine::Engine;
 use crate::golden::GoldenCase;
@@ -60,7 +60,8 @@ pub fn compare_with_case(
 ) -> Vec<TensorReport> {
     let precision = case_precision(case);
     let num_layers = layers_in_dump(expected).unwrap_or(0);
-    let tolerance = |name: &str| tolerance_for(name, precision, depth_of(name, num_layers));
+    let vision_layers = vision_layers_in_dump(expected);
+    let tolerance = |name: &str| tolerance_with_vision(name, precision, num_layers, vision_layers);
     if precision == Precision::BFloat16 {
         compare_dumps_exact_bf16_embeddings(expected, candidate, Bf16Rounding::Candidate, tolerance)
     } else {

@@ -3,7 +3,8 @@
 use std::path::Path;
 
 use gemma4_optimized::Gemma4Optimized;
-use gemma4_reference::{ActivationDump, ComputeDtype, Gemma4TextModel, Result};
+use gemma4_reference::merge::Prompt;
+use gemma4_reference::{ActivationDump, ComputeDtype, Error, Gemma4TextModel, Result};
 
 use crate::golden::GoldenCase;
 
@@ -37,7 +38,12 @@ impl Engine {
             threads,
             compute_dtype: case.compute_dtype(),
         };
-        self.dump_with(&case.model_dir(), &case.tokens, case.decode_steps, &options)
+        self.dump_prompt(
+            &case.model_dir(),
+            &case.prompt()?,
+            case.decode_steps,
+            &options,
+        )
     }
 
     /// [`Engine::dump`] with explicit options.
@@ -48,13 +54,28 @@ impl Engine {
         decode_steps: usize,
         options: &DumpOptions,
     ) -> Result<ActivationDump> {
+        self.dump_prompt(dir, &Prompt::text(tokens), decode_steps, options)
+    }
+
+    /// [`Engine::dump_with`] for a prompt with images: the vision tensors of each image, then the
+    /// text tensors of the merged sequence.
+    pub fn dump_prompt(
+        self,
+        dir: &Path,
+        prompt: &Prompt,
+        decode_steps: usize,
+        options: &DumpOptions,
+    ) -> Result<ActivationDump> {
         match self {
-            Engine::Reference => Gemma4TextModel::load(dir)?
+            Engine::Reference => Gemma4TextModel::load_for(dir, prompt)?
                 .with_compute_dtype(options.compute_dtype)
-                .dump(tokens, decode_steps),
+                .dump_prompt(prompt, decode_steps),
+            Engine::Optimized if !prompt.images.is_empty() => Err(Error::Input {
+                message: "the optimized engine does not take images yet".to_string(),
+            }),
             Engine::Optimized => Gemma4Optimized::load_with_threads(dir, options.threads)?
                 .with_compute_dtype(options.compute_dtype)
-                .dump(tokens, decode_steps),
+                .dump(&prompt.tokens, decode_steps),
         }
     }
 }

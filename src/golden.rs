@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use gemma4_reference::merge::Prompt;
+use gemma4_reference::vision::pixel_values::read_pixel_values;
 use gemma4_reference::ComputeDtype;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -26,11 +28,44 @@ pub struct GoldenCase {
     pub tokens: Vec<usize>,
     pub decode_steps: usize,
     pub exercises: Vec<String>,
+    /// The checkpoint, when the case runs on another case's (`model_dir` in case.json).
+    pub shared_model_dir: Option<PathBuf>,
+    /// The prompt's images (vision cases), in placeholder-run order.
+    pub images: Vec<GoldenImage>,
+    /// The oracle's preprocessed pixels of the images (`--pixel-values` format).
+    pub pixel_values: Option<PathBuf>,
+}
+
+/// One image of a vision case, as its oracle preprocessed it.
+#[derive(Clone, Debug)]
+pub struct GoldenImage {
+    /// The source image file.
+    pub file: PathBuf,
+    /// The soft-token budget it was preprocessed for.
+    pub budget: usize,
+    /// Soft tokens it became.
+    pub soft_tokens: usize,
+    /// `[height, width]` after the resize.
+    pub resized: [usize; 2],
 }
 
 impl GoldenCase {
     pub fn model_dir(&self) -> PathBuf {
-        self.dir.join("model")
+        self.shared_model_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.join("model"))
+    }
+
+    /// The case's prompt: its tokens and, for vision cases, the oracle's pixels of its images.
+    pub fn prompt(&self) -> gemma4_reference::Result<Prompt> {
+        let images = match &self.pixel_values {
+            Some(path) => read_pixel_values(path)?,
+            None => Vec::new(),
+        };
+        Ok(Prompt {
+            tokens: self.tokens.clone(),
+            images,
+        })
     }
 
     pub fn expected_path(&self) -> PathBuf {
@@ -110,6 +145,27 @@ pub fn load_cases(golden: &Path) -> Result<Vec<GoldenCase>, String> {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let dtype = text("dtype");
+        let case_file = dir.join("case.json");
+        let images = match description.get("images") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|item| golden_image(&dir, &case_file, item))
+                .collect::<Result<Vec<_>, _>>()?,
+            Some(other) => {
+                return Err(format!(
+                    "{}: `images` is {other}, expected a list",
+                    case_file.display()
+                ))
+            }
+        };
+        let relative = |key: &str| {
+            description
+                .get(key)
+                .and_then(Value::as_str)
+                .map(|p| dir.join(p))
+        };
+        let (shared_model_dir, pixel_values) = (relative("model_dir"), relative("pixel_values"));
         let checkpoint_dtype = match text("checkpoint_dtype") {
             stored if stored.is_empty() => dtype.clone(),
             stored => stored,
@@ -127,6 +183,9 @@ pub fn load_cases(golden: &Path) -> Result<Vec<GoldenCase>, String> {
                 .get("decode_steps")
                 .and_then(Value::as_u64)
                 .unwrap_or(0) as usize,
+            shared_model_dir,
+            images,
+            pixel_values,
             exercises: description
                 .get("exercises")
                 .and_then(Value::as_array)
@@ -140,4 +199,31 @@ pub fn load_cases(golden: &Path) -> Result<Vec<GoldenCase>, String> {
         });
     }
     Ok(result)
+}
+
+/// One entry of a case's `images` list.
+fn golden_image(dir: &Path, case_file: &Path, item: &Value) -> Result<GoldenImage, String> {
+    let bad = |what: &str| format!("{}: an image entry {what}: {item}", case_file.display());
+    let number = |key: &str| {
+        item.get(key)
+            .and_then(Value::as_u64)
+            .map(|n| n as usize)
+            .ok_or_else(|| bad(&format!("lacks `{key}`")))
+    };
+    let resized = item
+        .get("resized")
+        .and_then(Value::as_array)
+        .filter(|a| a.len() == 2)
+        .and_then(|a| Some([a[0].as_u64()? as usize, a[1].as_u64()? as usize]))
+        .ok_or_else(|| bad("lacks `resized` [height, width]"))?;
+    Ok(GoldenImage {
+        file: dir.join(
+            item.get("file")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("lacks `file`"))?,
+        ),
+        budget: number("budget")?,
+        soft_tokens: number("soft_tokens")?,
+        resized,
+    })
 }

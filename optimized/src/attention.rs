@@ -674,6 +674,7 @@ mod tests {
                 &to_array2(chunk, d_model, x),
                 &positions,
                 &inv,
+                &gemma4_reference::mask::ImageBlocks::none(),
                 1e-6,
                 &mut reference_cache,
                 &mut Recorder::new(&mut reference_dump),

@@ -22,7 +22,7 @@ pub fn visible_keys(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gemma4_reference::mask::key_is_visible;
+    use gemma4_reference::mask::{key_is_visible, ImageBlocks};
 
     #[test]
     fn mask_visible_range_equals_reference_mask_sliding_and_full() {
@@ -32,7 +32,7 @@ mod tests {
                 for j in 0..25 {
                     assert_eq!(
                         visible_keys(i, window).contains(&j),
-                        key_is_visible(&layer, i, j),
+                        key_is_visible(&layer, i, j, &ImageBlocks::none()),
                         "window {window:?}, query {i}, key {j}"
                     );
                 }

@@ -23,14 +23,15 @@ use crate::faults::{fault_active, Fault};
 use crate::kv_cache::KvCache;
 use crate::layer_plan::LayerPlan;
 use crate::linear::linear;
-use crate::mask::key_is_visible;
+use crate::mask::{key_is_visible, ImageBlocks};
 use crate::rms_norm::rms_norm_heads;
 use crate::rope::apply_rope;
 
 /// Runs the attention block; appends this layer's new K/V to the cache when it owns them.
 ///
 /// `normed_input`: `[T, D]` (after `input_layernorm`); `positions`: absolute position of each of
-/// the `T` tokens; `inverse_frequencies`: this layer type's RoPE table. Returns `[T, D]`.
+/// the `T` tokens; `inverse_frequencies`: this layer type's RoPE table; `blocks`: the image
+/// blocks of this pass (bidirectional on sliding layers, [`crate::mask`]). Returns `[T, D]`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     layer: &LayerPlan,
@@ -38,6 +39,7 @@ pub fn attention(
     normed_input: &Array2<f32>,
     positions: &[usize],
     inverse_frequencies: &[f32],
+    blocks: &ImageBlocks,
     eps: f64,
     cache: &mut KvCache,
     recorder: &mut Recorder,
@@ -120,7 +122,7 @@ pub fn attention(
             // Scores of the visible keys; masked keys are left out of the softmax entirely.
             let mut scores: Vec<(usize, f32)> = Vec::with_capacity(key_count);
             for j in 0..key_count {
-                if key_is_visible(layer, query_position, j) {
+                if key_is_visible(layer, query_position, j, blocks) {
                     let key = all_keys.slice(ndarray::s![j, kv_head, ..]);
                     scores.push((j, query.dot(&key) * scale));
                 }

@@ -762,12 +762,44 @@ impl TextTensors<'_> {
     }
 }
 
-/// Refuses to start loading when all text weights together, as f32, need more memory than is
-/// available; the error names the largest tensor.
-fn check_total_allocation(
+impl TextTensors<'_> {
+    /// A scalar clip bound (shape `[]`): any float but NaN. Bounds are ±∞ where a linear is not
+    /// clipped on that side (Hugging Face initialises them so), so unlike weights they may be
+    /// infinite.
+    pub fn load_bound(&self, spec_name: &str) -> Result<f32> {
+        let tensor = self.get(spec_name);
+        let file = self
+            .checkpoint
+            .file_of(&tensor.name)
+            .expect("checked by Checkpoint::check");
+        let bytes = file
+            .bytes(&tensor.name)
+            .expect("checked by Checkpoint::check");
+        let value = tensor.dtype.decode(bytes).next().ok_or_else(|| {
+            Error::tensor(
+                &file.path,
+                &tensor.name,
+                "holds no value (expected one scalar)",
+            )
+        })?;
+        if value.is_nan() {
+            return Err(Error::tensor(
+                &file.path,
+                &tensor.name,
+                "is NaN; a clip bound must be a number (±inf for no bound)",
+            ));
+        }
+        Ok(value)
+    }
+}
+
+/// Refuses to start loading when all the weights of `specs` together (`what`: "text", "vision
+/// tower"), as f32, need more memory than is available; the error names the largest tensor.
+pub fn check_total_allocation(
     checkpoint: &Checkpoint,
     specs: &[TensorSpec],
     prefix: &str,
+    what: &str,
 ) -> Result<()> {
     let bytes = |spec: &TensorSpec| array_bytes(&spec.shape, 4).unwrap_or(u64::MAX);
     let Some(largest) = specs.iter().max_by_key(|spec| bytes(spec)) else {
@@ -785,7 +817,7 @@ fn check_total_allocation(
         &name,
         total,
         &format!(
-            "loading the {} text weights as f32 (this one, {:?}, is the largest at {} bytes)",
+            "loading the {} {what} weights as f32 (this one, {:?}, is the largest at {} bytes)",
             specs.len(),
             largest.shape,
             bytes(largest)
@@ -958,7 +990,7 @@ impl TextWeights {
         // enough memory for all of them as f32, before the first conversion.
         let specs = text_tensor_specs(text, plan);
         let tensors = check_text_headers(checkpoint, prefix, &specs)?;
-        check_total_allocation(checkpoint, &specs, prefix)?;
+        check_total_allocation(checkpoint, &specs, prefix, "text")?;
 
         let embed_tokens = tensors.load("embed_tokens.weight")?;
         let embed_dtype = tensors.get("embed_tokens.weight").dtype;

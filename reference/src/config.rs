@@ -172,6 +172,10 @@ pub struct VisionConfig {
     pub pooling_kernel_size: usize,
     pub use_clipped_linears: bool,
     pub standardize: bool,
+    /// ε of every RMSNorm of the tower and of its projector (1e-6).
+    pub rms_norm_eps: f64,
+    /// θ of the axial 2D RoPE (`rope_parameters.rope_theta`, 100).
+    pub rope_theta: f64,
 }
 
 /// The audio tower's configuration (only what fixes its parameter count; multimodal spec §0, §2).
@@ -853,7 +857,35 @@ fn parse_vision_config(f: &Fields, text_hidden_size: usize) -> Result<VisionConf
         pooling_kernel_size: f.opt_positive("pooling_kernel_size")?.unwrap_or(3),
         use_clipped_linears: f.opt_bool("use_clipped_linears")?.unwrap_or(false),
         standardize: f.opt_bool("standardize")?.unwrap_or(false),
+        rms_norm_eps: positive_eps(f, "rms_norm_eps")?,
+        rope_theta: vision_rope_theta(f)?,
     };
+    if let Some(activation) = f.opt_string("hidden_activation")? {
+        if activation != "gelu_pytorch_tanh" {
+            return Err(f.error(
+                "hidden_activation",
+                format!("the Gemma 4 vision tower uses \"gelu_pytorch_tanh\"; \"{activation}\" is not supported"),
+            ));
+        }
+    }
+    if config.head_dim % 4 != 0 {
+        return Err(f.error(
+            "head_dim",
+            format!(
+                "the 2D RoPE splits each head in two halves of rotate-half pairs, so head_dim must be a multiple of 4, found {}",
+                config.head_dim
+            ),
+        ));
+    }
+    if config.num_attention_heads % config.num_key_value_heads != 0 {
+        return Err(f.error(
+            "num_key_value_heads",
+            format!(
+                "{} query heads cannot share {} KV heads evenly",
+                config.num_attention_heads, config.num_key_value_heads
+            ),
+        ));
+    }
     // The tower's weights, as counted by `parameter_count` (multimodal spec §1.8).
     let d = ("hidden_size", config.hidden_size);
     let head_dim = ("head_dim", config.head_dim);
@@ -909,6 +941,40 @@ fn parse_vision_config(f: &Fields, text_hidden_size: usize) -> Result<VisionConf
         &[d, ("text hidden_size", text_hidden_size)],
     )?;
     Ok(config)
+}
+
+/// A positive, finite RMSNorm ε (default 1e-6).
+fn positive_eps(f: &Fields, name: &str) -> Result<f64> {
+    let eps = f.opt_f64(name)?.unwrap_or(1e-6);
+    if !(eps.is_finite() && eps > 0.0) {
+        return Err(f.error(name, format!("expected a positive number, found {eps}")));
+    }
+    Ok(eps)
+}
+
+/// θ of the vision tower's axial RoPE: `rope_parameters.rope_theta` (default 100); any other
+/// `rope_type` than `axial` is refused, as Hugging Face does.
+fn vision_rope_theta(f: &Fields) -> Result<f64> {
+    let Some(rope) = f.get("rope_parameters").filter(|v| !v.is_null()) else {
+        return Ok(100.0);
+    };
+    let rope = Fields::new(rope, f.path, &format!("{}rope_parameters.", f.prefix))?;
+    if let Some(kind) = rope.opt_string("rope_type")? {
+        if kind != "axial" {
+            return Err(rope.error(
+                "rope_type",
+                format!("the vision tower's RoPE is \"axial\" (2D); \"{kind}\" is not supported"),
+            ));
+        }
+    }
+    let theta = rope.opt_f64("rope_theta")?.unwrap_or(100.0);
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(rope.error(
+            "rope_theta",
+            format!("expected a positive number, found {theta}"),
+        ));
+    }
+    Ok(theta)
 }
 
 fn parse_audio_config(f: &Fields, text_hidden_size: usize) -> Result<AudioConfig> {

@@ -21,6 +21,7 @@ use crate::error::Result;
 use crate::faults::{fault_active, Fault};
 use crate::kv_cache::KvCache;
 use crate::layer_plan::LayerPlan;
+use crate::mask::ImageBlocks;
 use crate::mlp::mlp;
 use crate::moe::{experts, route};
 use crate::ple::per_layer_embedding_branch;
@@ -43,7 +44,8 @@ fn add_normed_branch(
 /// Runs layer `layer.index` on the residual stream `hidden` (`[T, D]`).
 ///
 /// `per_layer_input`: this layer's PLE slice `[T, P]` (PLE models only); `positions`: the
-/// tokens' absolute positions; `inverse_frequencies`: RoPE table of this layer's type.
+/// tokens' absolute positions; `inverse_frequencies`: RoPE table of this layer's type;
+/// `blocks`: the pass's image blocks (bidirectional on sliding layers).
 #[allow(clippy::too_many_arguments)]
 pub fn decoder_layer(
     layer: &LayerPlan,
@@ -53,6 +55,7 @@ pub fn decoder_layer(
     per_layer_input: Option<ArrayView2<f32>>,
     positions: &[usize],
     inverse_frequencies: &[f32],
+    blocks: &ImageBlocks,
     cache: &mut KvCache,
     recorder: &mut Recorder,
 ) -> Result<Array2<f32>> {
@@ -67,6 +70,7 @@ pub fn decoder_layer(
         &normed,
         positions,
         inverse_frequencies,
+        blocks,
         eps,
         cache,
         recorder,

@@ -77,6 +77,15 @@ fault_catalogue! {
     PleNoProjectionScale => ("ple_no_projection_scale", "text §4 step 2, §15.9", "the D^-1/2 on the PLE context projection missing"),
     MlpGateUpSwapped => ("mlp_gate_up_swapped", "text §8", "GeGLU computes gelu(up) * gate instead of gelu(gate) * up"),
     KvSharedFirstProducer => ("kv_shared_first_producer", "text §7, §15.7", "a KV-shared layer reads the first layer of its type instead of the last non-shared one"),
+    // The vision and merge faults of shared contracts §4.
+    VisionAttentionScaleInvSqrtD => ("vision_attention_scale_inv_sqrt_d", "multimodal §1.3, §5 item 1", "vision attention scaled by 1/sqrt(head_dim) instead of 1.0"),
+    VisionRopeAxesSwapped => ("vision_rope_axes_swapped", "multimodal §1.4, §5 item 2", "2D RoPE with the x and y halves swapped (the first half rotated by the row)"),
+    VisionPixelsNotRescaled => ("vision_pixels_not_rescaled", "multimodal §1.2, §5 item 3", "the 2p - 1 on the patch pixels missing"),
+    VisionPoolScaleMissing => ("vision_pool_scale_missing", "multimodal §1.6, §5 item 5", "the sqrt(Dv) after pooling missing"),
+    VisionStandardizeMissing => ("vision_standardize_missing", "multimodal §1.6 step 8, §5 item 5", "large-tower standardize (bias, scale) not applied"),
+    VisionClipIgnored => ("vision_clip_ignored", "multimodal §1.5, §5 item 7", "clipped linears not clipped"),
+    VisionBidirectionalOnGlobal => ("vision_bidirectional_on_global", "multimodal §3.3, §5 item 10", "image blocks bidirectional on global (full) layers too"),
+    VisionBidirectionalMissing => ("vision_bidirectional_missing", "multimodal §3.3, §5 item 10", "image blocks causal on sliding layers"),
 }
 
 impl Fault {

@@ -1,4 +1,4 @@
-//! # gemma4-reference: the Gemma 4 text decoder, written to be read
+//! # gemma4-reference: Gemma 4, written to be read
 //!
 //! A plain-`ndarray`, float32 implementation of Google DeepMind's Gemma 4 language model
 //! (E2B, E4B, 31B, 26B-A4B), checked layer by layer against Hugging Face `transformers`.
@@ -17,6 +17,12 @@
 //! 7. [`dump`]: the activation dump format other ports compare against;
 //! 8. [`faults`]: known porting bugs, switchable for diagnosis and mutation testing;
 //! 9. [`parameter_count`]: exact parameter counts from a config alone.
+//!
+//! Images (shared spec: multimodal §1, §3), before step 4:
+//! 10. [`vision`]: the image tower, from a file to soft tokens (its own reading order);
+//! 11. [`projector`]: soft tokens into the text width (shared with the audio tower);
+//! 12. [`merge`]: soft tokens written over their placeholder runs, and [`mask`]'s image blocks
+//!     (bidirectional on sliding layers of the large models).
 
 pub mod attention;
 pub mod checkpoint;
@@ -33,13 +39,16 @@ pub mod layer_plan;
 pub mod linear;
 pub mod mask;
 pub mod memory;
+pub mod merge;
 pub mod mlp;
 pub mod model;
 pub mod moe;
 pub mod parameter_count;
 pub mod ple;
+pub mod projector;
 pub mod rms_norm;
 pub mod rope;
+pub mod vision;
 
 pub use compute_dtype::ComputeDtype;
 pub use config::ModelConfig;

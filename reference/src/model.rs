@@ -24,16 +24,22 @@ use crate::faults::{fault_active, Fault};
 use crate::kv_cache::KvCache;
 use crate::layer_plan::ModelPlan;
 use crate::linear::linear;
+use crate::mask::ImageBlocks;
 use crate::memory::{array_bytes, available_memory};
+use crate::merge::{image_placeholder_runs, merge_soft_tokens, Prompt};
 use crate::ple::per_layer_inputs;
 use crate::rms_norm::rms_norm;
 use crate::rope::inverse_frequencies;
+use crate::vision::{dump_prefix, VisionTower};
 
-/// A loaded Gemma 4 text model: config, layer plan and f32 weights.
+/// A loaded Gemma 4 model: config, layer plan and f32 weights of the text decoder, and the
+/// vision tower when it was asked for ([`Gemma4TextModel::load_for`]).
 pub struct Gemma4TextModel {
     pub config: ModelConfig,
     pub plan: ModelPlan,
     pub weights: TextWeights,
+    /// The vision tower, loaded only for prompts with images.
+    pub vision: Option<VisionTower>,
     /// The arithmetic this run imitates: which dtype the embedding scales are rounded to
     /// ([`ComputeDtype`]; float32 unless declared otherwise).
     pub compute_dtype: ComputeDtype,
@@ -55,8 +61,21 @@ impl Gemma4TextModel {
             config,
             plan,
             weights,
+            vision: None,
             compute_dtype: ComputeDtype::Float32,
         })
+    }
+
+    /// Loads `dir` with the towers `prompt` needs: the text decoder, and the vision tower when
+    /// the prompt has images (an error naming what is missing if the checkpoint has none).
+    pub fn load_for(dir: &Path, prompt: &Prompt) -> Result<Self> {
+        let config = ModelConfig::from_dir(dir)?;
+        let checkpoint = Checkpoint::open(dir)?;
+        let mut model = Self::from_checkpoint(config, &checkpoint)?;
+        if !prompt.images.is_empty() {
+            model.vision = Some(VisionTower::load(&checkpoint, &model.config)?);
+        }
+        Ok(model)
     }
 
     /// The same model imitating a `compute` run ([`ComputeDtype`]).
@@ -110,6 +129,38 @@ impl Gemma4TextModel {
         rope
     }
 
+    /// The embeddings of a prompt `[T, D]`: text tokens scaled by `√D`, each image encoded by the
+    /// vision tower and its soft tokens written over its run of placeholders (multimodal §3.2).
+    /// The vision tensors and `embeddings` go to `recorder`.
+    pub fn embed_prompt(&self, prompt: &Prompt, recorder: &mut Recorder) -> Result<Array2<f32>> {
+        self.validate_token_ids(&prompt.tokens)?;
+        let mut embeddings = self.embed(&prompt.tokens);
+        if !prompt.images.is_empty() {
+            let vision = self.vision.as_ref().ok_or_else(|| {
+                Error::input(
+                    "the prompt has images but the vision tower was not loaded (load the model with Gemma4TextModel::load_for)",
+                )
+            })?;
+            let kernel = vision.config.pooling_kernel_size;
+            let counts: Vec<usize> = prompt
+                .images
+                .iter()
+                .map(|i| i.soft_tokens(kernel))
+                .collect();
+            let runs = image_placeholder_runs(&self.config, &prompt.tokens, &counts)?;
+            let count = prompt.images.len();
+            let soft_tokens = prompt
+                .images
+                .iter()
+                .enumerate()
+                .map(|(i, image)| vision.encode(image, &dump_prefix(i, count), recorder))
+                .collect::<Result<Vec<_>>>()?;
+            merge_soft_tokens(&mut embeddings, &runs, &soft_tokens);
+        }
+        recorder.record("embeddings", embeddings.view().into_dyn())?;
+        Ok(embeddings)
+    }
+
     /// Runs `token_ids` (new tokens, after whatever `cache` holds) through the decoder and
     /// returns the logits `[T, V]`. Every intermediate goes to `recorder`.
     pub fn forward(
@@ -137,6 +188,8 @@ impl Gemma4TextModel {
         let tokens = embeddings.nrows();
         let first_position = cache.tokens_seen();
         let positions: Vec<usize> = (first_position..first_position + tokens).collect();
+        // Image blocks attend bidirectionally on sliding layers ("vision" models).
+        let blocks = ImageBlocks::of(&self.config, token_ids, first_position);
 
         // Per-Layer Embeddings, computed once for all layers.
         let ple = match &self.weights.per_layer_embeddings {
@@ -173,6 +226,7 @@ impl Gemma4TextModel {
                 layer_input,
                 &positions,
                 &rope_tables[layer.index],
+                &blocks,
                 cache,
                 recorder,
             )?;
@@ -205,11 +259,20 @@ impl Gemma4TextModel {
     /// holds the logits row that chose each generated token and `greedy_continuation` `[N]`
     /// the tokens `f₀ … f_{N−1}`.
     pub fn dump(&self, token_ids: &[usize], decode_steps: usize) -> Result<ActivationDump> {
+        self.dump_prompt(&Prompt::text(token_ids), decode_steps)
+    }
+
+    /// [`Gemma4TextModel::dump`] of a prompt with images: the vision tensors of each image, then
+    /// the text tensors of the merged sequence, then the decode rows.
+    pub fn dump_prompt(&self, prompt: &Prompt, decode_steps: usize) -> Result<ActivationDump> {
         let mut dump = ActivationDump::new();
-        dump.insert_i64("input_ids", input_ids_tensor(token_ids));
+        dump.insert_i64("input_ids", input_ids_tensor(&prompt.tokens));
         let mut cache = self.new_cache();
-        // `forward` validates the token ids first.
-        let logits = self.forward(token_ids, &mut cache, &mut Recorder::new(&mut dump))?;
+        let mut recorder = Recorder::new(&mut dump);
+        // `embed_prompt` validates the token ids first.
+        let embeddings = self.embed_prompt(prompt, &mut recorder)?;
+        let logits =
+            self.forward_from_embeddings(embeddings, &prompt.tokens, &mut cache, &mut recorder)?;
         if decode_steps > 0 {
             let (decode_logits, continuation) =
                 self.greedy_decode(&logits, &mut cache, decode_steps)?;
