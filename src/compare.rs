@@ -23,6 +23,7 @@ use gemma4_reference::checkpoint::WeightDtype;
 use gemma4_reference::dump::{ActivationDump, DumpTensor};
 use gemma4_reference::embedding::embedding_scale;
 use gemma4_reference::faults::with_faults;
+use gemma4_reference::merge::Prompt;
 use gemma4_reference::model::argmax;
 use gemma4_reference::{ComputeDtype, Gemma4TextModel, ModelPlan};
 use ndarray::{ArrayView2, Axis, Ix1, Ix2};
@@ -183,11 +184,8 @@ pub enum CompareError {
 pub enum ExpectedSource<'a> {
     /// A dump file (`--expected`).
     File(&'a Path),
-    /// The reference on a checkpoint (`--model`, `--tokens`).
-    Reference {
-        model: &'a Path,
-        tokens: &'a [usize],
-    },
+    /// The reference on a checkpoint (`--model`, `--tokens`, and the prompt's images).
+    Reference { model: &'a Path, prompt: &'a Prompt },
 }
 
 /// How `gemma4 compare` judges (`--compute-dtype`, `--no-diagnosis`).
@@ -257,13 +255,14 @@ pub fn run_compare(
             }
             report
         }
-        ExpectedSource::Reference { model, tokens } => {
+        ExpectedSource::Reference { model, prompt } => {
+            let tokens = &prompt.tokens;
             let model_error = |source| CompareError::Model {
                 path: model.to_path_buf(),
                 source,
             };
             // The reference proper: no fault on, whatever GEMMA4_FAULTS says.
-            let mut loaded = with_faults(&[], || Gemma4TextModel::load(model))
+            let mut loaded = with_faults(&[], || Gemma4TextModel::load_for(model, prompt))
                 .map_err(model_error)?
                 .with_compute_dtype(options.compute_dtype);
             // One generated token more than the candidate's decode rows: a candidate recording
@@ -274,8 +273,8 @@ pub fn run_compare(
             } else {
                 0
             };
-            let expected =
-                with_faults(&[], || loaded.dump(tokens, decode_steps)).map_err(model_error)?;
+            let expected = with_faults(&[], || loaded.dump_prompt(prompt, decode_steps))
+                .map_err(model_error)?;
             let mut facts = ModelFacts::of_model(&loaded);
             let mut report = compare(&expected, &candidate, &facts);
             if !report.conformant && needs_diagnosis(&report) {
@@ -285,7 +284,7 @@ pub fn run_compare(
                 facts.noise_envelope = Some(clean_noise_envelope(
                     &loaded,
                     model,
-                    tokens,
+                    prompt,
                     decode_steps,
                     &expected,
                 ));
@@ -304,14 +303,14 @@ pub fn run_compare(
             );
             if !report.conformant && needs_diagnosis(&report) {
                 report.conformant_with_compute_dtype =
-                    conformant_in_other_arithmetic(&mut loaded, tokens, decode_steps, &candidate)
+                    conformant_in_other_arithmetic(&mut loaded, prompt, decode_steps, &candidate)
                         .map_err(model_error)?;
             }
             if options.diagnose
                 && needs_diagnosis(&report)
                 && report.conformant_with_compute_dtype.is_none()
             {
-                let library = FaultLibrary::build(&loaded, model, tokens, decode_steps, expected);
+                let library = FaultLibrary::build(&loaded, model, prompt, decode_steps, expected);
                 attach_diagnosis(&mut report, &library, &candidate);
             }
             report
@@ -338,7 +337,7 @@ pub fn run_compare(
 /// mode.
 fn conformant_in_other_arithmetic(
     model: &mut Gemma4TextModel,
-    tokens: &[usize],
+    prompt: &Prompt,
     decode_steps: usize,
     candidate: &ActivationDump,
 ) -> gemma4_reference::Result<Option<&'static str>> {
@@ -367,7 +366,7 @@ fn conformant_in_other_arithmetic(
             continue;
         }
         model.compute_dtype = mode;
-        let expected = with_faults(&[], || model.dump(tokens, decode_steps));
+        let expected = with_faults(&[], || model.dump_prompt(prompt, decode_steps));
         let facts = ModelFacts::of_model(model);
         model.compute_dtype = own;
         if compare(&expected?, candidate, &facts).conformant {
@@ -420,6 +419,8 @@ pub fn attach_diagnosis(
     let Some(first) = report.first_divergence.clone() else {
         return;
     };
+    let candidate = single_clip_names(candidate).unwrap_or(Cow::Borrowed(candidate));
+    let candidate = candidate.as_ref();
     // Float tensors both sides hold with matching, finite values (index tensors are left out:
     // a different expert choice shows in `top_k_weights` and `moe.output` anyway).
     let scored: Vec<ScoredTensor> = report
@@ -511,6 +512,12 @@ pub fn compare(
     candidate: &ActivationDump,
     facts: &ModelFacts,
 ) -> CompareReport {
+    // `vision.0.soft_tokens` of a one-image dump is `vision.soft_tokens` (shared contracts §2).
+    let (expected, candidate) = (
+        single_clip_names(expected).unwrap_or(Cow::Borrowed(expected)),
+        single_clip_names(candidate).unwrap_or(Cow::Borrowed(candidate)),
+    );
+    let (expected, candidate) = (expected.as_ref(), candidate.as_ref());
     let expected_precision = dump_precision(expected);
     let candidate_precision = dump_precision(candidate);
     let precision = expected_precision.max(candidate_precision);
@@ -692,6 +699,37 @@ pub fn compare(
         expected_source: String::new(),
         candidate_source: String::new(),
     }
+}
+
+/// A dump whose `vision.` (or `audio.`) tensors carry the index of one single clip (`vision.0.*`
+/// and no `vision.1.*`), renamed to the single-input form (`vision.*`); `None` when there is
+/// nothing to rename.
+fn single_clip_names(dump: &ActivationDump) -> Option<Cow<'_, ActivationDump>> {
+    let mut renamed: Option<ActivationDump> = None;
+    for tower in ["vision.", "audio."] {
+        let names: Vec<&str> = dump
+            .names_in_model_order()
+            .into_iter()
+            .filter(|n| n.starts_with(tower))
+            .collect();
+        let index_of = |name: &str| {
+            name[tower.len()..]
+                .split_once('.')
+                .and_then(|(i, _)| i.parse::<usize>().ok())
+        };
+        let indexed_zero = names.iter().filter(|n| index_of(n) == Some(0)).count();
+        if indexed_zero == 0 || names.iter().any(|n| index_of(n).is_some_and(|i| i > 0)) {
+            continue;
+        }
+        let out = renamed.get_or_insert_with(|| dump.clone());
+        for name in names.into_iter().filter(|n| index_of(n) == Some(0)) {
+            let short = format!("{tower}{}", &name[tower.len() + 2..]);
+            if let Some(tensor) = out.remove(name) {
+                out.insert(short, tensor);
+            }
+        }
+    }
+    renamed.map(Cow::Owned)
 }
 
 /// Decode rows left out of the judgement: those after the first greedy choice where the two

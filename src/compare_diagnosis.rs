@@ -37,6 +37,8 @@ use gemma4_reference::config::{AttentionType, RopeKind};
 use gemma4_reference::dump::{model_order_key, ActivationDump, DumpTensor};
 use gemma4_reference::faults::{with_faults, Fault};
 use gemma4_reference::layer_plan::KvSource;
+use gemma4_reference::mask::ImageBlocks;
+use gemma4_reference::merge::Prompt;
 use gemma4_reference::model::is_placeholder;
 use gemma4_reference::ComputeDtype;
 use gemma4_reference::{Gemma4TextModel, ModelPlan};
@@ -148,7 +150,7 @@ pub enum FaultRun {
 }
 
 impl FaultLibrary {
-    /// Runs the reference once per fault of the catalogue on `tokens` with `decode_steps`
+    /// Runs the reference once per fault of the catalogue on `prompt` with `decode_steps`
     /// greedy steps, plus the noise probes of each run. `model` was loaded from `model_dir`
     /// without faults and `clean` is its dump. Faults that change the layer plan reload the
     /// checkpoint with the fault on. The runs of one stage go in parallel (each run is
@@ -157,14 +159,14 @@ impl FaultLibrary {
     pub fn build(
         model: &Gemma4TextModel,
         model_dir: &Path,
-        tokens: &[usize],
+        prompt: &Prompt,
         decode_steps: usize,
         clean: ActivationDump,
     ) -> FaultLibrary {
         // 1. One exact run per applicable fault.
         let exact: Vec<Result<ExactRun, String>> = Fault::ALL
             .par_iter()
-            .map(|&fault| exact_run(model, model_dir, tokens, decode_steps, fault, &clean))
+            .map(|&fault| exact_run(model, model_dir, prompt, decode_steps, fault, &clean))
             .collect();
 
         // 2. The noise probes, one perturbed copy of the weights at a time. The copy is loaded
@@ -173,10 +175,11 @@ impl FaultLibrary {
         let mut clean_probes = Vec::new();
         let mut probes: Vec<Vec<ActivationDump>> = vec![Vec::new(); Fault::ALL.len()];
         for &seed in &PROBE_SEEDS {
-            let Some(probe) = with_faults(&[], || probe_model(model, model_dir, seed)) else {
+            let Some(probe) = with_faults(&[], || probe_model(model, model_dir, prompt, seed))
+            else {
                 continue;
             };
-            if let Ok(dump) = with_faults(&[], || probe.dump(tokens, decode_steps)) {
+            if let Ok(dump) = with_faults(&[], || probe.dump_prompt(prompt, decode_steps)) {
                 clean_probes.push(dump);
             }
             let runs: Vec<Option<ActivationDump>> = Fault::ALL
@@ -186,11 +189,11 @@ impl FaultLibrary {
                     let run = run.as_ref().ok()?;
                     with_faults(&[fault], || {
                         if run.plan_changed {
-                            probe_model(model, model_dir, seed)?
-                                .dump(tokens, decode_steps)
+                            probe_model(model, model_dir, prompt, seed)?
+                                .dump_prompt(prompt, decode_steps)
                                 .ok()
                         } else {
-                            probe.dump(tokens, decode_steps).ok()
+                            probe.dump_prompt(prompt, decode_steps).ok()
                         }
                     })
                 })
@@ -234,7 +237,7 @@ impl FaultLibrary {
 pub fn clean_noise_envelope(
     model: &Gemma4TextModel,
     model_dir: &Path,
-    tokens: &[usize],
+    prompt: &Prompt,
     decode_steps: usize,
     clean: &ActivationDump,
 ) -> HashMap<String, f64> {
@@ -242,8 +245,8 @@ pub fn clean_noise_envelope(
         .iter()
         .filter_map(|&seed| {
             with_faults(&[], || {
-                probe_model(model, model_dir, seed)?
-                    .dump(tokens, decode_steps)
+                probe_model(model, model_dir, prompt, seed)?
+                    .dump_prompt(prompt, decode_steps)
                     .ok()
             })
         })
@@ -262,9 +265,14 @@ struct ExactRun {
 
 /// The model of `model_dir` with its weights perturbed for a noise probe (loaded with the
 /// faults currently on in this thread, so that a fault changing the layer plan is in it), in
-/// the compute dtype of `clean`.
-fn probe_model(clean: &Gemma4TextModel, model_dir: &Path, seed: u64) -> Option<Gemma4TextModel> {
-    let mut model = Gemma4TextModel::load(model_dir)
+/// the compute dtype of `clean` and with the towers `prompt` needs.
+fn probe_model(
+    clean: &Gemma4TextModel,
+    model_dir: &Path,
+    prompt: &Prompt,
+    seed: u64,
+) -> Option<Gemma4TextModel> {
+    let mut model = Gemma4TextModel::load_for(model_dir, prompt)
         .ok()?
         .with_compute_dtype(clean.compute_dtype);
     perturb_weights(&mut model, PROBE_NOISE, seed);
@@ -276,30 +284,30 @@ fn probe_model(clean: &Gemma4TextModel, model_dir: &Path, seed: u64) -> Option<G
 fn exact_run(
     model: &Gemma4TextModel,
     model_dir: &Path,
-    tokens: &[usize],
+    prompt: &Prompt,
     decode_steps: usize,
     fault: Fault,
     clean: &ActivationDump,
 ) -> Result<ExactRun, String> {
-    if let Some(reason) = not_applicable(fault, model, tokens) {
+    if let Some(reason) = not_applicable(fault, model, prompt) {
         return Err(reason);
     }
     let (dump, plan_changed) = with_faults(&[fault], || {
         let plan = ModelPlan::from_config(&model.config.text);
         if plan == model.plan {
             return model
-                .dump(tokens, decode_steps)
+                .dump_prompt(prompt, decode_steps)
                 .map(|d| (d, false))
                 .map_err(|e| e.to_string());
         }
         if let Some(reason) = kv_geometry_mismatch(&plan) {
             return Err(reason);
         }
-        Gemma4TextModel::load(model_dir)
+        Gemma4TextModel::load_for(model_dir, prompt)
             .and_then(|faulty| {
                 faulty
                     .with_compute_dtype(model.compute_dtype)
-                    .dump(tokens, decode_steps)
+                    .dump_prompt(prompt, decode_steps)
             })
             .map(|d| (d, true))
             .map_err(|e| e.to_string())
@@ -409,7 +417,8 @@ fn kv_geometry_mismatch(plan: &ModelPlan) -> Option<String> {
 
 /// Why a fault cannot apply to this model and these tokens, judged from its nature and the
 /// layer plan (the empirical check in [`run_fault`] catches what this misses).
-fn not_applicable(fault: Fault, model: &Gemma4TextModel, tokens: &[usize]) -> Option<String> {
+fn not_applicable(fault: Fault, model: &Gemma4TextModel, prompt: &Prompt) -> Option<String> {
+    let tokens = &prompt.tokens;
     let text = &model.config.text;
     let plan = &model.plan;
     let no_ple = text.hidden_size_per_layer_input == 0;
@@ -483,6 +492,43 @@ fn not_applicable(fault: Fault, model: &Gemma4TextModel, tokens: &[usize]) -> Op
                     .iter()
                     .any(|l| l.attention_type == AttentionType::Sliding),
             "sliding and full layers share one theta",
+        ),
+        Fault::VisionAttentionScaleInvSqrtD
+        | Fault::VisionRopeAxesSwapped
+        | Fault::VisionPixelsNotRescaled => reason(!prompt.images.is_empty(), "the prompt has no image"),
+        Fault::VisionPoolScaleMissing => reason(!prompt.images.is_empty(), "the prompt has no image")
+            .or_else(|| {
+                reason(
+                    model.config.vision.as_ref().is_some_and(|v| v.standardize),
+                    "without standardize the projector's weight-free RMSNorm cancels the sqrt(Dv) (it only shifts epsilon's share)",
+                )
+            }),
+        Fault::VisionStandardizeMissing => reason(!prompt.images.is_empty(), "the prompt has no image")
+            .or_else(|| {
+                reason(
+                    model.config.vision.as_ref().is_some_and(|v| v.standardize),
+                    "the vision tower does not standardize (on-device tower)",
+                )
+            }),
+        Fault::VisionClipIgnored => reason(!prompt.images.is_empty(), "the prompt has no image")
+            .or_else(|| {
+                reason(
+                    model
+                        .config
+                        .vision
+                        .as_ref()
+                        .is_some_and(|v| v.use_clipped_linears),
+                    "the vision tower has no clipped linears (large tower)",
+                )
+            }),
+        Fault::VisionPositionTablesSwapped | Fault::VisionSoftTokensScaled => {
+            reason(!prompt.images.is_empty(), "the prompt has no image")
+        }
+        Fault::VisionBidirectionalOnGlobal
+        | Fault::VisionBidirectionalMissing
+        | Fault::VisionBlockIncludesBoiEoi => reason(
+            !ImageBlocks::of(&model.config, tokens, 0).is_empty(),
+            "no bidirectional image block: the model is not a \"vision\" one, or the tokens hold no image placeholder",
         ),
         Fault::LayerScalarIgnored => reason(
             model.weights.layers.iter().any(|l| l.layer_scalar != 1.0),

@@ -90,9 +90,13 @@ pub fn error_structure(
     let threshold = tolerance * scale;
     let error = (&candidate - &expected).mapv(f64::abs);
 
-    // Rows: axis 0 of every dump tensor is the token (or decode step) axis.
+    // Rows: axis 0 of every dump tensor is the token (or decode step, patch, soft token) axis.
     let row_axis = if name == "decode_logits" || name == "greedy_continuation" {
         "decode_steps"
+    } else if name.starts_with("vision.") && name.ends_with("soft_tokens") {
+        "soft_tokens"
+    } else if name.starts_with("vision.") {
+        "patches"
     } else {
         "prompt_positions"
     };
@@ -192,24 +196,24 @@ fn row_pattern(
     count: usize,
     facts: &ModelFacts,
 ) -> RowPattern {
-    let decode = axis == "decode_steps";
-    let noun = if decode { "decode steps" } else { "positions" };
+    let (noun, singular) = match axis {
+        "decode_steps" => ("decode steps", "step"),
+        "patches" => ("patches", "patch"),
+        "soft_tokens" => ("soft tokens", "soft token"),
+        _ => ("positions", "position"),
+    };
     let summary = if diverging.is_empty() {
-        format!("no single {noun} entry exceeds the tolerance")
+        format!("no single {singular} exceeds the tolerance")
     } else if diverging.len() == count {
         format!("all {count} {noun}")
     } else if diverging == [0] {
-        format!("only {} 0", if decode { "step" } else { "position" })
+        format!("only {singular} 0")
     } else if every_row_but_first(&diverging, count) {
-        format!(
-            "every {} but the first ({noun} 1..{})",
-            &noun[..noun.len() - 1],
-            count - 1
-        )
+        format!("every {singular} but the first ({noun} 1..{})", count - 1)
     } else if let Some(from) = diverging_suffix(&diverging, count) {
         let window = facts
             .sliding_window
-            .filter(|_| !decode)
+            .filter(|_| axis == "prompt_positions")
             .map(|w| format!(" (sliding window W = {w})"))
             .unwrap_or_default();
         format!("{noun} {from}..{} only, from {from} on{window}", count - 1)

@@ -4,11 +4,14 @@
 use std::path::Path;
 
 use gemma4_reference::checkpoint::{full_name, text_tensor_specs, Checkpoint};
+use gemma4_reference::config::VisionConfig;
 use gemma4_reference::config::{AttentionType, RopeKind};
 use gemma4_reference::kv_cache::{cache_footprint, CacheFootprint};
 use gemma4_reference::layer_plan::KvSource;
 use gemma4_reference::parameter_count::{count_parameters, ParameterCounts};
 use gemma4_reference::rope::inverse_frequencies;
+use gemma4_reference::vision::preprocessing::{resized_size, SUPPORTED_BUDGETS};
+use gemma4_reference::vision::weights::vision_tensor_specs;
 use gemma4_reference::{Error, ModelConfig, ModelPlan};
 
 /// Everything `inspect` reports.
@@ -34,6 +37,30 @@ pub struct Inspection {
     pub memory: Option<EngineMemory>,
     /// Checkpoint tensors that are not text tensors of the plan (towers, stray KV of shared layers).
     pub tensors_not_used_by_text_model: usize,
+    /// The vision tower, when the model has one.
+    pub vision: Option<VisionInspection>,
+    /// With `--image-size`: the resized size and soft tokens of that image at every budget.
+    pub image_sizes: Vec<ImageAtBudget>,
+}
+
+/// The vision tower's plan (shared spec: multimodal §0, §1).
+#[derive(Debug, serde::Serialize)]
+pub struct VisionInspection {
+    pub config: VisionConfig,
+    /// The tower and its projector (`embed_vision`), exact.
+    pub parameters: u64,
+    /// With weights: the vision tensors checked (present, planned shape, float dtype).
+    pub tensors_checked: Option<usize>,
+}
+
+/// One budget's preprocessing of an image of a given size (multimodal spec §1.1).
+#[derive(Debug, serde::Serialize)]
+pub struct ImageAtBudget {
+    pub budget: usize,
+    /// `[height, width]` after the resize, or why the image cannot be processed at this budget.
+    pub resized: Result<[usize; 2], String>,
+    pub patches: usize,
+    pub soft_tokens: usize,
 }
 
 /// Memory of the optimized engine on a checkpoint. Weights are memory-mapped as stored, so a
@@ -114,6 +141,15 @@ pub fn inspect(dir: &Path) -> Result<Inspection, Error> {
             })
             .sum::<Result<u64, Error>>()?;
         inspection.memory = Some(memory);
+        if let Some(vision) = inspection.vision.as_mut() {
+            let specs = vision_tensor_specs(&vision.config, inspection.config.text.hidden_size);
+            for spec in &specs {
+                let name = full_name("model.", &spec.name);
+                checkpoint.check(&name, &spec.shape)?;
+                used.insert(name);
+            }
+            vision.tensors_checked = Some(specs.len());
+        }
         inspection.tensors_not_used_by_text_model =
             checkpoint.names().filter(|n| !used.contains(*n)).count();
         inspection.weights_checked = Some(specs.len());
@@ -131,8 +167,14 @@ pub fn inspect_config(config: ModelConfig) -> Inspection {
         |_| Vec::new(),
         |i| inverse_frequencies(&plan.layers[i].rope, plan.layers[i].head_dim),
     );
+    let parameters = count_parameters(&config);
+    let vision = config.vision.clone().map(|vision| VisionInspection {
+        config: vision,
+        parameters: parameters.vision,
+        tensors_checked: None,
+    });
     Inspection {
-        parameters: count_parameters(&config),
+        parameters,
         optimized_kv_cache_bytes_per_token: empty_cache.bytes_per_position(),
         optimized_kv_angle_bytes_per_token: empty_cache.angle_bytes_per_position(),
         kv_cache_bf16: cache_footprint(&plan, window, 2),
@@ -142,7 +184,28 @@ pub fn inspect_config(config: ModelConfig) -> Inspection {
         weights_checked: None,
         memory: None,
         tensors_not_used_by_text_model: 0,
+        vision,
+        image_sizes: Vec::new(),
     }
+}
+
+/// The resized size and soft tokens of a `height × width` image at every budget.
+pub fn image_sizes(height: usize, width: usize) -> Vec<ImageAtBudget> {
+    SUPPORTED_BUDGETS
+        .iter()
+        .map(|&budget| {
+            let resized = resized_size(height, width, budget)
+                .map(|(h, w)| [h, w])
+                .map_err(|e| e.to_string());
+            let patches = resized.as_ref().map_or(0, |[h, w]| (h / 16) * (w / 16));
+            ImageAtBudget {
+                budget,
+                resized,
+                patches,
+                soft_tokens: patches / 9,
+            }
+        })
+        .collect()
 }
 
 fn thousands(n: u64) -> String {
@@ -278,9 +341,38 @@ pub fn format_inspection(inspection: &Inspection) -> String {
             thousands((sliding_angles + full_angles) as u64),
         ));
     }
+    if let Some(vision) = &inspection.vision {
+        out.push_str(&format_vision(vision, text.hidden_size));
+    }
+    if !inspection.image_sizes.is_empty() {
+        out.push_str(
+            "\nimage preprocessing (resize to multiples of 48, aspect kept; up-scaled too):\n",
+        );
+        out.push_str(&format!(
+            "  {:>6}  {:>11}  {:>8}  {:>11}\n",
+            "budget", "resized HxW", "patches", "soft tokens"
+        ));
+        for size in &inspection.image_sizes {
+            match &size.resized {
+                Ok([h, w]) => out.push_str(&format!(
+                    "  {:>6}  {:>11}  {:>8}  {:>11}\n",
+                    size.budget,
+                    format!("{h}x{w}"),
+                    size.patches,
+                    size.soft_tokens
+                )),
+                Err(e) => out.push_str(&format!("  {:>6}  {e}\n", size.budget)),
+            }
+        }
+    }
     match inspection.weights_checked {
         Some(n) => out.push_str(&format!(
-            "\nweights: all {n} text tensors present with the planned shapes ({} other tensors not used by the text model)\n",
+            "\nweights: all {n} text tensors present with the planned shapes{} ({} other tensors not used)\n",
+            inspection
+                .vision
+                .as_ref()
+                .and_then(|v| v.tensors_checked)
+                .map_or(String::new(), |v| format!(", and all {v} vision tensors")),
             inspection.tensors_not_used_by_text_model
         )),
         None => out.push_str("\nweights: none in this directory (config only)\n"),
@@ -289,6 +381,37 @@ pub fn format_inspection(inspection: &Inspection) -> String {
         out.push_str(&format_memory(memory, inspection.config.text.moe.as_ref()));
     }
     out
+}
+
+/// The vision tower's plan.
+fn format_vision(vision: &VisionInspection, text_hidden: usize) -> String {
+    let c = &vision.config;
+    let kind = if c.standardize {
+        "large (standardize)"
+    } else if c.use_clipped_linears {
+        "on-device (clipped linears)"
+    } else {
+        "plain"
+    };
+    format!(
+        "\nvision tower: {kind}; {} layers, width {}, {} heads x {} (KV heads {}), MLP {} (gated GELU-tanh)\n  patches {}x{} px, pooled {}x{} into a soft token, position tables 2 x {}, 2D RoPE theta {}, RMSNorm eps {}\n  projector {} -> {} (weight-free RMSNorm, bias-free linear); {} parameters\n",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.head_dim,
+        c.num_key_value_heads,
+        c.intermediate_size,
+        c.patch_size,
+        c.patch_size,
+        c.pooling_kernel_size,
+        c.pooling_kernel_size,
+        c.position_embedding_size,
+        c.rope_theta,
+        c.rms_norm_eps,
+        c.hidden_size,
+        text_hidden,
+        thousands(vision.parameters),
+    )
 }
 
 /// `bytes` with its GiB value.

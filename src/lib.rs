@@ -15,6 +15,7 @@ pub mod engine;
 pub mod generate;
 pub mod golden;
 pub mod inspect;
+pub mod prompt;
 pub mod tokens;
 
 pub use gemma4_reference as reference;

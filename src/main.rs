@@ -9,6 +9,7 @@ use gemma4::conform::{format_table, run_case_on_engines};
 use gemma4::engine::{DumpOptions, Engine};
 use gemma4::golden::{golden_dir, load_cases};
 use gemma4::inspect::{format_inspection, inspect};
+use gemma4::prompt::{build_prompt, MediaOptions};
 use gemma4::reference::ComputeDtype;
 use gemma4::tokens::parse_token_list;
 
@@ -77,6 +78,32 @@ struct ConformArgs {
     threads: Option<usize>,
 }
 
+/// The images of a prompt (shared contracts §1).
+#[derive(Args)]
+struct MediaArgs {
+    /// An image file (PNG, JPEG, WebP, GIF) whose soft tokens fill the next run of image
+    /// placeholders in --tokens (repeatable, in order).
+    #[arg(long = "image")]
+    images: Vec<PathBuf>,
+    /// Soft tokens per image: 70, 140, 280, 560 or 1120.
+    #[arg(long, default_value_t = 280)]
+    image_budget: usize,
+    /// Preprocessed images instead of files: `pixel_values` [n, 768] F32 in [0, 1] and
+    /// `image_position_ids` [n, 2] I64 (x, y), valid patches only (`.0`, `.1`, ... for several).
+    #[arg(long, conflicts_with = "images")]
+    pixel_values: Option<PathBuf>,
+}
+
+impl MediaArgs {
+    fn options(&self) -> MediaOptions {
+        MediaOptions {
+            images: self.images.clone(),
+            image_budget: self.image_budget,
+            pixel_values: self.pixel_values.clone(),
+        }
+    }
+}
+
 #[derive(Args)]
 struct DumpArgs {
     /// Checkpoint directory (config.json + safetensors).
@@ -103,6 +130,8 @@ struct DumpArgs {
     /// model run in that dtype (the embedding scales are then rounded to it).
     #[arg(long, default_value = "float32")]
     compute_dtype: ComputeDtype,
+    #[command(flatten)]
+    media: MediaArgs,
 }
 
 #[derive(Args)]
@@ -130,6 +159,8 @@ struct CompareArgs {
     /// or f16 judge a port that runs the model in that dtype (embedding scales rounded to it).
     #[arg(long, default_value = "float32")]
     compute_dtype: ComputeDtype,
+    #[command(flatten)]
+    media: MediaArgs,
 }
 
 #[derive(Args)]
@@ -140,6 +171,24 @@ struct InspectArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Also print the resized size and soft-token count of a WIDTHxHEIGHT image at every budget.
+    #[arg(long, value_parser = parse_image_size)]
+    image_size: Option<(usize, usize)>,
+}
+
+/// `WIDTHxHEIGHT` (e.g. `640x480`) as `(width, height)`.
+fn parse_image_size(text: &str) -> Result<(usize, usize), String> {
+    let (w, h) = text
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("`{text}` is not WIDTHxHEIGHT (e.g. 640x480)"))?;
+    let parse = |v: &str, what: &str| {
+        v.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("the {what} `{v}` of `{text}` is not a positive integer"))
+    };
+    Ok((parse(w, "width")?, parse(h, "height")?))
 }
 
 fn main() -> ExitCode {
@@ -208,9 +257,11 @@ fn dump(args: DumpArgs) -> ExitCode {
         threads: args.threads,
         compute_dtype: args.compute_dtype,
     };
-    let result = args
-        .engine
-        .dump_with(&args.model, &tokens, args.decode, &options)
+    let result = build_prompt(tokens, &args.media.options())
+        .and_then(|prompt| {
+            args.engine
+                .dump_prompt(&args.model, &prompt, args.decode, &options)
+        })
         .and_then(|dump| {
             dump.write(&args.out, &[("engine", args.engine.name())])
                 .map(|()| dump.len())
@@ -238,9 +289,19 @@ fn compare(args: CompareArgs) -> ExitCode {
         },
         None => None,
     };
-    let source = match (&args.expected, &args.model, &tokens) {
+    let prompt = match tokens
+        .map(|t| build_prompt(t, &args.media.options()))
+        .transpose()
+    {
+        Ok(prompt) => prompt,
+        Err(e) => {
+            eprintln!("gemma4 compare: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let source = match (&args.expected, &args.model, &prompt) {
         (Some(path), _, _) => ExpectedSource::File(path),
-        (None, Some(model), Some(tokens)) => ExpectedSource::Reference { model, tokens },
+        (None, Some(model), Some(prompt)) => ExpectedSource::Reference { model, prompt },
         _ => {
             eprintln!("gemma4 compare: give --expected FILE, or --model DIR with --tokens LIST");
             return ExitCode::from(2);
@@ -274,7 +335,10 @@ fn compare(args: CompareArgs) -> ExitCode {
 
 fn inspect_command(args: InspectArgs) -> ExitCode {
     match inspect(&args.model) {
-        Ok(inspection) => {
+        Ok(mut inspection) => {
+            if let Some((width, height)) = args.image_size {
+                inspection.image_sizes = gemma4::inspect::image_sizes(height, width);
+            }
             if args.json {
                 println!(
                     "{}",

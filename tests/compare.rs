@@ -32,19 +32,20 @@ fn fixture(name: &str) -> &'static Fixture {
 
 fn build_fixture(name: &str) -> Fixture {
     let case = common::golden_case(name);
+    let prompt = case.prompt().expect("golden prompt");
     let (model, clean) = with_faults(&[], || {
-        let model = Gemma4TextModel::load(&case.model_dir())
+        let model = Gemma4TextModel::load_for(&case.model_dir(), &prompt)
             .expect("golden model loads")
             .with_compute_dtype(case.compute_dtype());
         let clean = model
-            .dump(&case.tokens, case.decode_steps)
+            .dump_prompt(&prompt, case.decode_steps)
             .expect("reference runs");
         (model, clean)
     });
     let library = FaultLibrary::build(
         &model,
         &case.model_dir(),
-        &case.tokens,
+        &prompt,
         case.decode_steps,
         clean.clone(),
     );
@@ -65,8 +66,9 @@ fn candidate(
     edit: impl FnOnce(&mut Gemma4TextModel),
 ) -> ActivationDump {
     let case = &fixture.case;
+    let prompt = case.prompt().expect("golden prompt");
     with_faults(faults, || {
-        let mut model = Gemma4TextModel::load(&case.model_dir())
+        let mut model = Gemma4TextModel::load_for(&case.model_dir(), &prompt)
             .expect("golden model loads")
             .with_compute_dtype(case.compute_dtype());
         if noise > 0.0 {
@@ -74,7 +76,7 @@ fn candidate(
         }
         edit(&mut model);
         model
-            .dump(&case.tokens, case.decode_steps)
+            .dump_prompt(&prompt, case.decode_steps)
             .expect("reference runs")
     })
 }
@@ -94,13 +96,15 @@ fn judge(fixture: &Fixture, candidate: &ActivationDump) -> CompareReport {
     compare_and_diagnose(&fixture.clean, candidate, &fixture.facts, &fixture.library)
 }
 
-const CASES: [&str; 6] = [
+const CASES: [&str; 8] = [
     "e2b_like",
     "e4b_like",
     "31b_like",
     "26b_a4b_like",
     "e2b_bf16",
     "e4b_bf16_as_f32",
+    "e2b_vision",
+    "31b_vision",
 ];
 
 #[test]
@@ -277,6 +281,16 @@ fn diagnosis_names_each_fault_e2b_bf16() {
 #[test]
 fn diagnosis_names_each_fault_e4b_bf16_as_f32() {
     assert_each_fault_diagnosed("e4b_bf16_as_f32");
+}
+
+#[test]
+fn diagnosis_names_each_fault_e2b_vision() {
+    assert_each_fault_diagnosed("e2b_vision");
+}
+
+#[test]
+fn diagnosis_names_each_fault_31b_vision() {
+    assert_each_fault_diagnosed("31b_vision");
 }
 
 #[test]

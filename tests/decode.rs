@@ -83,7 +83,9 @@ fn decode_incremental_equals_full_forward_every_golden_model() {
         let window = model.config.text.sliding_window;
         // Prefill sizes: one token, just inside / at / past the window, and all but one.
         for prefill in [1, window - 1, window, window + 1, tokens.len() - 1] {
-            let prefill = prefill.clamp(1, tokens.len());
+            // Never inside an image block of a bidirectional model (it attends forward).
+            let unsplit = common::smallest_unsplit_prefill(&model.config, tokens);
+            let prefill = prefill.clamp(unsplit, tokens.len());
             let (logits, layer_outputs) = incremental(&model, tokens, prefill);
             assert_rows_close(
                 &format!("{} logits (prefill {prefill})", case.name),

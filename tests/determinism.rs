@@ -12,11 +12,11 @@ use common::golden_case;
 
 /// Loads the case's model and computes its dump (prefill and greedy decode).
 fn reference_dump(case: &GoldenCase) -> ActivationDump {
-    Gemma4TextModel::load(&case.model_dir())
-        .and_then(|model| {
-            model
+    case.prompt()
+        .and_then(|prompt| {
+            Gemma4TextModel::load_for(&case.model_dir(), &prompt)?
                 .with_compute_dtype(case.compute_dtype())
-                .dump(&case.tokens, case.decode_steps)
+                .dump_prompt(&prompt, case.decode_steps)
         })
         .unwrap_or_else(|e| panic!("{}: {e}", case.name))
 }

@@ -27,10 +27,11 @@ enum Outcome {
 fn run_case(case: &GoldenCase, expected: &ActivationDump, faults: &[Fault]) -> Outcome {
     let dump = catch_unwind(AssertUnwindSafe(|| {
         with_faults(faults, || {
-            Gemma4TextModel::load(&case.model_dir()).and_then(|model| {
+            let prompt = case.prompt()?;
+            Gemma4TextModel::load_for(&case.model_dir(), &prompt).and_then(|model| {
                 model
                     .with_compute_dtype(case.compute_dtype())
-                    .dump(&case.tokens, case.decode_steps)
+                    .dump_prompt(&prompt, case.decode_steps)
             })
         })
     }));

@@ -63,7 +63,9 @@ fn decode_incremental_equals_full_forward_every_golden_model_optimized() {
         // holds positions, a wrapped ring after `window + 1`).
         let mut schedules: Vec<(String, Vec<&[usize]>)> = Vec::new();
         for prefill in [1, window - 1, window, window + 1, tokens.len() - 1] {
-            let prefill = prefill.clamp(1, tokens.len());
+            // Never inside an image block of a bidirectional model (it attends forward).
+            let unsplit = common::smallest_unsplit_prefill(&model.config, tokens);
+            let prefill = prefill.clamp(unsplit, tokens.len());
             let mut chunks = vec![&tokens[..prefill]];
             chunks.extend(tokens[prefill..].chunks(1));
             schedules.push((format!("prefill {prefill}"), chunks));

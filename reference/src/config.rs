@@ -868,7 +868,7 @@ fn parse_vision_config(f: &Fields, text_hidden_size: usize) -> Result<VisionConf
             ));
         }
     }
-    if config.head_dim % 4 != 0 {
+    if !config.head_dim.is_multiple_of(4) {
         return Err(f.error(
             "head_dim",
             format!(
@@ -877,7 +877,7 @@ fn parse_vision_config(f: &Fields, text_hidden_size: usize) -> Result<VisionConf
             ),
         ));
     }
-    if config.num_attention_heads % config.num_key_value_heads != 0 {
+    if !config.num_attention_heads.is_multiple_of(config.num_key_value_heads) {
         return Err(f.error(
             "num_key_value_heads",
             format!(

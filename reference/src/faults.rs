@@ -86,6 +86,10 @@ fault_catalogue! {
     VisionClipIgnored => ("vision_clip_ignored", "multimodal §1.5, §5 item 7", "clipped linears not clipped"),
     VisionBidirectionalOnGlobal => ("vision_bidirectional_on_global", "multimodal §3.3, §5 item 10", "image blocks bidirectional on global (full) layers too"),
     VisionBidirectionalMissing => ("vision_bidirectional_missing", "multimodal §3.3, §5 item 10", "image blocks causal on sliding layers"),
+    // Vision faults found while building the tower (not in the original contract list).
+    VisionPositionTablesSwapped => ("vision_position_tables_swapped", "multimodal §1.2, §5 item 4", "the x position table read with y and the y table with x"),
+    VisionSoftTokensScaled => ("vision_soft_tokens_scaled", "multimodal §1.7, §3.2, §5 item 6", "soft tokens multiplied by sqrt(D) like text embeddings"),
+    VisionBlockIncludesBoiEoi => ("vision_block_includes_boi_eoi", "multimodal §3.3, §5 item 10", "the begin/end-of-image tokens joined to their image's bidirectional block"),
 }
 
 impl Fault {

@@ -48,6 +48,12 @@ impl ImageBlocks {
             .collect();
         let mut blocks = vec![None; token_ids.len()];
         for (block, run) in placeholder_runs(&marked, marker).into_iter().enumerate() {
+            let run = if fault_active(Fault::VisionBlockIncludesBoiEoi) {
+                // Bug: the BOI before and the EOI after the run join the block.
+                run.start.saturating_sub(1)..(run.end + 1).min(token_ids.len())
+            } else {
+                run
+            };
             for slot in &mut blocks[run] {
                 *slot = Some(block);
             }

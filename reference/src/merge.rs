@@ -19,6 +19,7 @@ use ndarray::Array2;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::faults::{fault_active, Fault};
 use crate::vision::ImageInput;
 
 /// A prompt: token ids (multimodal placeholders already expanded: BOI, `n` placeholders, EOI
@@ -93,16 +94,22 @@ pub fn image_placeholder_runs(
     Ok(runs)
 }
 
-/// Writes each image's soft tokens (`[n_i, D]`) into the rows of its placeholder run.
+/// Writes each image's soft tokens (`[n_i, D]`) into the rows of its placeholder run, as they
+/// are: they were normed and projected, and take no `√D` (only text tokens do).
 pub fn merge_soft_tokens(
     embeddings: &mut Array2<f32>,
     runs: &[Range<usize>],
     soft_tokens: &[Array2<f32>],
 ) {
+    let scale = if fault_active(Fault::VisionSoftTokensScaled) {
+        (embeddings.ncols() as f64).sqrt() as f32
+    } else {
+        1.0
+    };
     for (run, soft) in runs.iter().zip(soft_tokens) {
         embeddings
             .slice_mut(ndarray::s![run.clone(), ..])
-            .assign(soft);
+            .assign(&(soft * scale));
     }
 }
 

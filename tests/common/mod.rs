@@ -200,3 +200,21 @@ pub fn run_gemma4(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) 
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// The shortest prefill of `tokens` after which feeding the rest one token at a time splits no
+/// bidirectional image block (multimodal spec §3.3): a block attends to its own later tokens,
+/// so a prefill that cuts one computes something else than the full forward (Hugging Face
+/// too). 1 for models without bidirectional blocks.
+pub fn smallest_unsplit_prefill(config: &gemma4_reference::ModelConfig, tokens: &[usize]) -> usize {
+    let bidirectional = config.text.use_bidirectional_attention.as_deref() == Some("vision");
+    let last_block_end = config
+        .special_tokens
+        .image_token_id
+        .filter(|_| bidirectional)
+        .and_then(|id| {
+            gemma4_reference::merge::placeholder_runs(tokens, id)
+                .last()
+                .map(|r| r.end)
+        });
+    last_block_end.unwrap_or(1).max(1)
+}

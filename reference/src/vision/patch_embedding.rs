@@ -42,6 +42,11 @@ pub fn patch_embedding(
     };
     let mut embeddings = linear(pixels.view(), &weights.input_proj);
     for (mut row, &[x, y]) in embeddings.outer_iter_mut().zip(positions) {
+        let (x, y) = if fault_active(Fault::VisionPositionTablesSwapped) {
+            (y, x)
+        } else {
+            (x, y)
+        };
         // T[0] is the x table and T[1] the y table; their rows are summed first.
         let position = &weights.position_table.slice(ndarray::s![0, x, ..])
             + &weights.position_table.slice(ndarray::s![1, y, ..]);

@@ -27,7 +27,7 @@ pub fn pool_to_soft_tokens(
 ) -> Result<Array2<f32>> {
     let (n, width) = hidden.dim();
     let cells_per_token = kernel * kernel;
-    if n == 0 || n % cells_per_token != 0 {
+    if n == 0 || !n.is_multiple_of(cells_per_token) {
         return Err(Error::input(format!(
             "an image of {n} patches cannot be pooled into {kernel}x{kernel} cells: the patch count must be a positive multiple of {cells_per_token}"
         )));

@@ -1,0 +1,44 @@
+//! The prompt of `gemma4 dump` and `gemma4 compare --model`: token ids and the images whose
+//! soft tokens fill their placeholder runs (shared contracts §1).
+
+use std::path::PathBuf;
+
+use gemma4_reference::merge::Prompt;
+use gemma4_reference::vision::pixel_values::read_pixel_values;
+use gemma4_reference::vision::preprocessing::{load_image, preprocess, SUPPORTED_BUDGETS};
+use gemma4_reference::vision::ImageInput;
+use gemma4_reference::{Error, Result};
+
+/// The images of a prompt, as the command line gives them.
+#[derive(Clone, Debug, Default)]
+pub struct MediaOptions {
+    /// Image files, in the order of the placeholder runs (`--image`, repeatable).
+    pub images: Vec<PathBuf>,
+    /// Soft-token budget of every image (`--image-budget`).
+    pub image_budget: usize,
+    /// Preprocessed images instead of files (`--pixel-values`).
+    pub pixel_values: Option<PathBuf>,
+}
+
+/// The prompt of `tokens` and `media`: each image file decoded and preprocessed for the budget
+/// (multimodal spec §1.1), or the preprocessed pixels of a `--pixel-values` file.
+pub fn build_prompt(tokens: Vec<usize>, media: &MediaOptions) -> Result<Prompt> {
+    if !SUPPORTED_BUDGETS.contains(&media.image_budget) {
+        return Err(Error::Input {
+            message: format!(
+                "--image-budget {} is not supported; Gemma 4 takes {} soft tokens per image",
+                media.image_budget,
+                SUPPORTED_BUDGETS.map(|b| b.to_string()).join(", ")
+            ),
+        });
+    }
+    let images: Vec<ImageInput> = match &media.pixel_values {
+        Some(path) => read_pixel_values(path)?,
+        None => media
+            .images
+            .iter()
+            .map(|path| Ok(preprocess(&load_image(path)?, media.image_budget)?.into()))
+            .collect::<Result<_>>()?,
+    };
+    Ok(Prompt { tokens, images })
+}
