@@ -1704,3 +1704,186 @@ fn checkpoint_index_sparse_huge_file_is_refused_without_reading_it() {
         &["model.safetensors.index.json", "1099511627776 bytes"],
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Images: damaged vision towers, pixel-values files, budgets, placeholder counts
+// ---------------------------------------------------------------------------------------
+
+/// `gemma4 dump` of the `e2b_vision` prompt on `model` with `extra` arguments, on both engines:
+/// both must exit 2 with the same message (the optimized engine reuses the reference's
+/// validation); returns it.
+fn vision_dump_error(model: &Path, extra: &[&str]) -> String {
+    let case = common::golden_case("e2b_vision");
+    let tokens: Vec<String> = case.tokens.iter().map(|t| t.to_string()).collect();
+    let tokens = tokens.join(",");
+    let out = tempfile::tempdir().unwrap();
+    let out_file = out.path().join("dump.safetensors");
+    let mut messages = Vec::new();
+    for engine in ["reference", "optimized"] {
+        let mut args = vec![
+            "dump",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokens",
+            &tokens,
+            "--engine",
+            engine,
+            "--out",
+            out_file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (code, _, stderr) = common::run_gemma4(&args, &[]);
+        assert_eq!(code, 2, "{engine}: exit {code}, stderr {stderr}");
+        assert!(!stderr.contains("panicked"), "{engine}: {stderr}");
+        assert!(
+            !out_file.exists(),
+            "{engine}: no dump is written on an error"
+        );
+        messages.push(stderr);
+    }
+    assert_eq!(messages[0], messages[1], "the engines' errors differ");
+    messages.remove(0)
+}
+
+fn golden_pixel_values() -> String {
+    common::golden_case("e2b_vision")
+        .pixel_values
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn vision_missing_tensor_is_named() {
+    let dir = common::copy_golden_model("e2b_vision");
+    let mut raw = RawSafetensors::read(&model_file(dir.path()));
+    let name = raw.find("encoder.layers.1.mlp.down_proj.linear.weight");
+    raw.remove(&name);
+    raw.write(&model_file(dir.path()));
+    let message = vision_dump_error(dir.path(), &["--pixel-values", &golden_pixel_values()]);
+    assert_mentions(&message, &[&name, "missing"]);
+}
+
+#[test]
+fn vision_misshaped_tensor_is_named() {
+    let dir = common::copy_golden_model("e2b_vision");
+    let mut raw = RawSafetensors::read(&model_file(dir.path()));
+    let name = raw.find("vision_tower.patch_embedder.input_proj.weight");
+    let shape = raw.shape(&name);
+    let wrong = vec![shape[0], shape[1] - 3];
+    raw.replace(&name, "F32", &wrong, vec![0u8; 4 * wrong[0] * wrong[1]]);
+    raw.write(&model_file(dir.path()));
+    let message = vision_dump_error(dir.path(), &["--pixel-values", &golden_pixel_values()]);
+    assert_mentions(
+        &message,
+        &[&name, &format!("{wrong:?}"), &format!("{shape:?}")],
+    );
+}
+
+#[test]
+fn vision_nan_clip_bound_is_rejected() {
+    let dir = common::copy_golden_model("e2b_vision");
+    let mut raw = RawSafetensors::read(&model_file(dir.path()));
+    let name = raw.find("encoder.layers.0.self_attn.q_proj.input_max");
+    raw.replace(&name, "F32", &[], f32::NAN.to_le_bytes().to_vec());
+    raw.write(&model_file(dir.path()));
+    let message = vision_dump_error(dir.path(), &["--pixel-values", &golden_pixel_values()]);
+    assert_mentions(&message, &[&name, "NaN"]);
+}
+
+#[test]
+fn vision_text_only_checkpoint_given_an_image_is_refused() {
+    let text_only = common::golden_model("e2b_like");
+    let message = vision_dump_error(&text_only, &["--pixel-values", &golden_pixel_values()]);
+    assert_mentions(&message, &["vision_config", "no vision tower"]);
+}
+
+#[test]
+fn vision_unsupported_budget_is_refused() {
+    let model = common::golden_model("e2b_vision");
+    let message = vision_dump_error(&model, &["--image-budget", "100"]);
+    assert_mentions(&message, &["--image-budget 100", "70, 140, 280, 560, 1120"]);
+}
+
+/// A copy of the golden pixel-values file with `edit` applied to its tensors.
+fn edited_pixel_values(edit: impl FnOnce(&mut ActivationDump)) -> (tempfile::TempDir, String) {
+    let mut dump = ActivationDump::read(Path::new(&golden_pixel_values())).unwrap();
+    edit(&mut dump);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pixels.safetensors");
+    dump.write(&path, &[]).unwrap();
+    let path = path.to_str().unwrap().to_string();
+    (dir, path)
+}
+
+#[test]
+fn vision_pixel_values_out_of_range_are_named() {
+    let (_dir, path) = edited_pixel_values(|dump| {
+        let mut pixels = dump.get("pixel_values").unwrap().as_f32().unwrap().clone();
+        pixels[[3, 5]] = 255.0;
+        dump.insert_f32("pixel_values", pixels);
+    });
+    let model = common::golden_model("e2b_vision");
+    let message = vision_dump_error(&model, &["--pixel-values", &path]);
+    assert_mentions(&message, &[&path, "pixel_values", "255", "[0, 1]"]);
+}
+
+#[test]
+fn vision_pixel_values_without_positions_are_named() {
+    let (_dir, path) = edited_pixel_values(|dump| {
+        dump.remove("image_position_ids");
+    });
+    let model = common::golden_model("e2b_vision");
+    let message = vision_dump_error(&model, &["--pixel-values", &path]);
+    assert_mentions(&message, &[&path, "image_position_ids", "missing"]);
+}
+
+#[test]
+fn vision_padding_positions_are_refused() {
+    let (_dir, path) = edited_pixel_values(|dump| {
+        let mut positions = dump
+            .get("image_position_ids")
+            .unwrap()
+            .as_i64()
+            .unwrap()
+            .clone();
+        positions[[7, 0]] = -1;
+        positions[[7, 1]] = -1;
+        dump.insert_i64("image_position_ids", positions);
+    });
+    let model = common::golden_model("e2b_vision");
+    let message = vision_dump_error(&model, &["--pixel-values", &path]);
+    assert_mentions(&message, &["image_position_ids", "patch 7", "-1"]);
+}
+
+#[test]
+fn vision_more_images_than_placeholder_runs_is_refused() {
+    let (_dir, path) = edited_pixel_values(|dump| {
+        for name in ["pixel_values", "image_position_ids"] {
+            let tensor = dump.remove(name).unwrap();
+            dump.insert(format!("{name}.0"), tensor.clone());
+            dump.insert(format!("{name}.1"), tensor);
+        }
+    });
+    let model = common::golden_model("e2b_vision");
+    let message = vision_dump_error(&model, &["--pixel-values", &path]);
+    assert_mentions(&message, &["2 images given", "1 run of"]);
+}
+
+#[test]
+fn vision_positions_off_the_grid_are_refused() {
+    let (_dir, path) = edited_pixel_values(|dump| {
+        let mut positions = dump
+            .get("image_position_ids")
+            .unwrap()
+            .as_i64()
+            .unwrap()
+            .clone();
+        positions[[0, 0]] = 500; // far right of a 24-patch-wide grid
+        dump.insert_i64("image_position_ids", positions);
+    });
+    let model = common::golden_model("e2b_vision");
+    let message = vision_dump_error(&model, &["--pixel-values", &path]);
+    assert_mentions(&message, &["(x, y) = (500, 0)", "grid"]);
+}

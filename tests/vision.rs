@@ -102,17 +102,29 @@ fn prompt_of(name: &str) -> (gemma4::golden::GoldenCase, Prompt) {
 fn vision_merge_counts_are_checked_e2b_vision_two_images() {
     let (case, prompt) = prompt_of("e2b_vision_two_images");
     let model = Gemma4TextModel::load_for(&case.model_dir(), &prompt).unwrap();
-    let run = |prompt: &Prompt| model.dump_prompt(prompt, 0).map(|_| ()).unwrap_err().to_string();
+    let run = |prompt: &Prompt| {
+        model
+            .dump_prompt(prompt, 0)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
     // One image too many, one too few, and the images in the wrong order (their soft-token
     // counts differ only if the runs differ; here the run lengths are the images' own).
     let mut three = prompt.clone();
     three.images.push(prompt.images[0].clone());
     let message = run(&three);
-    assert!(message.contains("3 images were given") && message.contains("2 runs"), "{message}");
+    assert!(
+        message.contains("3 images given") && message.contains("2 runs"),
+        "{message}"
+    );
     let mut one = prompt.clone();
     one.images.pop();
     let message = run(&one);
-    assert!(message.contains("1 images were given") && message.contains("2 runs"), "{message}");
+    assert!(
+        message.contains("1 image given") && message.contains("2 runs"),
+        "{message}"
+    );
     // A run one placeholder short.
     let mut short = prompt.clone();
     let image = model.config.special_tokens.image_token_id.unwrap();

@@ -877,7 +877,10 @@ fn parse_vision_config(f: &Fields, text_hidden_size: usize) -> Result<VisionConf
             ),
         ));
     }
-    if !config.num_attention_heads.is_multiple_of(config.num_key_value_heads) {
+    if !config
+        .num_attention_heads
+        .is_multiple_of(config.num_key_value_heads)
+    {
         return Err(f.error(
             "num_key_value_heads",
             format!(

@@ -75,10 +75,11 @@ pub fn image_placeholder_runs(
     };
     let runs = placeholder_runs(tokens, image_token);
     if runs.len() != soft_token_counts.len() {
+        let plural = |n: usize, noun: &str| format!("{n} {noun}{}", if n == 1 { "" } else { "s" });
         return Err(Error::input(format!(
-            "{} images were given but the token ids hold {} runs of the image placeholder id {image_token} (each image needs one run of as many placeholders as it has soft tokens, between its begin- and end-of-image ids)",
-            soft_token_counts.len(),
-            runs.len()
+            "{} given but the token ids hold {} of the image placeholder id {image_token} (each image needs one run of as many placeholders as it has soft tokens, between its begin- and end-of-image ids)",
+            plural(soft_token_counts.len(), "image"),
+            plural(runs.len(), "run")
         )));
     }
     for (index, (run, &count)) in runs.iter().zip(soft_token_counts).enumerate() {
