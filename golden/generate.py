@@ -58,6 +58,7 @@ from transformers import (  # noqa: E402
     Gemma4VisionConfig,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor  # noqa: E402
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil  # noqa: E402
 from transformers.models.gemma4 import modeling_gemma4 as hf  # noqa: E402
 
@@ -100,6 +101,8 @@ class Case:
     # Vision cases: the images of the prompt (file name in IMAGES, budget), the text tokens
     # around them, the case whose model this one reuses, and the clip-bound range.
     images: list[tuple[str, int]] = field(default_factory=list)
+    # Audio cases: the clips of the prompt (names in CLIPS), after the images.
+    clips: list[str] = field(default_factory=list)
     text_between: list[int] = field(default_factory=list)
     model_of: str | None = None
     clip_bounds: tuple[float, float] = (2.0, 4.0)
@@ -516,6 +519,91 @@ CASES: list[Case] = [
         text_between=[2, 3, 5],
         exercises=["two_images", "two_bidirectional_blocks", "grey_image", "decode_after_image"],
     ),
+    # Audio: an E2B-like model with both towers (the audio tower's clipped linears clip too);
+    # one clip, two clips of other lengths, and an image followed by a clip.
+    Case(
+        name="e2b_audio",
+        family="e2b",
+        layout="conditional_generation",
+        config_spelling="released",
+        dtype="float32",
+        seed=1040,
+        prompt_len=0,
+        text=text_config(
+            num_key_value_heads=1,
+            num_hidden_layers=6,
+            layer_types=[SLIDING, SLIDING, SLIDING, FULL, SLIDING, FULL],
+            hidden_size_per_layer_input=16,
+            num_kv_shared_layers=2,
+            use_double_wide_mlp=True,
+            intermediate_size=96,
+            sliding_window=6,
+        ),
+        vision={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "intermediate_size": 64,
+            "use_clipped_linears": True,
+            "position_embedding_size": 1024,
+        },
+        # subsampling_conv_channels[0] stays 128: HF sizes the projection (channels[0] / 4) ·
+        # channels[1], right only when channels[0] equals the 128 mel bins.
+        audio={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "subsampling_conv_channels": [128, 4],
+            "output_proj_dims": 24,
+        },
+        special_tokens=MULTIMODAL_TOKENS,
+        clips=["voice_1s"],
+        text_between=[5, 9],
+        clip_bounds=(0.8, 2.0),
+        exercises=[
+            "audio_tower",
+            "clipped_linears_that_clip",
+            "log_mel_front_end",
+            "chunked_local_attention_longer_than_a_chunk",
+            "soft_tokens_merged",
+            "ple_pad_row_at_placeholders",
+            "decode_after_audio",
+            "released_spelling",
+        ],
+    ),
+    Case(
+        name="e2b_audio_two_clips",
+        family="e2b",
+        layout="conditional_generation",
+        config_spelling="released",
+        dtype="float32",
+        seed=1041,
+        prompt_len=0,
+        text={},  # the model is e2b_audio's
+        model_of="e2b_audio",
+        special_tokens=MULTIMODAL_TOKENS,
+        clips=["voice_073s", "chirp_05s"],
+        text_between=[3, 4, 6],
+        exercises=["two_clips", "clips_of_other_lengths_padded_in_a_batch", "decode_after_audio"],
+    ),
+    Case(
+        name="e2b_image_and_audio",
+        family="e2b",
+        layout="conditional_generation",
+        config_spelling="released",
+        dtype="float32",
+        seed=1042,
+        prompt_len=0,
+        text={},  # the model is e2b_audio's
+        model_of="e2b_audio",
+        special_tokens=MULTIMODAL_TOKENS,
+        images=[("chelsea", 70)],
+        clips=["voice_1s"],
+        text_between=[2, 3, 4],
+        exercises=["image_then_audio", "both_towers_in_one_prompt"],
+    ),
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -553,6 +641,53 @@ def preprocess(images: list[Image.Image], budget: int) -> dict[str, Any]:
         "image_position_ids": out["image_position_ids"],  # [N, 9B, 2], -1 = padding
         "soft_tokens": [int(n) for n in out["num_soft_tokens_per_image"]],
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Audio clips of the audio cases (synthesized, seeded: 16 kHz mono, 16-bit PCM WAV files)
+# ----------------------------------------------------------------------------------------------
+
+SAMPLE_RATE = 16_000
+
+
+def clip_of(name: str) -> np.ndarray:
+    """The int16 samples of clip `name`: a voiced, speech-like signal (harmonics of a gliding
+    pitch under a syllabic envelope, plus a little noise) or a chirp."""
+    rng = np.random.default_rng(sum(map(ord, name)))
+    if name.startswith("voice"):
+        seconds = {"voice_1s": 1.0, "voice_073s": 0.73}[name]
+        t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+        pitch = 140 + 40 * np.sin(2 * np.pi * 1.7 * t)
+        phase = 2 * np.pi * np.cumsum(pitch) / SAMPLE_RATE
+        voiced = sum(np.sin(k * phase) / k for k in range(1, 8))
+        envelope = 0.5 * (1 - np.cos(2 * np.pi * 4 * t)) * np.minimum(1, 10 * t)
+        signal = 0.3 * envelope * voiced + 0.01 * rng.standard_normal(t.size)
+    elif name == "chirp_05s":
+        t = np.arange(int(0.5 * SAMPLE_RATE)) / SAMPLE_RATE
+        signal = 0.4 * np.sin(2 * np.pi * (200 * t + 3000 * t * t))
+    else:
+        raise AssertionError(f"unknown clip {name}")
+    return np.clip(np.round(signal * 32767), -32768, 32767).astype(np.int16)
+
+
+def wav_bytes(samples: np.ndarray) -> bytes:
+    """A 16 kHz mono 16-bit PCM WAV file of `samples` (written by hand: no timestamps)."""
+    data = samples.astype("<i2").tobytes()
+    header = b"RIFF" + (36 + len(data)).to_bytes(4, "little") + b"WAVE"
+    header += b"fmt " + (16).to_bytes(4, "little") + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
+    header += SAMPLE_RATE.to_bytes(4, "little") + (2 * SAMPLE_RATE).to_bytes(4, "little")
+    header += (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
+    return header + b"data" + len(data).to_bytes(4, "little") + data
+
+
+def extract_audio(names: list[str]) -> dict[str, Any]:
+    """Hugging Face's feature extractor on the clips (as floats in [-1, 1): int16 / 32768)."""
+    waves = [clip_of(n).astype(np.float32) / 32768.0 for n in names]
+    out = Gemma4AudioFeatureExtractor()(waves, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+    mask = out["input_features_mask"].bool()
+    # Soft tokens per clip: the frame mask halved twice ([::2] twice), as the tower does.
+    tokens = [int(m[::2][::2].sum()) for m in mask]
+    return {"input_features": out["input_features"], "input_features_mask": mask, "soft_tokens": tokens}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -779,9 +914,10 @@ class Recorder:
     forward hooks.
     """
 
-    def __init__(self, model: nn.Module, images: dict[str, Any] | None = None):
+    def __init__(self, model: nn.Module, images: dict[str, Any] | None = None, audio: dict[str, Any] | None = None):
         self.model = model
         self.images = images  # preprocess() output: the vision tensors are recorded per image
+        self.audio = audio  # extract_audio() output: the audio tensors are recorded per clip
         self.text_model = text_model_of(model)
         self.tensors: dict[str, torch.Tensor] = {}
         self.active = False
@@ -841,7 +977,7 @@ class Recorder:
         first = lambda out: out[0]  # noqa: E731
         whole = lambda out: out  # noqa: E731
         hooks = [(tm.norm, "final_norm", first)]
-        if self.images is None:
+        if self.images is None and self.audio is None:
             hooks.append((tm.embed_tokens, "embeddings", first))
         else:
             # The merged embeddings (soft tokens in place of the placeholders) are what the
@@ -851,7 +987,10 @@ class Recorder:
                     self.put("embeddings", kwargs["inputs_embeds"][0])
 
             self._handles.append(tm.register_forward_pre_hook(merged, with_kwargs=True))
-            self._install_vision_hooks()
+            if self.images is not None:
+                self._install_vision_hooks()
+            if self.audio is not None:
+                self._install_audio_hooks()
         for i, layer in enumerate(tm.layers):
             hooks.append((layer, f"layers.{i}.output", first))
             hooks.append((layer.self_attn, f"layers.{i}.attn.output", lambda out: out[0][0]))
@@ -901,6 +1040,36 @@ class Recorder:
                 assert start == output.shape[0], (start, output.shape)
 
         self._handles.append(inner.embed_vision.register_forward_hook(soft_tokens))
+
+    def _install_audio_hooks(self) -> None:
+        """Per clip: the valid log-mel frames, the subsampled frames, every conformer layer's
+        output and the soft tokens after the projector (valid tokens only)."""
+        inner = self.model.model
+        frame_mask = self.audio["input_features_mask"]  # [N, T]
+        count = frame_mask.shape[0]
+        prefix = lambda i: "audio." if count == 1 else f"audio.{i}."  # noqa: E731
+        token_mask = frame_mask[:, ::2][:, ::2]
+
+        def features(_module, args, _output):
+            if self.active:
+                for i in range(count):
+                    self.put(prefix(i) + "features", args[0][i][frame_mask[i]])
+
+        def per_clip(name):
+            def hook(_module, _inputs, output):
+                if self.active:
+                    hidden = output[0] if isinstance(output, tuple) else output
+                    for i in range(count):
+                        self.put(prefix(i) + name, hidden[i][token_mask[i]])
+
+            return hook
+
+        tower = inner.audio_tower
+        self._handles.append(tower.subsample_conv_projection.register_forward_hook(features))
+        self._handles.append(tower.subsample_conv_projection.register_forward_hook(per_clip("subsample")))
+        for i, layer in enumerate(tower.layers):
+            self._handles.append(layer.register_forward_hook(per_clip(f"layers.{i}.output")))
+        self._handles.append(inner.embed_audio.register_forward_hook(per_clip("soft_tokens")))
 
     def __exit__(self, *exc) -> None:
         hf.eager_attention_forward = self._original_attention
@@ -953,25 +1122,32 @@ def expected_shape(name: str, text_cfg: Gemma4TextConfig, T: int) -> tuple[int, 
     return (T, D)
 
 
-def image_inputs(case: Case, tokens: list[int], images: dict[str, Any] | None) -> dict[str, torch.Tensor]:
-    """The model inputs of a prompt's images, as Hugging Face's processor gives them: the padded
-    pixel values and positions, and the token types (1 at image placeholders), which switch on
-    the bidirectional image blocks of "vision" models."""
-    if images is None:
+def media_inputs(
+    case: Case, tokens: list[int], images: dict[str, Any] | None, audio: dict[str, Any] | None
+) -> dict[str, torch.Tensor]:
+    """The model inputs of a prompt's images and clips, as Hugging Face's processor gives them:
+    the padded pixel values and positions, the padded log-mel features and their mask, and the
+    token types (1 at image placeholders, 3 at audio ones), which switch on the bidirectional
+    image blocks of "vision" models."""
+    if images is None and audio is None:
         return {}
-    image_token = case.special_tokens["image_token_id"]
-    return {
-        "pixel_values": images["pixel_values"],
-        "image_position_ids": images["image_position_ids"],
-        "mm_token_type_ids": torch.tensor([[1 if t == image_token else 0 for t in tokens]]),
-    }
+    st = case.special_tokens
+    types = {st["image_token_id"]: 1, st["audio_token_id"]: 3}
+    inputs = {"mm_token_type_ids": torch.tensor([[types.get(t, 0) for t in tokens]])}
+    if images is not None:
+        inputs["pixel_values"] = images["pixel_values"]
+        inputs["image_position_ids"] = images["image_position_ids"]
+    if audio is not None:
+        inputs["input_features"] = audio["input_features"]
+        inputs["input_features_mask"] = audio["input_features_mask"]
+    return inputs
 
 
 @torch.no_grad()
-def assert_clip_bounds_clip(model: nn.Module, inputs: dict[str, Any]) -> None:
-    """Every kind of clamp of the vision tower's clipped linears changes some value: a port that
+def assert_clip_bounds_clip(model: nn.Module, inputs: dict[str, Any], which: str) -> None:
+    """Every kind of clamp of the tower's clipped linears changes some value: a port that
     ignores the bounds (or clamps one side only) cannot match the dump."""
-    tower = model.model.vision_tower
+    tower = model.model.vision_tower if which == "vision" else model.model.audio_tower
     if not tower.config.use_clipped_linears:
         return
     counts = {"input": 0, "output": 0}
@@ -997,20 +1173,24 @@ def assert_clip_bounds_clip(model: nn.Module, inputs: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def run_case(
-    case: Case, model: nn.Module, tokens: list[int], images: dict[str, Any] | None = None
+    case: Case,
+    model: nn.Module,
+    tokens: list[int],
+    images: dict[str, Any] | None = None,
+    audio: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The dump of contracts.md §2 for `tokens` (and the prompt's images), plus N greedy decode
-    steps."""
+    """The dump of contracts.md §2 for `tokens` (and the prompt's images and clips), plus N
+    greedy decode steps."""
     text_cfg = text_model_of(model).config
     ids = torch.tensor([tokens], dtype=torch.long)
     T = len(tokens)
-    extra = image_inputs(case, tokens, images)
-    if images is not None:
-        assert_clip_bounds_clip(model, {"input_ids": ids, **extra})
+    extra = media_inputs(case, tokens, images, audio)
+    if images is not None or audio is not None:
+        assert_clip_bounds_clip(model, {"input_ids": ids, **extra}, "vision" if images else "audio")
 
     # Prefill dump: one full forward, no cache.
     plain = model(input_ids=ids, use_cache=False, **extra).logits[0]
-    with Recorder(model, images) as rec:
+    with Recorder(model, images, audio) as rec:
         rec.active = True
         out = model(input_ids=ids, use_cache=False, **extra)
         rec.active = False
@@ -1071,7 +1251,7 @@ def run_case(
     required = 1e-3 if case.dtype == "float32" else 0.125
     assert margin >= required, f"{case.name}: greedy margin {margin} < {required}; pick another seed"
 
-    check_dump(case, model, dump, T, images)
+    check_dump(case, model, dump, T, images, audio)
     return dump
 
 
@@ -1093,12 +1273,36 @@ def vision_shapes(model: nn.Module, images: dict[str, Any] | None) -> dict[str, 
     return shapes
 
 
+def audio_shapes(model: nn.Module, audio: dict[str, Any] | None) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the audio tensors of a dump (contracts §2), valid frames only."""
+    if audio is None:
+        return {}
+    config = model.config.audio_config
+    mask = audio["input_features_mask"]
+    count = mask.shape[0]
+    shapes = {}
+    for i in range(count):
+        prefix = "audio." if count == 1 else f"audio.{i}."
+        n = audio["soft_tokens"][i]
+        shapes[prefix + "features"] = (int(mask[i].sum()), 128)
+        shapes[prefix + "subsample"] = (n, config.hidden_size)
+        for layer in range(config.num_hidden_layers):
+            shapes[prefix + f"layers.{layer}.output"] = (n, config.hidden_size)
+        shapes[prefix + "soft_tokens"] = (n, model.config.text_config.hidden_size)
+    return shapes
+
+
 def check_dump(
-    case: Case, model: nn.Module, dump: dict[str, torch.Tensor], T: int, images: dict[str, Any] | None
+    case: Case,
+    model: nn.Module,
+    dump: dict[str, torch.Tensor],
+    T: int,
+    images: dict[str, Any] | None,
+    audio: dict[str, Any] | None,
 ) -> None:
     tm = text_model_of(model)
     cfg = tm.config
-    vision = vision_shapes(model, images)
+    vision = vision_shapes(model, images) | audio_shapes(model, audio)
     names = expected_names(cfg) | set(vision)
     assert set(dump) == names, f"missing {sorted(names - set(dump))}, extra {sorted(set(dump) - names)}"
     for name, t in dump.items():
@@ -1175,13 +1379,18 @@ def generate_case(case: Case, out_dir: Path) -> dict[str, str]:
     print(f"case {case.name}", file=sys.stderr)
     torch.manual_seed(case.seed)
     g = torch.Generator().manual_seed(case.seed)
-    images = None
+    images = audio = None
     if case.images:
         sources = [image_of(name) for name, _ in case.images]
         budgets = {budget for _, budget in case.images}
         assert len(budgets) == 1, "one budget per prompt (the processor pads every image alike)"
         images = preprocess(sources, budgets.pop())
-        tokens = vision_prompt(case, g, images["soft_tokens"])
+    if case.clips:
+        audio = extract_audio(case.clips)
+    if images is not None or audio is not None:
+        tokens = media_prompt(
+            case, g, images["soft_tokens"] if images else [], audio["soft_tokens"] if audio else []
+        )
     else:
         tokens = torch.randint(1, VOCAB, (case.prompt_len,), generator=g).tolist()
     for position, token_name in (case.placeholders or {}).items():
@@ -1191,7 +1400,15 @@ def generate_case(case: Case, out_dir: Path) -> dict[str, str]:
     assert len(tokens) > 2 * window, "the prompt must cross the sliding window twice"
     case_dir = out_dir / case.name
     case_dir.mkdir(parents=True, exist_ok=True)
-    kept = {"model", "expected.safetensors", "case.json", "images", "pixel_values.safetensors"}
+    kept = {
+        "model",
+        "expected.safetensors",
+        "case.json",
+        "images",
+        "pixel_values.safetensors",
+        "audio",
+        "audio_features.safetensors",
+    }
     for stale in sorted(set(os.listdir(case_dir)) - kept):
         path = case_dir / stale
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -1200,8 +1417,8 @@ def generate_case(case: Case, out_dir: Path) -> dict[str, str]:
         if (case_dir / "model").exists():
             shutil.rmtree(case_dir / "model")
         reloaded = load_model(case, out_dir / case.model_of / "model")
-        dump = run_case(case, reloaded, tokens, images)
-        return write_case(case, case_dir, out_dir, tokens, dump, images, f"../{case.model_of}/model")
+        dump = run_case(case, reloaded, tokens, images, audio)
+        return write_case(case, case_dir, out_dir, tokens, dump, images, audio, f"../{case.model_of}/model")
 
     config = build_config(case)
     auto = AutoModelForCausalLM if case.layout == "causal_lm" else AutoModelForImageTextToText
@@ -1265,7 +1482,7 @@ def generate_case(case: Case, out_dir: Path) -> dict[str, str]:
             layer_types = text_model_of(reloaded).config.layer_types
             assert layer_types[-1] == FULL and layer_types[-2] == FULL, layer_types
 
-        dump = run_case(case, reloaded, tokens, images)
+        dump = run_case(case, reloaded, tokens, images, audio)
         smoke_test_towers(reloaded, g)
 
         # Write the case: model files, the dump, the case description.
@@ -1279,20 +1496,25 @@ def generate_case(case: Case, out_dir: Path) -> dict[str, str]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-    return write_case(case, case_dir, out_dir, tokens, dump, images, None)
+    return write_case(case, case_dir, out_dir, tokens, dump, images, audio, None)
 
 
-def vision_prompt(case: Case, g: torch.Generator, soft_tokens: list[int]) -> list[int]:
-    """Text tokens around the images: `text_between[i]` random ids before image i (and after the
-    last), each image as BOI, its soft-token placeholders, EOI (the processor's expansion)."""
+def media_prompt(
+    case: Case, g: torch.Generator, image_tokens: list[int], audio_tokens: list[int]
+) -> list[int]:
+    """Text tokens around the media: `text_between[i]` random ids before medium i (and after the
+    last); each image as BOI, its soft-token placeholders, EOI, then each clip as BOA, its
+    placeholders, EOA (the processor's expansion)."""
     st = case.special_tokens
-    assert len(case.text_between) == len(soft_tokens) + 1
+    runs = [(st["boi_token_id"], st["image_token_id"], st["eoi_token_id"], n) for n in image_tokens]
+    runs += [(st["boa_token_id"], st["audio_token_id"], st["eoa_token_index"], n) for n in audio_tokens]
+    assert len(case.text_between) == len(runs) + 1
     lowest_special = min(st.values())
     text = lambda n: torch.randint(1, lowest_special, (n,), generator=g).tolist()  # noqa: E731
     tokens: list[int] = []
-    for between, n in zip(case.text_between, soft_tokens):
+    for between, (begin, placeholder, end, n) in zip(case.text_between, runs):
         tokens += text(between)
-        tokens += [st["boi_token_id"]] + [st["image_token_id"]] * n + [st["eoi_token_id"]]
+        tokens += [begin] + [placeholder] * n + [end]
     return tokens + text(case.text_between[-1])
 
 
@@ -1303,6 +1525,7 @@ def write_case(
     tokens: list[int],
     dump: dict[str, torch.Tensor],
     images: dict[str, Any] | None,
+    audio: dict[str, Any] | None,
     model_dir: str | None,
 ) -> dict[str, str]:
     """Writes the dump, the images and their pixel values, and case.json; returns
@@ -1354,6 +1577,22 @@ def write_case(
     if images is not None:
         description["images"] = image_entries
         description["pixel_values"] = "pixel_values.safetensors"
+    if audio is not None:
+        (case_dir / "audio").mkdir(exist_ok=True)
+        description["audio"] = []
+        count = len(case.clips)
+        features = {}
+        for i, (name, n) in enumerate(zip(case.clips, audio["soft_tokens"])):
+            atomic_write(case_dir / "audio" / f"{name}.wav", wav_bytes(clip_of(name)))
+            description["audio"].append({"file": f"audio/{name}.wav", "soft_tokens": n})
+            valid = audio["input_features_mask"][i]
+            suffix = "" if count == 1 else f".{i}"
+            features["input_features" + suffix] = audio["input_features"][i][valid].float().contiguous()
+        atomic_write(
+            case_dir / "audio_features.safetensors",
+            safetensors.torch.save(features, metadata=metadata),
+        )
+        description["audio_features"] = "audio_features.safetensors"
     if model_dir is not None:
         description["model_dir"] = model_dir
     atomic_write(case_dir / "case.json", json_text(description).encode())

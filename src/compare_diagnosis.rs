@@ -510,17 +510,19 @@ fn not_applicable(fault: Fault, model: &Gemma4TextModel, prompt: &Prompt) -> Opt
                     "the vision tower does not standardize (on-device tower)",
                 )
             }),
-        Fault::VisionClipIgnored => reason(!prompt.images.is_empty(), "the prompt has no image")
-            .or_else(|| {
-                reason(
-                    model
-                        .config
-                        .vision
-                        .as_ref()
-                        .is_some_and(|v| v.use_clipped_linears),
-                    "the vision tower has no clipped linears (large tower)",
-                )
-            }),
+        Fault::VisionClipIgnored => {
+            let clipped_images = !prompt.images.is_empty()
+                && model.config.vision.as_ref().is_some_and(|v| v.use_clipped_linears);
+            let clipped_audio = !prompt.audio.is_empty()
+                && model.config.audio.as_ref().is_some_and(|a| a.use_clipped_linears);
+            reason(
+                clipped_images || clipped_audio,
+                "no tower with clipped linears runs on this prompt (no image or audio, or the large vision tower)",
+            )
+        }
+        Fault::AudioWindow13 | Fault::AudioSoftcapMissing | Fault::AudioProjectThenNorm => {
+            reason(!prompt.audio.is_empty(), "the prompt has no audio")
+        }
         Fault::VisionPositionTablesSwapped | Fault::VisionSoftTokensScaled => {
             reason(!prompt.images.is_empty(), "the prompt has no image")
         }

@@ -356,8 +356,10 @@ pub fn tolerance_for(name: &str, precision: Precision, depth: usize) -> f64 {
 /// The tolerance of a tensor of a dump that may hold vision tensors: [`tolerance_for`] at the
 /// tensor's depth counted from the first computation it depends on.
 ///
-/// `vision_layers` is `Some(L_v)` when the dumps hold an image's encoder (`L_v` layers; the
-/// expected dump's `vision.*layers.{i}.output` tell). Then:
+/// `vision_layers` is `Some(L_v)` when the dumps hold a tower's encoder (`L_v` layers of the
+/// deepest one, vision or audio; the expected dump's `vision.*layers.{i}.output` and
+/// `audio.*layers.{i}.output` tell). The same holds for the audio tower's tensors (`features`
+/// and `subsample` at depth 0, like the patch embeddings). Then:
 /// - `vision.*patch_embeddings` sits at depth 0, `vision.*layers.{k}.output` at depth `k`, and
 ///   `vision.*soft_tokens` at depth `L_v`: the tower's layers amplify rounding differences as
 ///   the decoder's do (measured on the golden towers: 3e-7 at the patch embeddings, 4e-6 at
@@ -377,7 +379,10 @@ pub fn tolerance_with_vision(
     let Some(tower) = vision_layers else {
         return tolerance_for(name, precision, depth_of(name, text_layers));
     };
-    if let Some(rest) = name.strip_prefix("vision.") {
+    if let Some(rest) = name
+        .strip_prefix("vision.")
+        .or_else(|| name.strip_prefix("audio."))
+    {
         // `vision.[i.]<part>`: the image index, if any, is not part of the depth.
         let part = match rest.split_once('.') {
             Some((index, tail)) if index.parse::<usize>().is_ok() => tail,
@@ -402,13 +407,15 @@ pub fn tolerance_with_vision(
     tolerance_for(name, precision, tower + depth_of(name, text_layers))
 }
 
-/// Layers of the vision encoder a dump holds (one more than its largest
-/// `vision.*layers.{i}.output` index), if any.
+/// Layers of the deepest tower (vision or audio encoder) a dump holds: one more than its
+/// largest `vision.*layers.{i}.output` or `audio.*layers.{i}.output` index, if any.
 pub fn vision_layers_in_dump(dump: &ActivationDump) -> Option<usize> {
     dump.names_in_model_order()
         .iter()
         .filter_map(|n| {
-            let rest = n.strip_prefix("vision.")?;
+            let rest = n
+                .strip_prefix("vision.")
+                .or_else(|| n.strip_prefix("audio."))?;
             let part = match rest.split_once('.') {
                 Some((index, tail)) if index.parse::<usize>().is_ok() => tail,
                 _ => rest,

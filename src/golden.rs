@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use gemma4_reference::audio::features_file::read_audio_features;
 use gemma4_reference::merge::Prompt;
 use gemma4_reference::vision::pixel_values::read_pixel_values;
 use gemma4_reference::ComputeDtype;
@@ -34,6 +35,19 @@ pub struct GoldenCase {
     pub images: Vec<GoldenImage>,
     /// The oracle's preprocessed pixels of the images (`--pixel-values` format).
     pub pixel_values: Option<PathBuf>,
+    /// The prompt's audio clips (audio cases), in placeholder-run order.
+    pub audio: Vec<GoldenAudio>,
+    /// The oracle's log-mel features of the clips (`--audio-features` format).
+    pub audio_features: Option<PathBuf>,
+}
+
+/// One audio clip of an audio case.
+#[derive(Clone, Debug)]
+pub struct GoldenAudio {
+    /// The WAV file.
+    pub file: PathBuf,
+    /// Soft tokens it became.
+    pub soft_tokens: usize,
 }
 
 /// One image of a vision case, as its oracle preprocessed it.
@@ -62,9 +76,14 @@ impl GoldenCase {
             Some(path) => read_pixel_values(path)?,
             None => Vec::new(),
         };
+        let audio = match &self.audio_features {
+            Some(path) => read_audio_features(path)?,
+            None => Vec::new(),
+        };
         Ok(Prompt {
             tokens: self.tokens.clone(),
             images,
+            audio,
         })
     }
 
@@ -166,6 +185,33 @@ pub fn load_cases(golden: &Path) -> Result<Vec<GoldenCase>, String> {
                 .map(|p| dir.join(p))
         };
         let (shared_model_dir, pixel_values) = (relative("model_dir"), relative("pixel_values"));
+        let audio_features = relative("audio_features");
+        let audio = match description.get("audio") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|item| {
+                    let file = item.get("file").and_then(Value::as_str);
+                    let soft_tokens = item.get("soft_tokens").and_then(Value::as_u64);
+                    match (file, soft_tokens) {
+                        (Some(file), Some(n)) => Ok(GoldenAudio {
+                            file: dir.join(file),
+                            soft_tokens: n as usize,
+                        }),
+                        _ => Err(format!(
+                            "{}: an audio entry lacks `file` or `soft_tokens`: {item}",
+                            case_file.display()
+                        )),
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            Some(other) => {
+                return Err(format!(
+                    "{}: `audio` is {other}, expected a list",
+                    case_file.display()
+                ))
+            }
+        };
         let checkpoint_dtype = match text("checkpoint_dtype") {
             stored if stored.is_empty() => dtype.clone(),
             stored => stored,
@@ -186,6 +232,8 @@ pub fn load_cases(golden: &Path) -> Result<Vec<GoldenCase>, String> {
             shared_model_dir,
             images,
             pixel_values,
+            audio,
+            audio_features,
             exercises: description
                 .get("exercises")
                 .and_then(Value::as_array)

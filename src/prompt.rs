@@ -40,5 +40,9 @@ pub fn build_prompt(tokens: Vec<usize>, media: &MediaOptions) -> Result<Prompt> 
             .map(|path| Ok(preprocess(&load_image(path)?, media.image_budget)?.into()))
             .collect::<Result<_>>()?,
     };
-    Ok(Prompt { tokens, images })
+    Ok(Prompt {
+        tokens,
+        images,
+        audio: Vec::new(),
+    })
 }

@@ -188,6 +188,20 @@ pub struct AudioConfig {
     pub conv_kernel_size: usize,
     pub output_proj_dims: usize,
     pub use_clipped_linears: bool,
+    /// Queries per block of Hugging Face's blocked attention (12).
+    pub attention_chunk_size: usize,
+    /// `L`: keys per query are `L − 1` (13 → 12, distances 0…11).
+    pub attention_context_left: usize,
+    /// Keys after the query (0: causal).
+    pub attention_context_right: usize,
+    /// The attention logits' soft-cap (50).
+    pub attention_logit_cap: f64,
+    /// The macaron feed-forward halves' residual weight (0.5).
+    pub residual_weight: f64,
+    /// The clamp of the residual stream (1e10: a no-op in practice).
+    pub gradient_clipping: f64,
+    /// ε of every norm of the tower and of its projector (1e-6).
+    pub rms_norm_eps: f64,
 }
 
 /// Which checkpoint class wrote the directory: decides the tensor-name prefix.
@@ -946,6 +960,15 @@ fn parse_vision_config(f: &Fields, text_hidden_size: usize) -> Result<VisionConf
     Ok(config)
 }
 
+/// A positive, finite number (`default` when absent).
+fn positive_number(f: &Fields, name: &str, default: f64) -> Result<f64> {
+    let value = f.opt_f64(name)?.unwrap_or(default);
+    if !(value.is_finite() && value > 0.0) {
+        return Err(f.error(name, format!("expected a positive number, found {value}")));
+    }
+    Ok(value)
+}
+
 /// A positive, finite RMSNorm ε (default 1e-6).
 fn positive_eps(f: &Fields, name: &str) -> Result<f64> {
     let eps = f.opt_f64(name)?.unwrap_or(1e-6);
@@ -1021,7 +1044,49 @@ fn parse_audio_config(f: &Fields, text_hidden_size: usize) -> Result<AudioConfig
         conv_kernel_size: f.opt_positive("conv_kernel_size")?.unwrap_or(5),
         output_proj_dims: f.opt_positive("output_proj_dims")?.unwrap_or(1536),
         use_clipped_linears: f.opt_bool("use_clipped_linears")?.unwrap_or(true),
+        attention_chunk_size: f.opt_positive("attention_chunk_size")?.unwrap_or(12),
+        attention_context_left: f.opt_positive("attention_context_left")?.unwrap_or(13),
+        attention_context_right: f.opt_dimension("attention_context_right")?.unwrap_or(0),
+        attention_logit_cap: positive_number(f, "attention_logit_cap", 50.0)?,
+        residual_weight: positive_number(f, "residual_weight", 0.5)?,
+        gradient_clipping: positive_number(f, "gradient_clipping", 1e10)?,
+        rms_norm_eps: positive_eps(f, "rms_norm_eps")?,
     };
+    if let Some(activation) = f.opt_string("hidden_act")? {
+        if activation != "silu" {
+            return Err(f.error(
+                "hidden_act",
+                format!("the Gemma 4 audio tower uses \"silu\"; \"{activation}\" is not supported"),
+            ));
+        }
+    }
+    if config.attention_context_right != 0 {
+        return Err(f.error(
+            "attention_context_right",
+            format!(
+                "{} future keys per query are not supported: the released audio towers are causal (0)",
+                config.attention_context_right
+            ),
+        ));
+    }
+    if config.attention_context_left < 2 {
+        return Err(f.error(
+            "attention_context_left",
+            "must be at least 2 (a query sees attention_context_left - 1 keys, itself included)",
+        ));
+    }
+    if !config
+        .hidden_size
+        .is_multiple_of(config.num_attention_heads)
+    {
+        return Err(f.error(
+            "num_attention_heads",
+            format!(
+                "hidden_size {} is not a multiple of {} heads",
+                config.hidden_size, config.num_attention_heads
+            ),
+        ));
+    }
     // The tower's weights, as counted by `parameter_count` (multimodal spec §2.7).
     let d = ("hidden_size", config.hidden_size);
     let [c0, c1] = [0, 1].map(|i| config.subsampling_conv_channels[i]);

@@ -83,13 +83,19 @@ fault_catalogue! {
     VisionPixelsNotRescaled => ("vision_pixels_not_rescaled", "multimodal §1.2, §5 item 3", "the 2p - 1 on the patch pixels missing"),
     VisionPoolScaleMissing => ("vision_pool_scale_missing", "multimodal §1.6, §5 item 5", "the sqrt(Dv) after pooling missing"),
     VisionStandardizeMissing => ("vision_standardize_missing", "multimodal §1.6 step 8, §5 item 5", "large-tower standardize (bias, scale) not applied"),
-    VisionClipIgnored => ("vision_clip_ignored", "multimodal §1.5, §5 item 7", "clipped linears not clipped"),
+    VisionClipIgnored => ("vision_clip_ignored", "multimodal §1.5, §5 item 7", "clipped linears not clipped (both towers: a port that skips the bounds skips them everywhere)"),
     VisionBidirectionalOnGlobal => ("vision_bidirectional_on_global", "multimodal §3.3, §5 item 10", "image blocks bidirectional on global (full) layers too"),
     VisionBidirectionalMissing => ("vision_bidirectional_missing", "multimodal §3.3, §5 item 10", "image blocks causal on sliding layers"),
     // Vision faults found while building the tower (not in the original contract list).
     VisionPositionTablesSwapped => ("vision_position_tables_swapped", "multimodal §1.2, §5 item 4", "the x position table read with y and the y table with x"),
     VisionSoftTokensScaled => ("vision_soft_tokens_scaled", "multimodal §1.7, §3.2, §5 item 6", "soft tokens multiplied by sqrt(D) like text embeddings"),
     VisionBlockIncludesBoiEoi => ("vision_block_includes_boi_eoi", "multimodal §3.3, §5 item 10", "the begin/end-of-image tokens joined to their image's bidirectional block"),
+    // The audio faults of shared contracts §4.
+    AudioWindow13 => ("audio_window_13", "multimodal §2.4, §5 item 8", "13 keys per audio query instead of 12"),
+    AudioSoftcapMissing => ("audio_softcap_missing", "multimodal §2.4, §5 item 8", "audio attention logits not soft-capped"),
+    AudioPowerSpectrum => ("audio_power_spectrum", "multimodal §2.1 step 4, §5 item 9", "power instead of magnitude spectrum"),
+    AudioNoLeftPad => ("audio_no_left_pad", "multimodal §2.1 step 1, §5 item 9", "the 160-sample left pad of the front end missing"),
+    AudioProjectThenNorm => ("audio_project_then_norm", "multimodal §2.5, §5 item 6", "audio projector in the other order (project, then norm)"),
 }
 
 impl Fault {

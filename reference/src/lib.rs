@@ -25,6 +25,7 @@
 //!     (bidirectional on sliding layers of the large models).
 
 pub mod attention;
+pub mod audio;
 pub mod checkpoint;
 pub mod compute_dtype;
 pub mod config;

@@ -23,11 +23,14 @@ use crate::faults::{fault_active, Fault};
 use crate::vision::ImageInput;
 
 /// A prompt: token ids (multimodal placeholders already expanded: BOI, `n` placeholders, EOI
-/// per image) and the images whose soft tokens fill the placeholder runs, in order.
+/// per image; BOA, `n` placeholders, EOA per audio clip) and the images and clips whose soft
+/// tokens fill the placeholder runs, in order.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Prompt {
     pub tokens: Vec<usize>,
     pub images: Vec<ImageInput>,
+    /// Each clip's valid log-mel frames `[F, 128]` (shared spec: multimodal §2.1).
+    pub audio: Vec<Array2<f32>>,
 }
 
 impl Prompt {
@@ -35,7 +38,7 @@ impl Prompt {
     pub fn text(tokens: &[usize]) -> Self {
         Prompt {
             tokens: tokens.to_vec(),
-            images: Vec::new(),
+            ..Prompt::default()
         }
     }
 }
@@ -63,29 +66,61 @@ pub fn image_placeholder_runs(
     tokens: &[usize],
     soft_token_counts: &[usize],
 ) -> Result<Vec<Range<usize>>> {
+    media_placeholder_runs(
+        config,
+        tokens,
+        soft_token_counts,
+        (config.special_tokens.image_token_id, "image_token_id"),
+        ("image", "begin- and end-of-image"),
+    )
+}
+
+/// [`image_placeholder_runs`] for audio clips (the `audio_token_id` runs, BOA/EOA around).
+pub fn audio_placeholder_runs(
+    config: &ModelConfig,
+    tokens: &[usize],
+    soft_token_counts: &[usize],
+) -> Result<Vec<Range<usize>>> {
+    media_placeholder_runs(
+        config,
+        tokens,
+        soft_token_counts,
+        (config.special_tokens.audio_token_id, "audio_token_id"),
+        ("audio clip", "begin- and end-of-audio"),
+    )
+}
+
+/// The runs of one kind of placeholder, checked against the soft-token counts of its media.
+fn media_placeholder_runs(
+    config: &ModelConfig,
+    tokens: &[usize],
+    soft_token_counts: &[usize],
+    (placeholder, field): (Option<usize>, &str),
+    (medium, around): (&str, &str),
+) -> Result<Vec<Range<usize>>> {
     if soft_token_counts.is_empty() {
         return Ok(Vec::new());
     }
-    let Some(image_token) = config.special_tokens.image_token_id else {
+    let Some(placeholder) = placeholder else {
         return Err(Error::config(
             &config.path,
-            "image_token_id",
-            "is missing, so no token of the prompt can take an image's soft tokens",
+            field,
+            format!("is missing, so no token of the prompt can take an {medium}'s soft tokens"),
         ));
     };
-    let runs = placeholder_runs(tokens, image_token);
+    let runs = placeholder_runs(tokens, placeholder);
+    let plural = |n: usize, noun: &str| format!("{n} {noun}{}", if n == 1 { "" } else { "s" });
     if runs.len() != soft_token_counts.len() {
-        let plural = |n: usize, noun: &str| format!("{n} {noun}{}", if n == 1 { "" } else { "s" });
         return Err(Error::input(format!(
-            "{} given but the token ids hold {} of the image placeholder id {image_token} (each image needs one run of as many placeholders as it has soft tokens, between its begin- and end-of-image ids)",
-            plural(soft_token_counts.len(), "image"),
+            "{} given but the token ids hold {} of the {medium} placeholder id {placeholder} (each {medium} needs one run of as many placeholders as it has soft tokens, between its {around} ids)",
+            plural(soft_token_counts.len(), medium),
             plural(runs.len(), "run")
         )));
     }
     for (index, (run, &count)) in runs.iter().zip(soft_token_counts).enumerate() {
         if run.len() != count {
             return Err(Error::input(format!(
-                "image {index} has {count} soft tokens but its run of image placeholders (positions {}..{}) holds {}",
+                "{medium} {index} has {count} soft tokens but its run of {medium} placeholders (positions {}..{}) holds {}",
                 run.start,
                 run.end,
                 run.len()
@@ -111,6 +146,16 @@ pub fn merge_soft_tokens(
         embeddings
             .slice_mut(ndarray::s![run.clone(), ..])
             .assign(&(soft * scale));
+    }
+}
+
+/// The dump-name prefix of clip `index` of `count` of a tower (shared contracts §2):
+/// `vision.` / `audio.` for a single one, `vision.{index}.` / `audio.{index}.` for several.
+pub fn clip_prefix(tower: &str, index: usize, count: usize) -> String {
+    if count == 1 {
+        format!("{tower}.")
+    } else {
+        format!("{tower}.{index}.")
     }
 }
 

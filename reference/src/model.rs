@@ -13,6 +13,7 @@ use std::path::Path;
 
 use ndarray::{s, Array1, Array2, ArrayView1};
 
+use crate::audio::tower::{soft_tokens_of_frames, AudioTower};
 use crate::checkpoint::{Checkpoint, TextWeights};
 use crate::compute_dtype::ComputeDtype;
 use crate::config::{AttentionType, CheckpointLayout, ModelConfig, RopeParameters};
@@ -26,11 +27,13 @@ use crate::layer_plan::ModelPlan;
 use crate::linear::linear;
 use crate::mask::ImageBlocks;
 use crate::memory::{array_bytes, available_memory};
-use crate::merge::{image_placeholder_runs, merge_soft_tokens, Prompt};
+use crate::merge::{
+    audio_placeholder_runs, clip_prefix, image_placeholder_runs, merge_soft_tokens, Prompt,
+};
 use crate::ple::per_layer_inputs;
 use crate::rms_norm::rms_norm;
 use crate::rope::inverse_frequencies;
-use crate::vision::{dump_prefix, VisionTower};
+use crate::vision::VisionTower;
 
 /// A loaded Gemma 4 model: config, layer plan and f32 weights of the text decoder, and the
 /// vision tower when it was asked for ([`Gemma4TextModel::load_for`]).
@@ -40,6 +43,8 @@ pub struct Gemma4TextModel {
     pub weights: TextWeights,
     /// The vision tower, loaded only for prompts with images.
     pub vision: Option<VisionTower>,
+    /// The audio tower, loaded only for prompts with audio.
+    pub audio: Option<AudioTower>,
     /// The arithmetic this run imitates: which dtype the embedding scales are rounded to
     /// ([`ComputeDtype`]; float32 unless declared otherwise).
     pub compute_dtype: ComputeDtype,
@@ -62,6 +67,7 @@ impl Gemma4TextModel {
             plan,
             weights,
             vision: None,
+            audio: None,
             compute_dtype: ComputeDtype::Float32,
         })
     }
@@ -74,6 +80,9 @@ impl Gemma4TextModel {
         let mut model = Self::from_checkpoint(config, &checkpoint)?;
         if !prompt.images.is_empty() {
             model.vision = Some(VisionTower::load(&checkpoint, &model.config)?);
+        }
+        if !prompt.audio.is_empty() {
+            model.audio = Some(AudioTower::load(&checkpoint, &model.config)?);
         }
         Ok(model)
     }
@@ -129,9 +138,9 @@ impl Gemma4TextModel {
         rope
     }
 
-    /// The embeddings of a prompt `[T, D]`: text tokens scaled by `√D`, each image encoded by the
-    /// vision tower and its soft tokens written over its run of placeholders (multimodal §3.2).
-    /// The vision tensors and `embeddings` go to `recorder`.
+    /// The embeddings of a prompt `[T, D]`: text tokens scaled by `√D`, each image (audio clip)
+    /// encoded by the vision (audio) tower and its soft tokens written over its run of
+    /// placeholders (multimodal §3.2). The towers' tensors and `embeddings` go to `recorder`.
     pub fn embed_prompt(&self, prompt: &Prompt, recorder: &mut Recorder) -> Result<Array2<f32>> {
         self.validate_token_ids(&prompt.tokens)?;
         let mut embeddings = self.embed(&prompt.tokens);
@@ -153,7 +162,30 @@ impl Gemma4TextModel {
                 .images
                 .iter()
                 .enumerate()
-                .map(|(i, image)| vision.encode(image, &dump_prefix(i, count), recorder))
+                .map(|(i, image)| vision.encode(image, &clip_prefix("vision", i, count), recorder))
+                .collect::<Result<Vec<_>>>()?;
+            merge_soft_tokens(&mut embeddings, &runs, &soft_tokens);
+        }
+        if !prompt.audio.is_empty() {
+            let audio = self.audio.as_ref().ok_or_else(|| {
+                Error::input(
+                    "the prompt has audio but the audio tower was not loaded (load the model with Gemma4TextModel::load_for)",
+                )
+            })?;
+            let counts: Vec<usize> = prompt
+                .audio
+                .iter()
+                .map(|features| soft_tokens_of_frames(features.nrows()))
+                .collect();
+            let runs = audio_placeholder_runs(&self.config, &prompt.tokens, &counts)?;
+            let count = prompt.audio.len();
+            let soft_tokens = prompt
+                .audio
+                .iter()
+                .enumerate()
+                .map(|(i, features)| {
+                    audio.encode(features, &clip_prefix("audio", i, count), recorder)
+                })
                 .collect::<Result<Vec<_>>>()?;
             merge_soft_tokens(&mut embeddings, &runs, &soft_tokens);
         }

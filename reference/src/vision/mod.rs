@@ -146,9 +146,5 @@ impl VisionTower {
 /// The dump-name prefix of image `index` of `count` (shared contracts §2): `vision.` for a
 /// single image, `vision.{index}.` for several.
 pub fn dump_prefix(index: usize, count: usize) -> String {
-    if count == 1 {
-        "vision.".to_string()
-    } else {
-        format!("vision.{index}.")
-    }
+    crate::merge::clip_prefix("vision", index, count)
 }
