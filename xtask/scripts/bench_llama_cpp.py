@@ -57,8 +57,10 @@ def source_dir(cache: Path) -> Path:
     if not archive.exists():
         download = cache / "pip-download"
         shutil.rmtree(download, ignore_errors=True)
+        # The source package only (`--no-binary` for it alone: with `:all:`, pip would also build
+        # the build backend's own dependencies, cmake included, from source to read the metadata).
         run([
-            sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+            sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
             "--dest", download, SDIST_REQUIREMENT,
         ])
         fetched = download / SDIST_NAME
