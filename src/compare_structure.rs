@@ -93,10 +93,14 @@ pub fn error_structure(
     // Rows: axis 0 of every dump tensor is the token (or decode step, patch, soft token) axis.
     let row_axis = if name == "decode_logits" || name == "greedy_continuation" {
         "decode_steps"
-    } else if name.starts_with("vision.") && name.ends_with("soft_tokens") {
+    } else if (name.starts_with("vision.") || name.starts_with("audio."))
+        && name.ends_with("soft_tokens")
+    {
         "soft_tokens"
     } else if name.starts_with("vision.") {
         "patches"
+    } else if name.starts_with("audio.") {
+        "audio_frames"
     } else {
         "prompt_positions"
     };
@@ -200,6 +204,7 @@ fn row_pattern(
         "decode_steps" => ("decode steps", "step"),
         "patches" => ("patches", "patch"),
         "soft_tokens" => ("soft tokens", "soft token"),
+        "audio_frames" => ("audio frames", "audio frame"),
         _ => ("positions", "position"),
     };
     let summary = if diverging.is_empty() {

@@ -3,9 +3,10 @@
 
 use std::path::Path;
 
+use gemma4_reference::audio::weights::audio_tensor_specs;
 use gemma4_reference::checkpoint::{full_name, text_tensor_specs, Checkpoint};
-use gemma4_reference::config::VisionConfig;
 use gemma4_reference::config::{AttentionType, RopeKind};
+use gemma4_reference::config::{AudioConfig, VisionConfig};
 use gemma4_reference::kv_cache::{cache_footprint, CacheFootprint};
 use gemma4_reference::layer_plan::KvSource;
 use gemma4_reference::parameter_count::{count_parameters, ParameterCounts};
@@ -41,6 +42,18 @@ pub struct Inspection {
     pub vision: Option<VisionInspection>,
     /// With `--image-size`: the resized size and soft tokens of that image at every budget.
     pub image_sizes: Vec<ImageAtBudget>,
+    /// The audio tower, when the model has one.
+    pub audio: Option<AudioInspection>,
+}
+
+/// The audio tower's plan (shared spec: multimodal §0, §2).
+#[derive(Debug, serde::Serialize)]
+pub struct AudioInspection {
+    pub config: AudioConfig,
+    /// The tower and its projector (`embed_audio`), exact.
+    pub parameters: u64,
+    /// With weights: the audio tensors checked.
+    pub tensors_checked: Option<usize>,
 }
 
 /// The vision tower's plan (shared spec: multimodal §0, §1).
@@ -150,6 +163,15 @@ pub fn inspect(dir: &Path) -> Result<Inspection, Error> {
             }
             vision.tensors_checked = Some(specs.len());
         }
+        if let Some(audio) = inspection.audio.as_mut() {
+            let specs = audio_tensor_specs(&audio.config, inspection.config.text.hidden_size);
+            for spec in &specs {
+                let name = full_name("model.", &spec.name);
+                checkpoint.check(&name, &spec.shape)?;
+                used.insert(name);
+            }
+            audio.tensors_checked = Some(specs.len());
+        }
         inspection.tensors_not_used_by_text_model =
             checkpoint.names().filter(|n| !used.contains(*n)).count();
         inspection.weights_checked = Some(specs.len());
@@ -173,8 +195,14 @@ pub fn inspect_config(config: ModelConfig) -> Inspection {
         parameters: parameters.vision,
         tensors_checked: None,
     });
+    let audio = config.audio.clone().map(|audio| AudioInspection {
+        config: audio,
+        parameters: parameters.audio,
+        tensors_checked: None,
+    });
     Inspection {
         parameters,
+        audio,
         optimized_kv_cache_bytes_per_token: empty_cache.bytes_per_position(),
         optimized_kv_angle_bytes_per_token: empty_cache.angle_bytes_per_position(),
         kv_cache_bf16: cache_footprint(&plan, window, 2),
@@ -344,6 +372,28 @@ pub fn format_inspection(inspection: &Inspection) -> String {
     if let Some(vision) = &inspection.vision {
         out.push_str(&format_vision(vision, text.hidden_size));
     }
+    if let Some(audio) = &inspection.audio {
+        let c = &audio.config;
+        out.push_str(&format!(
+            "\naudio tower: {} conformer layers, width {}, {} heads x {}, feed-forward {} (SiLU), light conv k={}{}\n  subsampling 2 x conv 3x3/2 ({} -> {} channels): 128 mel bins -> 32, 4 frames (40 ms) per soft token; attention over {} keys (chunks of {}), soft-cap {}\n  output {} -> {} -> {} (projector: weight-free RMSNorm, bias-free linear); {} parameters\n",
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.hidden_size / c.num_attention_heads,
+            4 * c.hidden_size,
+            c.conv_kernel_size,
+            if c.use_clipped_linears { ", clipped linears" } else { "" },
+            c.subsampling_conv_channels[0],
+            c.subsampling_conv_channels[1],
+            c.attention_context_left - 1,
+            c.attention_chunk_size,
+            c.attention_logit_cap,
+            c.hidden_size,
+            c.output_proj_dims,
+            text.hidden_size,
+            thousands(audio.parameters),
+        ));
+    }
     if !inspection.image_sizes.is_empty() {
         out.push_str(
             "\nimage preprocessing (resize to multiples of 48, aspect kept; up-scaled too):\n",
@@ -367,12 +417,17 @@ pub fn format_inspection(inspection: &Inspection) -> String {
     }
     match inspection.weights_checked {
         Some(n) => out.push_str(&format!(
-            "\nweights: all {n} text tensors present with the planned shapes{} ({} other tensors not used)\n",
+            "\nweights: all {n} text tensors present with the planned shapes{}{} ({} other tensors not used)\n",
             inspection
                 .vision
                 .as_ref()
                 .and_then(|v| v.tensors_checked)
-                .map_or(String::new(), |v| format!(", and all {v} vision tensors")),
+                .map_or(String::new(), |v| format!(", all {v} vision tensors")),
+            inspection
+                .audio
+                .as_ref()
+                .and_then(|a| a.tensors_checked)
+                .map_or(String::new(), |a| format!(", all {a} audio tensors")),
             inspection.tensors_not_used_by_text_model
         )),
         None => out.push_str("\nweights: none in this directory (config only)\n"),

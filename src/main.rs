@@ -92,6 +92,11 @@ struct MediaArgs {
     /// `image_position_ids` [n, 2] I64 (x, y), valid patches only (`.0`, `.1`, ... for several).
     #[arg(long, conflicts_with = "images")]
     pixel_values: Option<PathBuf>,
+    /// Log-mel features of audio clips instead of WAV files: `input_features` [frames, 128] F32,
+    /// valid frames only (`.0`, `.1`, ... for several clips); their soft tokens fill the runs
+    /// of audio placeholders in --tokens, in order.
+    #[arg(long)]
+    audio_features: Option<PathBuf>,
 }
 
 impl MediaArgs {
@@ -100,6 +105,7 @@ impl MediaArgs {
             images: self.images.clone(),
             image_budget: self.image_budget,
             pixel_values: self.pixel_values.clone(),
+            audio_features: self.audio_features.clone(),
         }
     }
 }

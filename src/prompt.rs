@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use gemma4_reference::audio::features_file::read_audio_features;
 use gemma4_reference::merge::Prompt;
 use gemma4_reference::vision::pixel_values::read_pixel_values;
 use gemma4_reference::vision::preprocessing::{load_image, preprocess, SUPPORTED_BUDGETS};
@@ -18,6 +19,8 @@ pub struct MediaOptions {
     pub image_budget: usize,
     /// Preprocessed images instead of files (`--pixel-values`).
     pub pixel_values: Option<PathBuf>,
+    /// Log-mel features of audio clips instead of WAV files (`--audio-features`).
+    pub audio_features: Option<PathBuf>,
 }
 
 /// The prompt of `tokens` and `media`: each image file decoded and preprocessed for the budget
@@ -40,9 +43,13 @@ pub fn build_prompt(tokens: Vec<usize>, media: &MediaOptions) -> Result<Prompt> 
             .map(|path| Ok(preprocess(&load_image(path)?, media.image_budget)?.into()))
             .collect::<Result<_>>()?,
     };
+    let audio = match &media.audio_features {
+        Some(path) => read_audio_features(path)?,
+        None => Vec::new(),
+    };
     Ok(Prompt {
         tokens,
         images,
-        audio: Vec::new(),
+        audio,
     })
 }

@@ -47,6 +47,10 @@ pub enum Error {
     #[error("invalid input: {message}")]
     Input { message: String },
 
+    /// An image file is unreadable, truncated, of an unsupported format, or too large to decode.
+    #[error("{path}: {message}")]
+    Image { path: PathBuf, message: String },
+
     /// The forward pass produced a NaN or an infinity.
     #[error("non-finite value in `{tensor}` at index {index:?}: {value}")]
     NonFinite {
@@ -77,6 +81,13 @@ impl Error {
         Error::Tensor {
             path: path.into(),
             tensor: tensor.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn image(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Image {
+            path: path.into(),
             message: message.into(),
         }
     }
