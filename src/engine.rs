@@ -4,7 +4,7 @@ use std::path::Path;
 
 use gemma4_optimized::Gemma4Optimized;
 use gemma4_reference::merge::Prompt;
-use gemma4_reference::{ActivationDump, ComputeDtype, Error, Gemma4TextModel, Result};
+use gemma4_reference::{ActivationDump, ComputeDtype, Gemma4TextModel, Result};
 
 use crate::golden::GoldenCase;
 
@@ -70,12 +70,9 @@ impl Engine {
             Engine::Reference => Gemma4TextModel::load_for(dir, prompt)?
                 .with_compute_dtype(options.compute_dtype)
                 .dump_prompt(prompt, decode_steps),
-            Engine::Optimized if !prompt.images.is_empty() => Err(Error::Input {
-                message: "the optimized engine does not take images yet".to_string(),
-            }),
-            Engine::Optimized => Gemma4Optimized::load_with_threads(dir, options.threads)?
+            Engine::Optimized => Gemma4Optimized::load_for(dir, prompt, options.threads)?
                 .with_compute_dtype(options.compute_dtype)
-                .dump(&prompt.tokens, decode_steps),
+                .dump_prompt(prompt, decode_steps),
         }
     }
 }

@@ -11,7 +11,9 @@
 //! - K=V key rebuild: one decode step's keys of a K=V layer (31B's global layers: 4 KV heads of
 //!   512, p-RoPE 0.25) rebuilt from a cache of 4096 positions (`KvCache::segments`);
 //! - decode attention: one token's 32 query heads over 4096 cached positions of 4 KV heads of
-//!   512 (31B's global layers; `attention::attend`).
+//!   512 (31B's global layers; `attention::attend`);
+//! - vision attention: the 2520 patches of one image at budget 280 through the on-device
+//!   tower's 12 heads × 64 (`vision::encoder_layer::attend_patches`).
 //!
 //! With `--features openblas-bench` (needs `apt-get install libopenblas-dev`), the same shapes
 //! through OpenBLAS `cblas_sgemm` / `cblas_sgemv` (f32 only: OpenBLAS has no bf16 GEMM here),
@@ -23,6 +25,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use gemma4_optimized::checkpoint::Matrix;
 use gemma4_optimized::kv_cache::KvCache;
 use gemma4_optimized::linear::{linear, linear_into_with, PrefillKernel, Threads};
+use gemma4_optimized::mask::ImageBlocks;
 use gemma4_optimized::synthetic::{attention_layer, random_values};
 use gemma4_reference::checkpoint::WeightDtype;
 use half::bf16;
@@ -276,10 +279,20 @@ fn attend_decode(c: &mut Criterion) {
     let queries = random_values(heads * head_dim, 9, 0.05);
     let mut output = vec![0.0f32; heads * head_dim];
     let segments = cache.segments(0, 0);
+    let none = ImageBlocks::none();
     let mut group = c.benchmark_group("attend_decode_4096x32x512");
     group.sample_size(20);
     group.bench_function("attend", |b| {
-        b.iter(|| attend(&queries, &[POSITIONS], &layer, &segments, &mut output))
+        b.iter(|| {
+            attend(
+                &queries,
+                &[POSITIONS],
+                &layer,
+                &segments,
+                &none,
+                &mut output,
+            )
+        })
     });
     group.finish();
 }
@@ -298,10 +311,11 @@ fn attend_prefill(c: &mut Criterion) {
     let positions: Vec<usize> = (0..TOKENS).collect();
     let mut output = vec![0.0f32; TOKENS * heads * head_dim];
     let segments = cache.segments(0, 0);
+    let none = ImageBlocks::none();
     let mut group = c.benchmark_group("attend_prefill_1024x8x256_window512");
     group.sample_size(10);
     group.bench_function("blocked", |b| {
-        b.iter(|| attend(&queries, &positions, &layer, &segments, &mut output))
+        b.iter(|| attend(&queries, &positions, &layer, &segments, &none, &mut output))
     });
     let row = heads * head_dim;
     group.bench_function("per_query", |b| {
@@ -312,8 +326,38 @@ fn attend_prefill(c: &mut Criterion) {
             {
                 let first = chunk[0];
                 let queries = &queries[first * row..(first + chunk.len()) * row];
-                attend(queries, chunk, &layer, &segments, out);
+                attend(queries, chunk, &layer, &segments, &none, out);
             }
+        })
+    });
+    group.finish();
+}
+
+/// Attention over the patches of one image in the on-device vision tower (12 heads × 64) at
+/// the default budget of 280 soft tokens: 2520 patches, bidirectional, blocked products.
+fn attend_patches(c: &mut Criterion) {
+    use gemma4_optimized::vision::encoder_layer::attend_patches;
+    const PATCHES: usize = 2520;
+    let (heads, head_dim) = (12, 64);
+    let n = PATCHES * heads * head_dim;
+    let (queries, keys, values) = (
+        random_values(n, 11, 0.2),
+        random_values(n, 12, 0.2),
+        random_values(n, 13, 1.0),
+    );
+    let mut output = vec![0.0f32; n];
+    let mut group = c.benchmark_group("attend_patches_2520x12x64");
+    group.sample_size(10);
+    group.bench_function("blocked", |b| {
+        b.iter(|| {
+            attend_patches(
+                &queries,
+                &keys,
+                &values,
+                PATCHES,
+                [heads, heads, head_dim],
+                &mut output,
+            )
         })
     });
     group.finish();
@@ -325,6 +369,7 @@ criterion_group!(
     prefill_gemm,
     kv_rebuild,
     attend_decode,
-    attend_prefill
+    attend_prefill,
+    attend_patches
 );
 criterion_main!(benches);

@@ -28,7 +28,7 @@ use rayon::prelude::*;
 use crate::checkpoint::AttentionWeights;
 use crate::kv_cache::{KvCache, Segment};
 use crate::linear::{linear, linear_group};
-use crate::mask::visible_keys;
+use crate::mask::{visible_keys, ImageBlocks};
 use crate::rms_norm::rms_norm_in_place;
 use crate::rope::RopeRows;
 use crate::simd::{dot, scaled_add};
@@ -50,7 +50,8 @@ pub(crate) fn record(
 /// Runs the attention block for the tokens at `positions` (`normed`: `[T, D]`), staging this
 /// layer's new keys and values in `cache` when it owns them, `rope` the RoPE rows of these
 /// tokens. Queries (and the output) are computed for rows `first_query..T` only; the rows before
-/// contribute keys and values. Returns `[T − first_query, D]`.
+/// contribute keys and values. `blocks`: the pass's image blocks, which see each other's later
+/// tokens on sliding layers (multimodal §3.3). Returns `[T − first_query, D]`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     layer: &LayerPlan,
@@ -59,6 +60,7 @@ pub fn attention(
     positions: &[usize],
     first_query: usize,
     rope: RopeRows,
+    blocks: &ImageBlocks,
     eps: f64,
     cache: &mut KvCache,
     recorder: &mut Recorder,
@@ -123,10 +125,23 @@ pub fn attention(
         cache.stage(layer.index, keys, values);
     }
 
-    let first_visible = *visible_keys(query_positions[0], layer.sliding_window).start();
+    // Image blocks only extend a range upwards: the first visible key is the window's.
+    let first_visible = *visible_keys(
+        query_positions[0],
+        layer.sliding_window,
+        &ImageBlocks::none(),
+    )
+    .start();
     let segments = cache.segments(layer.kv_layer(), first_visible);
     let mut output = vec![0.0f32; tokens * heads * d];
-    attend(&queries, query_positions, layer, &segments, &mut output);
+    attend(
+        &queries,
+        query_positions,
+        layer,
+        &segments,
+        blocks,
+        &mut output,
+    );
 
     let attention_output = linear(&output, tokens, &weights.o_proj);
     record(
@@ -141,7 +156,8 @@ pub fn attention(
 /// `o[i, n] = softmax(q[i, n] · K_visibleᵀ) · V_visible` for every query token and head.
 ///
 /// `queries`: `[T, H, d]`; `segments`: the keys/values `[n, K, d]` at consecutive positions,
-/// in position order; `output`: `[T, H, d]`. The softmax subtracts the maximum, sums the
+/// in position order (every key visible to a query must be there: image blocks reach into the
+/// staged chunk); `blocks`: the pass's image blocks ([`visible_keys`]); `output`: `[T, H, d]`. The softmax subtracts the maximum, sums the
 /// exponentials in key order and scales each value by `w_j / Σw`, as the reference does.
 ///
 /// A parallel task is one token and a run of query heads that read the same KV head: the
@@ -155,10 +171,11 @@ pub fn attend(
     positions: &[usize],
     layer: &LayerPlan,
     segments: &[Segment],
+    blocks: &ImageBlocks,
     output: &mut [f32],
 ) {
     if positions.len() > PER_QUERY_MAX_TOKENS {
-        return attend_blocked(queries, positions, layer, segments, output);
+        return attend_blocked(queries, positions, layer, segments, blocks, output);
     }
     let (heads, kv_heads, d) = (layer.num_query_heads, layer.num_kv_heads, layer.head_dim);
     let group = heads / kv_heads;
@@ -171,7 +188,7 @@ pub fn attend(
             let first_head = task * heads_per_task % heads;
             let t = task * heads_per_task / heads;
             let kv_head = first_head / group;
-            let visible = visible_keys(positions[t], layer.sliding_window);
+            let visible = visible_keys(positions[t], layer.sliding_window, blocks);
             let query = |h: usize| &queries[(t * heads + first_head + h) * d..][..d];
             // Scores of the visible keys, in position order: scores[h·n + j].
             let n: usize = segments.iter().map(|s| key_range(s, &visible).len()).sum();
@@ -232,11 +249,17 @@ const BLOCK_QUERY_ROWS: usize = 128;
 /// and output is a dot product summed in another order than the per-query path's, so the two
 /// agree to f32 rounding, not bit for bit (tested); the keys outside a token's own window that
 /// a block computes (at most `B − 1` per row at each end) are never weighted.
+///
+/// Image blocks (bidirectional on sliding layers) extend a token's range to the end of its
+/// image: the block's key columns then run to the largest visible end of its tokens, so a block
+/// of query rows holding the start of an image scores the whole image (the spec's "the first
+/// image token sees the whole image").
 fn attend_blocked(
     queries: &[f32],
     positions: &[usize],
     layer: &LayerPlan,
     segments: &[Segment],
+    blocks: &ImageBlocks,
     output: &mut [f32],
 ) {
     let (heads, kv_heads, d) = (layer.num_query_heads, layer.num_kv_heads, layer.head_dim);
@@ -252,8 +275,13 @@ fn attend_blocked(
                 let tokens = block_positions.len();
                 let rows = tokens * group;
                 // Keys visible to some token of the block: a contiguous run of positions.
-                let first = *visible_keys(block_positions[0], layer.sliding_window).start();
-                let last = *visible_keys(block_positions[tokens - 1], layer.sliding_window).end();
+                let visible = |p: usize| visible_keys(p, layer.sliding_window, blocks);
+                let first = *visible(block_positions[0]).start();
+                let last = block_positions
+                    .iter()
+                    .map(|&p| *visible(p).end())
+                    .max()
+                    .expect("a block has tokens");
                 let union = first..=last;
                 // (segment, its visible keys, their first column in S) for each non-empty part.
                 let mut parts = Vec::with_capacity(segments.len());
@@ -299,7 +327,7 @@ fn attend_blocked(
                     // P: each row's softmax over its own token's visible keys, zero elsewhere.
                     let token_rows = scratch.scores.chunks_mut(group * n.max(1));
                     for (rows_of_token, &position) in token_rows.zip(block_positions) {
-                        let visible = visible_keys(position, layer.sliding_window);
+                        let visible = visible(position);
                         let lo = visible.start().max(&first_key_position) - first_key_position;
                         let hi = (visible.end() + 1 - first_key_position).min(n);
                         for row in rows_of_token.chunks_mut(n.max(1)) {
@@ -348,7 +376,7 @@ struct BlockScratch {
 /// A matrix operand of [`matrix_product`]: element `(i, j)` at `start + i·row_stride +
 /// j·column_stride` (floats).
 #[derive(Clone, Copy)]
-struct Strided {
+pub(crate) struct Strided {
     start: *const f32,
     row_stride: usize,
     column_stride: usize,
@@ -356,7 +384,7 @@ struct Strided {
 
 impl Strided {
     /// Rows `row_stride` apart, each contiguous.
-    fn rows(start: *const f32, row_stride: usize) -> Strided {
+    pub(crate) fn rows(start: *const f32, row_stride: usize) -> Strided {
         Strided {
             start,
             row_stride,
@@ -365,7 +393,7 @@ impl Strided {
     }
 
     /// The transpose of rows `column_stride` apart: column `j` is stored row `j`.
-    fn columns(start: *const f32, column_stride: usize) -> Strided {
+    pub(crate) fn columns(start: *const f32, column_stride: usize) -> Strided {
         Strided {
             start,
             row_stride: 1,
@@ -380,7 +408,7 @@ impl Strided {
 ///
 /// # Safety
 /// Every element addressed by the three shapes and strides is valid (`dst` for writes).
-unsafe fn matrix_product(
+pub(crate) unsafe fn matrix_product(
     [m, n, k]: [usize; 3],
     dst: *mut f32,
     dst_row_stride: usize,
@@ -413,7 +441,7 @@ unsafe fn matrix_product(
 
 /// `w_j = exp(s_j − max s) / Σ exp(s − max s)`, the sum in key order (the reference's softmax;
 /// `exp` vectorised, within 2 ulp of the reference's).
-fn softmax_in_place(scores: &mut [f32]) {
+pub(crate) fn softmax_in_place(scores: &mut [f32]) {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     for s in scores.iter_mut() {
         *s -= max;
@@ -518,7 +546,17 @@ mod tests {
             );
             assert_eq!(per_head_pool.install(|| heads_per_task(1, kv_heads, 3)), 1);
             let mut together = vec![0.0f32; tokens * heads * d];
-            grouped_pool.install(|| attend(&queries, &positions, &layer, &segments, &mut together));
+            let none = ImageBlocks::none();
+            grouped_pool.install(|| {
+                attend(
+                    &queries,
+                    &positions,
+                    &layer,
+                    &segments,
+                    &none,
+                    &mut together,
+                )
+            });
             let row = heads * d;
             for t in 0..tokens {
                 let mut alone = vec![0.0f32; row];
@@ -528,6 +566,7 @@ mod tests {
                         &positions[t..t + 1],
                         &layer,
                         &segments,
+                        &none,
                         &mut alone,
                     )
                 });
@@ -554,50 +593,80 @@ mod tests {
     /// path, one token at a time: 21 queries at positions 6..27 after a cache of 6 positions, keys
     /// in two segments (a ring's split at position 11, inside a block), for a sliding window
     /// narrower than a block (so blocks compute keys outside some rows' windows), one wider, and
-    /// full attention; KV groups of 3 (one block of all 21 tokens) and of 8 (blocks of 16 and 5).
+    /// full attention; KV groups of 3 (one block of all 21 tokens) and of 8 (blocks of 16 and 5);
+    /// without image blocks, with one image of 12 tokens (longer than the window 4, crossing the
+    /// boundary between the two query blocks of the 8-group case) and with two images.
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // one block, positions 8..20
     fn attend_blocked_equals_per_query_attention() {
         let (d, first, tokens) = (16, 6, 21);
         let total = first + tokens;
+        let layouts = [
+            ImageBlocks::none(),
+            ImageBlocks::from_ranges(vec![8..20]),
+            ImageBlocks::from_ranges(vec![7..12, 13..26]),
+        ];
         for (heads, kv_heads) in [(6, 2), (8, 1)] {
             for window in [Some(4), Some(15), None] {
-                let layer = crate::synthetic::attention_layer(d, heads, kv_heads, window);
-                let keys = random_values(total * kv_heads * d, 41, 1.0);
-                let values = random_values(total * kv_heads * d, 42, 1.0);
-                let queries = random_values(tokens * heads * d, 43, 1.0);
-                let segments = split_at_position(&keys, &values, kv_heads * d, 11);
-                let positions: Vec<usize> = (first..total).collect();
-                assert!(tokens > PER_QUERY_MAX_TOKENS);
-                let mut blocked = vec![f32::NAN; tokens * heads * d];
-                attend(&queries, &positions, &layer, &segments, &mut blocked);
-                let row = heads * d;
-                let mut per_query = vec![f32::NAN; tokens * row];
-                for t in 0..tokens {
+                for blocks in &layouts {
+                    let layer = crate::synthetic::attention_layer(d, heads, kv_heads, window);
+                    let keys = random_values(total * kv_heads * d, 41, 1.0);
+                    let values = random_values(total * kv_heads * d, 42, 1.0);
+                    let queries = random_values(tokens * heads * d, 43, 1.0);
+                    let segments = split_at_position(&keys, &values, kv_heads * d, 11);
+                    let positions: Vec<usize> = (first..total).collect();
+                    assert!(tokens > PER_QUERY_MAX_TOKENS);
+                    let mut blocked = vec![f32::NAN; tokens * heads * d];
                     attend(
-                        &queries[t * row..(t + 1) * row],
-                        &positions[t..t + 1],
+                        &queries,
+                        &positions,
                         &layer,
                         &segments,
-                        &mut per_query[t * row..(t + 1) * row],
+                        blocks,
+                        &mut blocked,
+                    );
+                    let row = heads * d;
+                    let mut per_query = vec![f32::NAN; tokens * row];
+                    for t in 0..tokens {
+                        attend(
+                            &queries[t * row..(t + 1) * row],
+                            &positions[t..t + 1],
+                            &layer,
+                            &segments,
+                            blocks,
+                            &mut per_query[t * row..(t + 1) * row],
+                        );
+                    }
+                    // Both are softmax-weighted sums of the same f32 products, summed in other
+                    // orders (16-term scores; up to 27 weighted values, fused vs unfused): a few
+                    // ulps of the largest output (≈ 1), far below any indexing or masking slip
+                    // (which moves outputs by ≈ 0.1).
+                    assert_close(
+                        &format!(
+                            "heads {heads}, KV heads {kv_heads}, window {window:?}, blocks {:?}",
+                            blocks.ranges()
+                        ),
+                        &blocked,
+                        &per_query,
+                        2e-6,
                     );
                 }
-                // Both are softmax-weighted sums of the same f32 products, summed in other
-                // orders (16-term scores; up to 27 weighted values, fused vs unfused): a few
-                // ulps of the largest output (≈ 1), far below any indexing or masking slip
-                // (which moves outputs by ≈ 0.1).
-                assert_close(
-                    &format!("heads {heads}, KV heads {kv_heads}, window {window:?}"),
-                    &blocked,
-                    &per_query,
-                    2e-6,
-                );
             }
         }
     }
 
-    /// One layer (sliding with window 3, or full with K=V), fed a 5-token prefill then 3 single
-    /// tokens, through both engines: every recorded tensor and the output must agree.
-    fn check(attention_type: AttentionType, key_equals_value: bool) {
+    /// One layer (sliding with window 3, or full with K=V), fed `tokens` in `chunks` (a prefill,
+    /// then single tokens through the cache), through both engines with the image blocks of each
+    /// chunk's tokens (`"vision"` config: image id 9, video id 8): every recorded tensor and the
+    /// output must agree.
+    fn check(
+        attention_type: AttentionType,
+        key_equals_value: bool,
+        tokens: &[usize],
+        chunks: &[usize],
+    ) {
+        let config = crate::testing::vision_config(Some("vision"), true);
+        assert_eq!(chunks.iter().sum::<usize>(), tokens.len());
         let (d_model, heads, kv_heads, d) = (24, 4, 2, 8);
         let rope = match attention_type {
             AttentionType::Sliding => RopeParameters {
@@ -648,10 +717,13 @@ mod tests {
         let inv = inverse_frequencies(&rope, d);
         let mut our_cache = KvCache::new(&plan, |_| k_norm.clone(), |_| inv.clone());
         let mut reference_cache = ReferenceCache::new(1);
-        let input = random_values(8 * d_model, 7, 1.5);
+        let input = random_values(tokens.len() * d_model, 7, 1.5);
         let mut start = 0;
-        for chunk in [5, 1, 1, 1] {
+        for &chunk in chunks {
             let positions: Vec<usize> = (start..start + chunk).collect();
+            let ids = &tokens[start..start + chunk];
+            let reference_blocks = gemma4_reference::mask::ImageBlocks::of(&config, ids, start);
+            let blocks = ImageBlocks::of(&config, ids, start);
             let x = &input[start * d_model..(start + chunk) * d_model];
             let mut our_dump = ActivationDump::new();
             let got = attention(
@@ -661,6 +733,7 @@ mod tests {
                 &positions,
                 0,
                 RopeTable::new(&inv, &positions).rows_from(0),
+                &blocks,
                 1e-6,
                 &mut our_cache,
                 &mut Recorder::new(&mut our_dump),
@@ -674,7 +747,7 @@ mod tests {
                 &to_array2(chunk, d_model, x),
                 &positions,
                 &inv,
-                &gemma4_reference::mask::ImageBlocks::none(),
+                &reference_blocks,
                 1e-6,
                 &mut reference_cache,
                 &mut Recorder::new(&mut reference_dump),
@@ -693,18 +766,43 @@ mod tests {
         }
     }
 
+    const TEXT: [usize; 8] = [1; 8];
+
     #[test]
     fn attention_matches_reference_sliding_window_through_ring() {
-        check(AttentionType::Sliding, false);
+        check(AttentionType::Sliding, false, &TEXT, &[5, 1, 1, 1]);
     }
 
     #[test]
     fn attention_matches_reference_full_key_equals_value() {
-        check(AttentionType::Full, true);
+        check(AttentionType::Full, true, &TEXT, &[5, 1, 1, 1]);
     }
 
     #[test]
     fn attention_matches_reference_full_separate_values() {
-        check(AttentionType::Full, false);
+        check(AttentionType::Full, false, &TEXT, &[5, 1, 1, 1]);
+    }
+
+    /// Two images in a 20-token prefill (blocked path), the first of 7 tokens, longer than the
+    /// window 3, the second a video frame of 4, then decode steps through the ring: sliding
+    /// layers attend bidirectionally inside each image, full layers stay causal.
+    #[test]
+    fn attention_matches_reference_image_blocks_prefill_then_decode() {
+        let tokens =
+            crate::testing::layout_tokens(2, &[(7, 1, false), (4, 2, true), (0, 2, false)]);
+        assert_eq!(tokens.len(), 24);
+        for (attention_type, key_equals_value) in
+            [(AttentionType::Sliding, false), (AttentionType::Full, true)]
+        {
+            check(attention_type, key_equals_value, &tokens, &[20, 1, 1, 1, 1]);
+            // A short prefill (per-query path) and one that ends inside the first image.
+            check(
+                attention_type,
+                key_equals_value,
+                &tokens,
+                &[6, 14, 1, 1, 1, 1],
+            );
+            check(attention_type, key_equals_value, &tokens, &[7, 17]);
+        }
     }
 }

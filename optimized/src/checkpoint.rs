@@ -293,16 +293,17 @@ pub struct TextWeights {
     pub lm_head: Option<Matrix>,
 }
 
-/// Reads matrices and vectors from a checkpoint whose text headers were all checked.
-struct Loader<'a> {
-    checkpoint: &'a Checkpoint,
-    tensors: TextTensors<'a>,
+/// Reads matrices and vectors from a checkpoint whose headers were all checked (the text
+/// weights here, the vision tower's in `vision::weights`).
+pub(crate) struct Loader<'a> {
+    pub(crate) checkpoint: &'a Checkpoint,
+    pub(crate) tensors: TextTensors<'a>,
 }
 
 impl Loader<'_> {
     /// A matrix with its spec'd shape (2-D, or 3-D stacked into 2-D), every value checked
     /// finite as the reference loader does.
-    fn matrix(&self, spec_name: &str) -> Result<Matrix> {
+    pub(crate) fn matrix(&self, spec_name: &str) -> Result<Matrix> {
         let tensor = self.tensors.get(spec_name);
         // Before the first read (the finiteness scan): weights read whole on every pass are
         // best streamed through 2 MiB pages (no TLB miss, no prefetcher stop every 4 KiB).
@@ -340,9 +341,14 @@ impl Loader<'_> {
     }
 
     /// A vector with its spec'd length, as f32 (the reference's own loader, same checks).
-    fn vector(&self, spec_name: &str) -> Result<Vec<f32>> {
+    pub(crate) fn vector(&self, spec_name: &str) -> Result<Vec<f32>> {
         let values = self.tensors.load::<Ix1>(spec_name)?;
         Ok(values.into_raw_vec_and_offset().0)
+    }
+
+    /// A scalar clip bound (the reference's own loader: any float but NaN).
+    pub(crate) fn bound(&self, spec_name: &str) -> Result<f32> {
+        self.tensors.load_bound(spec_name)
     }
 }
 

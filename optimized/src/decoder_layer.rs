@@ -18,6 +18,7 @@ use ndarray::{ArrayD, IxDyn};
 use crate::attention::{attention, record};
 use crate::checkpoint::LayerWeights;
 use crate::kv_cache::KvCache;
+use crate::mask::ImageBlocks;
 use crate::mlp::mlp;
 use crate::moe::{experts, route};
 use crate::ple::add_per_layer_embedding_branch;
@@ -27,7 +28,8 @@ use crate::rope::RopeRows;
 /// Runs layer `layer.index` on the residual stream `hidden` (`[T, D]`, updated in place).
 ///
 /// `per_layer_input`: this layer's PLE slice `[T, P]` (PLE models); `positions`: the tokens'
-/// absolute positions; `rope`: their rows of the pass's RoPE table of this layer's type.
+/// absolute positions; `rope`: their rows of the pass's RoPE table of this layer's type;
+/// `blocks`: the pass's image blocks (bidirectional on sliding layers, multimodal §3.3).
 ///
 /// `outputs_from`: the rows before it only give their keys and values to the cache (a producer
 /// layer whose later outputs are wanted for the last rows only, `Logits::Last`); the layer's
@@ -43,6 +45,7 @@ pub fn decoder_layer(
     positions: &[usize],
     outputs_from: usize,
     rope: RopeRows,
+    blocks: &ImageBlocks,
     cache: &mut KvCache,
     recorder: &mut Recorder,
 ) -> Result<()> {
@@ -59,6 +62,7 @@ pub fn decoder_layer(
         positions,
         outputs_from,
         rope,
+        blocks,
         eps,
         cache,
         recorder,

@@ -1,9 +1,13 @@
-//! # gemma4-optimized: the Gemma 4 text decoder, made fast
+//! # gemma4-optimized: the Gemma 4 text decoder and vision tower, made fast
 //!
 //! The same model as `gemma4-reference`, module for module (`attention`, `rope`, `mask`, `ple`,
 //! `moe`, `mlp`, `decoder_layer`, `model`, `kv_cache`, `rms_norm`, `gelu`, `embedding`,
-//! `linear`, `checkpoint`), each function tested against its reference twin on random inputs,
-//! and the whole engine tested dump against dump (`tests/optimized_*.rs` in the root package).
+//! `linear`, `checkpoint`; `vision/` with `patch_embedding`, `rope_2d`, `encoder_layer`,
+//! `clipped_linear`, `pooling`, `weights`; `projector`), each function tested against its
+//! reference twin on random inputs, and the whole engine tested dump against dump
+//! (`tests/optimized_*.rs` in the root package). Images enter through
+//! [`Gemma4Optimized::load_for`] and [`Gemma4Optimized::dump_prompt`]; there is no audio tower
+//! (prompts with audio run on the reference).
 //!
 //! What makes it fast (measured in `docs/performance.md`):
 //! - weights **as stored**: bf16/f16/f32 checkpoints are memory-mapped and never converted;
@@ -19,7 +23,10 @@
 //!   AVX-512 BF16, or on AMX tiles where the CPU has them ([`amx`]), as torch and llama.cpp do;
 //!   never used for dumps;
 //! - fused norms, residual adds, GeGLU and `layer_scalar` ([`rms_norm`], [`gelu`], [`ple`]);
-//! - attention over the visible key range only, straight from the cache ([`attention`], [`mask`]);
+//! - attention over the visible key range only, straight from the cache ([`attention`], [`mask`]),
+//!   image blocks of `"vision"` models included (bidirectional on sliding layers);
+//! - the vision tower on the same kernels: clipped products grouped on the pool, one 2D RoPE
+//!   table per image, attention over the patches as blocked products ([`vision`]);
 //! - a KV cache that is a ring of `W` positions on sliding layers, one tensor on K=V layers and
 //!   nothing on KV-shared layers ([`kv_cache`]);
 //! - MoE that runs only the chosen experts, grouped by expert ([`moe`]);
@@ -45,11 +52,13 @@ pub mod model;
 pub mod moe;
 pub mod parallel;
 pub mod ple;
+pub mod projector;
 pub mod rms_norm;
 pub mod rope;
 pub mod simd;
 pub mod synthetic;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod vision;
 
 pub use model::{Gemma4Optimized, Logits};

@@ -17,6 +17,14 @@
 //! its queries, attention output, MLP and PLE branch run on the last position only.
 //! A dump ([`Logits::All`]) computes every position of every layer.
 //!
+//! Images (shared spec: multimodal §3): [`Gemma4Optimized::load_for`] maps the vision tower when a
+//! prompt has images; [`Gemma4Optimized::embed_prompt`] encodes each image
+//! ([`crate::vision::VisionTower`]) and writes its soft tokens over its run of placeholders (the
+//! reference's `image_placeholder_runs` and `merge_soft_tokens`); the PLE's token part reads the
+//! pad row at placeholders and its context part the merged embeddings; on `"vision"` models the
+//! image blocks attend bidirectionally on sliding layers ([`crate::mask::ImageBlocks`], in every
+//! attention path: blocked prefill, per-query, decode through the cache).
+//!
 //! Precision: matrix products run in f32 ([`Precision::F32`], the default); a model may opt in to
 //! [`Precision::Bf16Activations`] for its prefill products ([`Gemma4Optimized::with_precision`]),
 //! which [`Gemma4Optimized::dump`] never uses.
@@ -32,6 +40,7 @@ use gemma4_reference::dump::{input_ids_tensor, ActivationDump, Recorder};
 use gemma4_reference::embedding::embedding_scale;
 use gemma4_reference::error::Error;
 use gemma4_reference::faults::with_faults;
+use gemma4_reference::merge::{clip_prefix, image_placeholder_runs, merge_soft_tokens, Prompt};
 use gemma4_reference::model::{
     embedding_token_ids, greedy_steps, ple_token_ids, validate_token_ids,
 };
@@ -46,9 +55,11 @@ use crate::decoder_layer::decoder_layer;
 use crate::embedding::scaled_embedding;
 use crate::kv_cache::KvCache;
 use crate::linear::{linear, with_precision, Precision};
+use crate::mask::ImageBlocks;
 use crate::ple::per_layer_inputs;
 use crate::rms_norm::rms_norm;
 use crate::rope::RopeTable;
+use crate::vision::VisionTower;
 
 /// Which positions' logits a forward pass must produce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +87,8 @@ pub struct Gemma4Optimized {
     rope_of_layer: Vec<usize>,
     /// Arithmetic of the prefill matrix products in [`Gemma4Optimized::forward`].
     precision: Precision,
+    /// The vision tower, mapped only for prompts with images ([`Gemma4Optimized::load_for`]).
+    pub vision: Option<VisionTower>,
     pool: rayon::ThreadPool,
     /// The mapped checkpoint files the weights point into. Declared last: dropped after them.
     _checkpoint: Checkpoint,
@@ -131,10 +144,27 @@ impl Gemma4Optimized {
                 inverse_frequencies: inverse_frequencies_of_types,
                 rope_of_layer,
                 precision: Precision::F32,
+                vision: None,
                 pool,
                 _checkpoint: checkpoint,
             })
         })
+    }
+
+    /// Loads `dir` with the towers `prompt` needs: the text decoder, and the vision tower when
+    /// the prompt has images (an error naming what is missing if the checkpoint has none: the
+    /// reference's). `threads` sizes the model's thread pool. The optimized engine has no audio
+    /// tower: a prompt with audio is an error (run it on the reference).
+    pub fn load_for(dir: &Path, prompt: &Prompt, threads: Option<usize>) -> Result<Self> {
+        let mut model = Self::load_with_threads(dir, threads)?;
+        if !prompt.images.is_empty() {
+            let vision = with_faults(&[], || VisionTower::load(&model._checkpoint, &model.config))?;
+            model.vision = Some(vision);
+        }
+        if !prompt.audio.is_empty() {
+            return Err(no_audio_tower());
+        }
+        Ok(model)
     }
 
     /// Threads in this model's pool.
@@ -245,40 +275,114 @@ impl Gemma4Optimized {
         precision: Precision,
     ) -> Result<Vec<f32>> {
         self.validate_token_ids(token_ids)?;
-        let (embed_ids, ple_ids) = with_faults(&[], || {
-            (
-                embedding_token_ids(&self.config, token_ids),
-                ple_token_ids(&self.config, token_ids),
-            )
-        });
+        let embed_ids = with_faults(&[], || embedding_token_ids(&self.config, token_ids));
         self.pool.install(|| {
             with_precision(precision, || {
-                self.forward_in_pool(&embed_ids, &ple_ids, cache, recorder, logits)
+                let d = self.config.text.hidden_size;
+                let hidden =
+                    scaled_embedding(&self.weights.embed_tokens, &embed_ids, self.embed_scale);
+                record(recorder, "embeddings", &[token_ids.len(), d], &hidden)?;
+                self.forward_from_embeddings_in_pool(hidden, token_ids, cache, recorder, logits)
             })
         })
     }
 
-    fn forward_in_pool(
+    /// The embeddings of a prompt `[T, D]` (row-major): text tokens scaled by `√D`, each image
+    /// encoded by the vision tower and its soft tokens written over its run of placeholders
+    /// (shared spec: multimodal §3.2; the reference's `embed_prompt`, same checks and errors).
+    /// The tower's tensors and `embeddings` go to `recorder`.
+    pub fn embed_prompt(&self, prompt: &Prompt, recorder: &mut Recorder) -> Result<Vec<f32>> {
+        self.validate_token_ids(&prompt.tokens)?;
+        self.pool.install(|| {
+            with_precision(Precision::F32, || {
+                self.embed_prompt_in_pool(prompt, recorder)
+            })
+        })
+    }
+
+    fn embed_prompt_in_pool(&self, prompt: &Prompt, recorder: &mut Recorder) -> Result<Vec<f32>> {
+        let d = self.config.text.hidden_size;
+        let tokens = prompt.tokens.len();
+        let embed_ids = with_faults(&[], || embedding_token_ids(&self.config, &prompt.tokens));
+        let mut hidden = scaled_embedding(&self.weights.embed_tokens, &embed_ids, self.embed_scale);
+        if !prompt.images.is_empty() {
+            let vision = self.vision.as_ref().ok_or_else(|| {
+                Error::Input {
+ message: "the prompt has images but the vision tower was not loaded (load the model with Gemma4Optimized::load_for)".into(),
+ }
+            })?;
+            let kernel = vision.config.pooling_kernel_size;
+            let counts: Vec<usize> = prompt
+                .images
+                .iter()
+                .map(|i| i.soft_tokens(kernel))
+                .collect();
+            let runs = image_placeholder_runs(&self.config, &prompt.tokens, &counts)?;
+            let count = prompt.images.len();
+            let soft_tokens = prompt
+                .images
+                .iter()
+                .enumerate()
+                .map(|(i, image)| vision.encode(image, &clip_prefix("vision", i, count), recorder))
+                .collect::<Result<Vec<_>>>()?;
+            let mut embeddings =
+                Array2::from_shape_vec((tokens, d), hidden).expect("[T, D] embeddings");
+            with_faults(&[], || {
+                merge_soft_tokens(&mut embeddings, &runs, &soft_tokens)
+            });
+            hidden = embeddings.into_raw_vec_and_offset().0;
+        }
+        if !prompt.audio.is_empty() {
+            return Err(no_audio_tower());
+        }
+        record(recorder, "embeddings", &[tokens, d], &hidden)?;
+        Ok(hidden)
+    }
+
+    /// The decoder after the embedding: `embeddings` `[T, D]` (soft tokens already merged in)
+    /// and the token ids they came from (for the PLE table and the image blocks), after
+    /// whatever `cache` holds. Returns the logits as [`Gemma4Optimized::forward`] does.
+    pub fn forward_from_embeddings(
         &self,
-        embed_ids: &[usize],
-        ple_ids: &[usize],
+        embeddings: Vec<f32>,
+        token_ids: &[usize],
+        cache: &mut KvCache,
+        recorder: &mut Recorder,
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
+        assert_eq!(
+            embeddings.len(),
+            token_ids.len() * self.config.text.hidden_size,
+            "embeddings are [T, D]"
+        );
+        self.pool.install(|| {
+            with_precision(self.precision, || {
+                self.forward_from_embeddings_in_pool(embeddings, token_ids, cache, recorder, logits)
+            })
+        })
+    }
+
+    fn forward_from_embeddings_in_pool(
+        &self,
+        mut hidden: Vec<f32>,
+        token_ids: &[usize],
         cache: &mut KvCache,
         recorder: &mut Recorder,
         logits: Logits,
     ) -> Result<Vec<f32>> {
         let text = &self.config.text;
         let (d, num_layers) = (text.hidden_size, text.num_hidden_layers);
-        let tokens = embed_ids.len();
+        let tokens = token_ids.len();
         let eps = text.rms_norm_eps;
+        let ple_ids = with_faults(&[], || ple_token_ids(&self.config, token_ids));
 
-        let mut hidden = scaled_embedding(&self.weights.embed_tokens, embed_ids, self.embed_scale);
-        record(recorder, "embeddings", &[tokens, d], &hidden)?;
-
-        // Per-Layer Embeddings, [T, L·P], computed once for all layers.
+        // Per-Layer Embeddings, [T, L·P], computed once for all layers: the token part from the
+        // PLE table (placeholders read the pad row), the context part from the (merged)
+        // embeddings.
         let ple = match &self.weights.per_layer_embeddings {
             Some(ple_weights) => {
                 let ple =
-                    per_layer_inputs(ple_ids, &hidden, d, ple_weights, self.ple_token_scale, eps);
+                    per_layer_inputs(&ple_ids, &hidden, d, ple_weights, self.ple_token_scale, eps);
                 let p = ple_weights.projection_norm.len();
                 record(recorder, "per_layer_inputs", &[tokens, num_layers, p], &ple)?;
                 Some((ple, p))
@@ -288,6 +392,8 @@ impl Gemma4Optimized {
 
         let first_position = cache.tokens_seen();
         let mut positions: Vec<usize> = (first_position..first_position + tokens).collect();
+        // Image blocks attend bidirectionally on sliding layers ("vision" models).
+        let blocks = ImageBlocks::of(&self.config, token_ids, first_position);
         // The RoPE cos/sin of the pass's positions, once per attention type.
         let rope_tables: Vec<RopeTable> = self
             .inverse_frequencies
@@ -327,6 +433,7 @@ impl Gemma4Optimized {
                 &positions,
                 outputs_from,
                 rope_tables[self.rope_of_layer[layer.index]].rows_from(rows[0]),
+                &blocks,
                 cache,
                 recorder,
             )?;
@@ -362,17 +469,32 @@ impl Gemma4Optimized {
     /// greedy decoding through the KV cache when `decode_steps > 0` — the reference's
     /// conventions (`gemma4_reference::model::Gemma4TextModel::dump`).
     pub fn dump(&self, token_ids: &[usize], decode_steps: usize) -> Result<ActivationDump> {
+        self.dump_prompt(&Prompt::text(token_ids), decode_steps)
+    }
+
+    /// [`Gemma4Optimized::dump`] of a prompt with images (the reference's `dump_prompt`, same
+    /// tensors): the vision tensors of each image, then the text tensors of the merged sequence,
+    /// then the decode rows (single tokens through the cache, after the image blocks of the
+    /// prefill). Always in f32 arithmetic, whatever [`Gemma4Optimized::with_precision`] set.
+    pub fn dump_prompt(&self, prompt: &Prompt, decode_steps: usize) -> Result<ActivationDump> {
         let mut dump = ActivationDump::new();
-        // `forward_in` validates the token ids first.
-        dump.insert_i64("input_ids", input_ids_tensor(token_ids));
+        dump.insert_i64("input_ids", input_ids_tensor(&prompt.tokens));
         let mut cache = self.new_cache();
-        let logits = self.forward_in(
-            token_ids,
-            &mut cache,
-            &mut Recorder::new(&mut dump),
-            Logits::All,
-            Precision::F32,
-        )?;
+        let mut recorder = Recorder::new(&mut dump);
+        // `embed_prompt` validates the token ids first.
+        self.validate_token_ids(&prompt.tokens)?;
+        let logits = self.pool.install(|| {
+            with_precision(Precision::F32, || {
+                let embeddings = self.embed_prompt_in_pool(prompt, &mut recorder)?;
+                self.forward_from_embeddings_in_pool(
+                    embeddings,
+                    &prompt.tokens,
+                    &mut cache,
+                    &mut recorder,
+                    Logits::All,
+                )
+            })
+        })?;
         if decode_steps > 0 {
             let vocab = self.config.text.vocab_size;
             let last = &logits[logits.len() - vocab..];
@@ -410,6 +532,13 @@ impl Gemma4Optimized {
     }
 }
 
+/// The error of a prompt with audio: the optimized engine has no audio tower.
+fn no_audio_tower() -> Error {
+    Error::Input {
+ message: "the prompt has audio but the optimized engine has no audio tower; run it on the reference engine (--engine reference)".into(),
+ }
+}
+
 /// `(√D, √P)` as a `compute` run applies them (the reference's `embedding_scale`); `√P` is 1
 /// without PLE. (The reference's faults never reach the optimized engine.)
 fn embedding_scales(config: &ModelConfig, compute: ComputeDtype) -> (f32, f32) {
@@ -427,4 +556,205 @@ fn embedding_scales(config: &ModelConfig, compute: ComputeDtype) -> (f32, f32) {
 /// `argmax` on a slice.
 pub fn argmax(values: &[f32]) -> usize {
     gemma4_reference::model::argmax(ndarray::ArrayView1::from(values))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::{write_checkpoint, TinyMultimodalConfig};
+    use crate::testing::{assert_close, row_major};
+    use crate::vision::tests::random_image;
+    use gemma4_reference::checkpoint::WeightDtype;
+    use gemma4_reference::dump::DumpTensor;
+    use gemma4_reference::vision::pixel_values::read_pixel_values;
+    use gemma4_reference::Gemma4TextModel;
+
+    /// Depth of a dump tensor: 0 before the decoder (vision tensors are checked apart), `i + 1`
+    /// in layer `i`, `L + 1` after the last layer.
+    fn depth(name: &str, layers: usize) -> usize {
+        match name.strip_prefix("layers.") {
+            Some(rest) => rest.split('.').next().unwrap().parse::<usize>().unwrap() + 1,
+            None if name == "embeddings" || name == "per_layer_inputs" => 0,
+            None => layers + 1,
+        }
+    }
+
+    /// Both engines' dumps of `prompt` (with `decode` steps): the same names, index tensors
+    /// equal, every float tensor within tolerance of the reference's.
+    ///
+    /// Tolerances: vision tensors 5e-5 (the tower's f32 drift, see
+    /// `vision::tests::vision_tower_matches_reference_tiny_towers`); text tensors
+    /// `1e-4 + 5e-5 · depth` of the largest element, the bound of the root package's
+    /// `tests/optimized_equivalence.rs` for random tiny models (summation orders differ, the
+    /// unscaled attention and the RMSNorms amplify it layer after layer), which real bugs
+    /// (a missing block, a scaled soft token, a wrong PLE row) exceed by orders of magnitude.
+    fn check_dumps(dir: &Path, prompt: &Prompt, decode: usize, what: &str) {
+        let reference = Gemma4TextModel::load_for(dir, prompt)
+            .and_then(|m| m.dump_prompt(prompt, decode))
+            .unwrap_or_else(|e| panic!("{what}: reference: {e}"));
+        let model = Gemma4Optimized::load_for(dir, prompt, Some(2)).unwrap();
+        let ours = model
+            .dump_prompt(prompt, decode)
+            .unwrap_or_else(|e| panic!("{what}: optimized: {e}"));
+        assert_eq!(
+            ours.names_in_model_order(),
+            reference.names_in_model_order(),
+            "{what}: tensor names"
+        );
+        let layers = model.config.text.num_hidden_layers;
+        for name in reference.names_in_model_order() {
+            match (ours.get(name).unwrap(), reference.get(name).unwrap()) {
+                (DumpTensor::I64(a), DumpTensor::I64(b)) => assert_eq!(a, b, "{what}: {name}"),
+                (DumpTensor::F32(a), DumpTensor::F32(b)) => {
+                    assert_eq!(a.shape(), b.shape(), "{what}: {name}");
+                    let tolerance = if name.starts_with("vision.") {
+                        5e-5
+                    } else {
+                        1e-4 + 5e-5 * depth(name, layers) as f32
+                    };
+                    assert_close(
+                        &format!("{what}: {name}"),
+                        &row_major(a),
+                        &row_major(b),
+                        tolerance,
+                    );
+                }
+                _ => panic!("{what}: {name} has different dtypes"),
+            }
+        }
+    }
+
+    /// `lead` text tokens, then per image BOI, its soft-token placeholders, EOI and two text
+    /// tokens.
+    fn prompt_tokens(model: &TinyMultimodalConfig, lead: &[usize], soft: &[usize]) -> Vec<usize> {
+        let mut tokens = lead.to_vec();
+        for (i, &count) in soft.iter().enumerate() {
+            tokens.push(model.boi_token_id());
+            tokens.extend(std::iter::repeat_n(model.image_token_id(), count));
+            tokens.push(model.eoi_token_id());
+            tokens.extend([5 + i, 9]);
+        }
+        tokens
+    }
+
+    /// Tiny random models of both towers — on-device-like (clipped, PLE, causal over images) and
+    /// large-like (standardize, bidirectional image blocks on its sliding layers of window 4) —
+    /// with one image in a prompt of 8 tokens (the per-query attention path), and two images
+    /// (6 and 12 soft tokens: the second longer than the window) in 28 tokens (the blocked
+    /// path), each followed by 3 decode steps through the cache.
+    #[test]
+    fn model_dump_prompt_matches_reference_tiny_vision_models() {
+        for (clipped, standardize) in [(true, false), (false, true)] {
+            let model = TinyMultimodalConfig::small(clipped, standardize);
+            let dir = tempfile::tempdir().unwrap();
+            write_checkpoint(dir.path(), &model.config_json(), WeightDtype::F32, 21).unwrap();
+            let (small, large) = (random_image(6, 9, 1), random_image(9, 12, 2));
+            let one = Prompt {
+                tokens: prompt_tokens(&model, &[], &[6])[..8].to_vec(),
+                images: vec![small.clone()],
+                audio: Vec::new(),
+            };
+            let two = Prompt {
+                tokens: prompt_tokens(&model, &[2, 17], &[6, 12]),
+                images: vec![small, large],
+                audio: Vec::new(),
+            };
+            assert_eq!(two.tokens.len(), 28);
+            let what = format!("clipped {clipped}, standardize {standardize}");
+            check_dumps(dir.path(), &one, 3, &format!("{what}, one image"));
+            check_dumps(dir.path(), &two, 3, &format!("{what}, two images"));
+        }
+    }
+
+    /// The golden vision cases (tiny models the oracle ran: E2B-like with the on-device tower,
+    /// 31B-like with the large tower and bidirectional blocks longer than the window; one and
+    /// two images) through both engines.
+    #[test]
+    fn model_dump_prompt_matches_reference_golden_vision_cases() {
+        let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../golden");
+        for case in [
+            "e2b_vision",
+            "e2b_vision_two_images",
+            "31b_vision",
+            "31b_vision_two_images",
+        ] {
+            let dir = golden.join(case);
+            let description: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("case.json")).unwrap()).unwrap();
+            let tokens: Vec<usize> = description["tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap() as usize)
+                .collect();
+            let pixels = description["pixel_values"].as_str().unwrap();
+            let prompt = Prompt {
+                tokens,
+                images: read_pixel_values(&dir.join(pixels)).unwrap(),
+                audio: Vec::new(),
+            };
+            let decode = description["decode_steps"].as_u64().unwrap() as usize;
+            let model_dir = match description["model_dir"].as_str() {
+                Some(shared) => dir.join(shared),
+                None => dir.join("model"),
+            };
+            check_dumps(&model_dir, &prompt, decode, case);
+        }
+    }
+
+    /// Bad prompts are refused with the reference's errors: images for a checkpoint without a
+    /// tower, a placeholder run of the wrong length, a missing run, and images when the tower
+    /// was not loaded.
+    #[test]
+    fn model_bad_image_prompts_refused_like_reference() {
+        let model = TinyMultimodalConfig::small(true, false);
+        let dir = tempfile::tempdir().unwrap();
+        write_checkpoint(dir.path(), &model.config_json(), WeightDtype::F32, 3).unwrap();
+        let mut text_only = model.clone();
+        text_only.vision = None;
+        let text_dir = tempfile::tempdir().unwrap();
+        write_checkpoint(
+            text_dir.path(),
+            &text_only.config_json(),
+            WeightDtype::F32,
+            3,
+        )
+        .unwrap();
+        let image = random_image(3, 6, 1);
+        let prompt = |tokens: Vec<usize>| Prompt {
+            tokens,
+            images: vec![image.clone()],
+            audio: Vec::new(),
+        };
+        let cases = [
+            (text_dir.path(), prompt(prompt_tokens(&model, &[2], &[2]))),
+            (dir.path(), prompt(prompt_tokens(&model, &[2], &[3]))),
+            (dir.path(), prompt(vec![2, 3, 4])),
+            (dir.path(), {
+                let mut p = prompt(prompt_tokens(&model, &[2], &[2]));
+                p.images[0].positions[4] = [70, 0]; // outside the 64-entry tables
+                p
+            }),
+        ];
+        for (i, (dir, prompt)) in cases.iter().enumerate() {
+            let reference = Gemma4TextModel::load_for(dir, prompt)
+                .and_then(|m| m.dump_prompt(prompt, 0))
+                .err()
+                .map(|e| e.to_string());
+            let optimized = Gemma4Optimized::load_for(dir, prompt, Some(1))
+                .and_then(|m| m.dump_prompt(prompt, 0))
+                .err()
+                .map(|e| e.to_string());
+            assert!(reference.is_some(), "case {i}: the reference accepted it");
+            assert_eq!(optimized, reference, "case {i}");
+        }
+        // A model loaded without its tower.
+        let image_prompt = prompt(prompt_tokens(&model, &[2], &[2]));
+        let error = Gemma4Optimized::load_with_threads(dir.path(), Some(1))
+            .unwrap()
+            .dump_prompt(&image_prompt, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("load_for"), "{error}");
+    }
 }

@@ -7,6 +7,12 @@
 //! - [`released_text_config`] turns a released `config.json` (`tests/data/released/<variant>/`)
 //!   into a `Gemma4ForCausalLM` config with the real dimensions, optionally fewer layers;
 //!   `cargo xtask synth` writes it with bf16 weights (about 10 GB for E2B, mostly the PLE table).
+//! - [`TinyMultimodalConfig`] wraps a [`TinyConfig`] into a `Gemma4ForConditionalGeneration`
+//!   config with a tiny vision tower ([`TinyVisionTower`]: clipped linears and/or standardize,
+//!   any widths) and, optionally, `use_bidirectional_attention = "vision"`;
+//!   [`released_config_with_vision`] does the same with the real dimensions of a released model
+//!   (on-device tower for E2B/E4B: 768 wide, 16 layers, 12 heads × 64, MLP 3072, clipped; large
+//!   tower for 31B/26B-A4B: 1152 wide, 27 layers, 16 heads × 72, MLP 4304, standardize).
 //!
 //! [`write_checkpoint`] streams the tensors to disk in blocks (never the whole model in memory),
 //! generating values in parallel from a counter-based generator (same bytes for any thread count),
@@ -15,16 +21,22 @@
 //! Values follow the golden generator's recipe (golden/README.md): linear weights with standard
 //! deviation `1/√fan_in`, the embedding `1/√D` (so `√D`-scaled embeddings have unit variance),
 //! the PLE table 1, norm weights and router scales `1 ± 0.3`, `layer_scalar` and
-//! `per_expert_scale` in `[0.5, 1.5)` — nothing at a neutral value that would hide a bug.
+//! `per_expert_scale` in `[0.5, 1.5)` — nothing at a neutral value that would hide a bug. The
+//! vision tower (written when the config has a `vision_config`): linears `1/√fan_in`, the
+//! position tables 0.5 (comparable to the pixel projection, so a swapped or misindexed table
+//! shows), norms and `std_scale` `1 ± 0.3`, `std_bias` 0.5, and clip bounds that really clip
+//! (see [`clip_bound`]), asymmetric, shared by k/v and by gate/up as in the released towers.
 
 use std::io::Write;
 use std::path::Path;
 
 use gemma4_reference::checkpoint::{full_name, text_tensor_specs, TensorSpec, WeightDtype};
+use gemma4_reference::config::CheckpointLayout;
 use gemma4_reference::config::{AttentionType, RopeKind, RopeParameters};
 use gemma4_reference::error::Error;
 use gemma4_reference::faults::with_faults;
 use gemma4_reference::layer_plan::{KvSource, LayerPlan};
+use gemma4_reference::vision::weights::vision_tensor_specs;
 use gemma4_reference::{ModelConfig, ModelPlan, Result};
 use rayon::prelude::*;
 use serde_json::{json, Value};
@@ -171,6 +183,170 @@ impl TinyConfig {
     }
 }
 
+/// A tiny vision tower (shared spec: multimodal §1); patch 16, pooling 3, θ = 100.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TinyVisionTower {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    /// A multiple of 4 (2D RoPE).
+    pub head_dim: usize,
+    pub position_embedding_size: usize,
+    pub use_clipped_linears: bool,
+    pub standardize: bool,
+}
+
+impl TinyVisionTower {
+    /// The `vision_config` of this tower.
+    pub fn config_json(&self) -> Value {
+        json!({
+            "model_type": "gemma4_vision",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "patch_size": 16,
+            "pooling_kernel_size": 3,
+            "position_embedding_size": self.position_embedding_size,
+            "rms_norm_eps": 1e-6,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "rope_parameters": {"rope_theta": 100.0, "rope_type": "axial"},
+            "use_clipped_linears": self.use_clipped_linears,
+            "standardize": self.standardize,
+        })
+    }
+}
+
+/// A tiny `Gemma4ForConditionalGeneration` model: a text decoder, optionally a vision tower,
+/// optionally bidirectional image blocks (`use_bidirectional_attention = "vision"`). The special
+/// ids are the last of the vocabulary: image placeholder `V − 1`, video `V − 2`, BOI `V − 3`,
+/// EOI `V − 4` ([`TinyMultimodalConfig::image_token_id`], ...).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TinyMultimodalConfig {
+    pub text: TinyConfig,
+    pub vision: Option<TinyVisionTower>,
+    pub bidirectional_vision: bool,
+}
+
+impl TinyMultimodalConfig {
+    /// A small ready-made model for tests: 4 text layers (sliding window 4, one full, PLE), a
+    /// 2-layer tower 32 wide with 2 heads × 16 (GQA-free) and an MLP of 48, clipped and/or
+    /// standardized, bidirectional image blocks when `standardize` (as on the large models).
+    pub fn small(clipped: bool, standardize: bool) -> Self {
+        TinyMultimodalConfig {
+            text: TinyConfig {
+                vocab_size: 64,
+                hidden_size: 32,
+                intermediate_size: 48,
+                num_attention_heads: 2,
+                num_key_value_heads: 1,
+                num_global_key_value_heads: 1,
+                head_dim: 16,
+                global_head_dim: 32,
+                full_layers: vec![false, false, true, false],
+                sliding_window: 4,
+                hidden_size_per_layer_input: 4,
+                num_kv_shared_layers: 0,
+                use_double_wide_mlp: false,
+                attention_k_eq_v: false,
+                moe: None,
+                tie_word_embeddings: true,
+                final_logit_softcapping: Some(30.0),
+            },
+            vision: Some(TinyVisionTower {
+                hidden_size: 32,
+                intermediate_size: 48,
+                num_hidden_layers: 2,
+                num_attention_heads: 2,
+                num_key_value_heads: 2,
+                head_dim: 16,
+                position_embedding_size: 64,
+                use_clipped_linears: clipped,
+                standardize,
+            }),
+            bidirectional_vision: standardize,
+        }
+    }
+
+    /// The image soft-token placeholder id, `V − 1`.
+    pub fn image_token_id(&self) -> usize {
+        self.text.vocab_size - 1
+    }
+
+    /// The video placeholder id, `V − 2`.
+    pub fn video_token_id(&self) -> usize {
+        self.text.vocab_size - 2
+    }
+
+    /// The begin-of-image id, `V − 3`.
+    pub fn boi_token_id(&self) -> usize {
+        self.text.vocab_size - 3
+    }
+
+    /// The end-of-image id, `V − 4`.
+    pub fn eoi_token_id(&self) -> usize {
+        self.text.vocab_size - 4
+    }
+
+    /// The `config.json` of this model (conditional-generation layout, released spelling).
+    pub fn config_json(&self) -> Value {
+        let mut text = self.text.config_json();
+        if self.bidirectional_vision {
+            text["use_bidirectional_attention"] = json!("vision");
+        }
+        json!({
+            "architectures": ["Gemma4ForConditionalGeneration"],
+            "model_type": "gemma4",
+            "text_config": text,
+            "vision_config": self.vision.as_ref().map(TinyVisionTower::config_json),
+            "audio_config": Value::Null,
+            "image_token_id": self.image_token_id(),
+            "video_token_id": self.video_token_id(),
+            "boi_token_id": self.boi_token_id(),
+            "eoi_token_id": self.eoi_token_id(),
+            "tie_word_embeddings": self.text.tie_word_embeddings,
+        })
+    }
+}
+
+/// A `Gemma4ForConditionalGeneration` config with the real dimensions of a released
+/// `config.json`: its text decoder as [`released_text_config`] cuts it (`layers`), its vision
+/// tower cut to `vision_layers` layers if given (on-device for E2B/E4B, large for
+/// 31B/26B-A4B), the released special ids and `use_bidirectional_attention`, and no audio tower.
+/// [`write_checkpoint`] writes the tower next to the decoder.
+pub fn released_config_with_vision(
+    released: &Value,
+    layers: Option<usize>,
+    vision_layers: Option<usize>,
+) -> Value {
+    let mut config = released.clone();
+    let object = config.as_object_mut().expect("a config object");
+    let mut text = released_text_config(released, layers);
+    // Inside a conditional-generation config the decoder keeps its own model type only.
+    if let Some(text) = text.as_object_mut() {
+        text.remove("architectures");
+    }
+    object.insert("text_config".into(), text);
+    object.insert(
+        "architectures".into(),
+        json!(["Gemma4ForConditionalGeneration"]),
+    );
+    object.insert("audio_config".into(), Value::Null);
+    let vision = object
+        .get_mut("vision_config")
+        .and_then(Value::as_object_mut)
+        .expect("a released config has a vision_config");
+    if let Some(layers) = vision_layers.filter(|&l| l > 0) {
+        let total = vision["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+        vision.insert("num_hidden_layers".into(), json!(layers.min(total)));
+    }
+    config
+}
+
 /// A `Gemma4ForCausalLM` config with the real dimensions of a released `config.json`, cut to
 /// `layers` layers if given: the first `layers` entries of the layer pattern (the last forced to
 /// full attention) and the released fraction of KV-shared layers, rounded down, provided both
@@ -215,7 +391,7 @@ pub fn released_text_config(released: &Value, layers: Option<usize>) -> Value {
     text
 }
 
-/// How a tensor's values are drawn: `(offset, amplitude)` of a uniform distribution (the
+/// How a text tensor's values are drawn: `(offset, amplitude)` of a uniform distribution (the
 /// amplitude is `√3 ·` the standard deviation).
 fn distribution(spec: &TensorSpec, hidden_size: usize) -> (f32, f32) {
     let name = spec.name.as_str();
@@ -235,13 +411,84 @@ fn distribution(spec: &TensorSpec, hidden_size: usize) -> (f32, f32) {
     }
 }
 
+/// How a vision tensor's values are drawn (spec name without `model.`): the position tables
+/// with standard deviation 0.5, `std_bias` 0.5, vectors (norms, `std_scale`) `1 ± 0.3`,
+/// matrices `1/√fan_in`. Clip bounds are not drawn here ([`clip_bound`]).
+fn vision_distribution(spec: &TensorSpec) -> (f32, f32) {
+    let name = spec.name.as_str();
+    let sqrt3 = 3f32.sqrt();
+    if name.ends_with("position_embedding_table") || name.ends_with("std_bias") {
+        (0.0, 0.5 * sqrt3)
+    } else if spec.shape.len() == 1 {
+        (1.0, 0.3 * sqrt3)
+    } else {
+        let fan_in = *spec.shape.last().expect("matrix") as f32;
+        (0.0, sqrt3 / fan_in.sqrt())
+    }
+}
+
+/// A clip bound of a vision linear (`{input,output}_{min,max}` of
+/// `vision_tower.encoder.layers.{i}.{linear}`), or `None` for any other tensor.
+///
+/// Bounds that really clip, asymmetric (a swapped min/max or input/output shows): the inputs of
+/// q/k/v and gate/up are RMS-normed (|x| ~ 1), bounded near ±1; o_proj reads attention outputs
+/// and down_proj GeGLU products (both smaller), bounded near ±0.4 and ±0.3; outputs near ±0.8,
+/// down_proj's (a sum of small products) near ±0.2.
+/// Each bound is `base · (1 + u/2)` with `u ∈ [0, 1)` drawn from (seed, layer, group, bound),
+/// where k/v share a group, and so do gate/up: their bounds are equal, as in the released towers
+/// (fused JAX einsums).
+pub fn clip_bound(spec_name: &str, seed: u64) -> Option<f32> {
+    let rest = spec_name.strip_prefix("vision_tower.encoder.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: u64 = layer.parse().ok()?;
+    let (linear, bound) = rest.rsplit_once('.')?;
+    let (group, input_base, output_base) = match linear {
+        "self_attn.q_proj" => (0, 1.0, 0.8),
+        "self_attn.k_proj" | "self_attn.v_proj" => (1, 1.0, 0.8),
+        "self_attn.o_proj" => (2, 0.4, 0.8),
+        "mlp.gate_proj" | "mlp.up_proj" => (3, 1.0, 0.8),
+        "mlp.down_proj" => (4, 0.3, 0.2),
+        _ => return None,
+    };
+    let (index, base): (u64, f32) = match bound {
+        "input_min" => (0, -input_base),
+        "input_max" => (1, input_base),
+        "output_min" => (2, -output_base),
+        "output_max" => (3, output_base),
+        _ => return None,
+    };
+    let stream = splitmix64(seed ^ splitmix64(0xC11B ^ (layer << 8) ^ (group << 4) ^ index));
+    let u = 0.5 * (uniform(stream, 0) + 1.0);
+    Some(base * (1.0 + 0.5 * u))
+}
+
+/// One tensor to write: full name, shape, and how its values are drawn.
+struct Planned {
+    name: String,
+    shape: Vec<usize>,
+    values: Values,
+}
+
+enum Values {
+    /// `center + amplitude · uniform(stream, i)`.
+    Uniform {
+        center: f32,
+        amplitude: f32,
+        stream: u64,
+    },
+    /// One scalar (a clip bound).
+    Scalar(f32),
+}
+
 /// Elements generated per parallel task, and tasks per write.
 const CHUNK: usize = 1 << 16;
 const CHUNKS_PER_WRITE: usize = 256;
 
 /// Writes `config` to `dir/config.json` and random weights of `dtype` for every text tensor it
-/// implies to `dir/model.safetensors` (streamed; temporary names renamed at the end). Returns the
-/// size of the safetensors file.
+/// implies to `dir/model.safetensors` (streamed; temporary names renamed at the end), then, for a
+/// conditional-generation config with a `vision_config`, every vision tensor (the reference's
+/// `vision_tensor_specs`, under `model.`). Text tensors are drawn from the same streams whatever
+/// the layout. Returns the size of the safetensors file.
 pub fn write_checkpoint(dir: &Path, config: &Value, dtype: WeightDtype, seed: u64) -> Result<u64> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -252,17 +499,59 @@ pub fn write_checkpoint(dir: &Path, config: &Value, dtype: WeightDtype, seed: u6
     let parsed = ModelConfig::from_json(config, &config_path)?;
     let plan = with_faults(&[], || ModelPlan::from_config(&parsed.text));
     let prefix = parsed.layout.text_prefix();
-    let specs = text_tensor_specs(&parsed.text, &plan);
+    let text_specs = text_tensor_specs(&parsed.text, &plan);
+    let stream_of = |index: usize| splitmix64(seed ^ splitmix64(index as u64 + 1));
+    let mut planned: Vec<Planned> = text_specs
+        .iter()
+        .enumerate()
+        .map(|(index, spec)| {
+            let (center, amplitude) = distribution(spec, parsed.text.hidden_size);
+            Planned {
+                name: full_name(prefix, &spec.name),
+                shape: spec.shape.clone(),
+                values: Values::Uniform {
+                    center,
+                    amplitude,
+                    stream: stream_of(index),
+                },
+            }
+        })
+        .collect();
+    if let (Some(vision), CheckpointLayout::ConditionalGeneration) = (&parsed.vision, parsed.layout)
+    {
+        let first = planned.len();
+        for (index, spec) in vision_tensor_specs(vision, parsed.text.hidden_size)
+            .iter()
+            .enumerate()
+        {
+            let values = match clip_bound(&spec.name, seed) {
+                Some(bound) => Values::Scalar(bound),
+                None => {
+                    let (center, amplitude) = vision_distribution(spec);
+                    Values::Uniform {
+                        center,
+                        amplitude,
+                        stream: stream_of(first + index),
+                    }
+                }
+            };
+            planned.push(Planned {
+                name: format!("model.{}", spec.name),
+                shape: spec.shape.clone(),
+                values,
+            });
+        }
+    }
     let element_size = dtype.size();
 
     // Header: every tensor, in spec order, contiguous.
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut offset = 0usize;
-    for spec in &specs {
+    for spec in &planned {
         let bytes = spec.shape.iter().product::<usize>() * element_size;
         header.insert(
-            full_name(prefix, &spec.name),
+            spec.name.clone(),
             // A `WeightDtype` serialises as its safetensors name (`F32`, `BF16`, `F16`).
             json!({"dtype": dtype, "shape": spec.shape, "data_offsets": [offset, offset + bytes]}),
         );
@@ -281,9 +570,16 @@ pub fn write_checkpoint(dir: &Path, config: &Value, dtype: WeightDtype, seed: u6
         out.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
         out.write_all(&header_bytes)?;
         let mut buffer = Vec::new();
-        for (index, spec) in specs.iter().enumerate() {
-            let (center, amplitude) = distribution(spec, parsed.text.hidden_size);
-            let stream = splitmix64(seed ^ splitmix64(index as u64 + 1));
+        for spec in &planned {
+            let (center, amplitude, stream) = match spec.values {
+                Values::Uniform {
+                    center,
+                    amplitude,
+                    stream,
+                } => (center, amplitude, stream),
+                // A scalar: `center` with no spread.
+                Values::Scalar(value) => (value, 0.0, 0),
+            };
             let count = spec.shape.iter().product::<usize>();
             let mut done = 0;
             while done < count {
@@ -372,6 +668,105 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The released configs with their vision tower: conditional-generation layout, the text
+    /// decoder cut as `released_text_config` cuts it, the tower at the real dimensions (cut to
+    /// `vision_layers`), no audio tower; the tensors `write_checkpoint` would write for it are
+    /// the reference's inventory at those dimensions.
+    #[test]
+    fn synthetic_released_configs_with_vision_real_dimensions_every_variant() {
+        for (variant, width, layers, heads, head_dim, mlp, clipped) in [
+            ("e2b", 768, 16, 12, 64, 3072, true),
+            ("e4b", 768, 16, 12, 64, 3072, true),
+            ("31b", 1152, 27, 16, 72, 4304, false),
+            ("26b-a4b", 1152, 27, 16, 72, 4304, false),
+        ] {
+            let full = released(variant);
+            for (text_layers, vision_layers) in [(None, None), (Some(2), Some(3))] {
+                let config = released_config_with_vision(&full, text_layers, vision_layers);
+                let parsed = ModelConfig::from_json(&config, Path::new("synthetic"))
+                    .unwrap_or_else(|e| panic!("{variant}: {e}"));
+                assert_eq!(parsed.layout, CheckpointLayout::ConditionalGeneration);
+                assert!(parsed.audio.is_none(), "{variant}: no audio tower");
+                let text = ModelConfig::from_json(
+                    &released_text_config(&full, text_layers),
+                    Path::new("text"),
+                )
+                .unwrap()
+                .text;
+                assert_eq!(parsed.text, text, "{variant}: the text decoder as cut");
+                let vision = parsed.vision.as_ref().unwrap();
+                assert_eq!(
+                    (
+                        vision.hidden_size,
+                        vision.num_hidden_layers,
+                        vision.num_attention_heads,
+                        vision.num_key_value_heads,
+                        vision.head_dim,
+                        vision.intermediate_size,
+                        vision.position_embedding_size,
+                    ),
+                    (
+                        width,
+                        vision_layers.unwrap_or(layers),
+                        heads,
+                        heads,
+                        head_dim,
+                        mlp,
+                        10240
+                    ),
+                    "{variant}"
+                );
+                assert_eq!(vision.use_clipped_linears, clipped, "{variant}");
+                assert_eq!(vision.standardize, !clipped, "{variant}");
+                let specs = vision_tensor_specs(vision, parsed.text.hidden_size);
+                let per_layer = if clipped { 41 } else { 13 };
+                assert_eq!(
+                    specs.len(),
+                    3 + per_layer * vision.num_hidden_layers + 2 * usize::from(!clipped),
+                    "{variant}: spec §1.8 tensor count"
+                );
+                for spec in &specs {
+                    let bound = clip_bound(&spec.name, 4);
+                    assert_eq!(bound.is_some(), spec.shape.is_empty(), "{}", spec.name);
+                }
+            }
+        }
+    }
+
+    /// Text tensors are drawn from the same streams in both layouts: a tiny model written as a
+    /// causal LM and with a vision tower (conditional generation) holds the same text bytes.
+    #[test]
+    fn synthetic_text_tensors_same_with_or_without_vision_tower() {
+        let model = TinyMultimodalConfig::small(true, false);
+        let (text_dir, vision_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        write_checkpoint(
+            text_dir.path(),
+            &model.text.config_json(),
+            WeightDtype::F32,
+            9,
+        )
+        .unwrap();
+        write_checkpoint(vision_dir.path(), &model.config_json(), WeightDtype::F32, 9).unwrap();
+        let open = |dir: &tempfile::TempDir| {
+            gemma4_reference::checkpoint::Checkpoint::open(dir.path()).unwrap()
+        };
+        let (text, vision) = (open(&text_dir), open(&vision_dir));
+        let names: Vec<String> = text.names().map(str::to_string).collect();
+        assert!(names.len() > 10);
+        for name in names {
+            let tail = name.strip_prefix("model.").unwrap_or(&name);
+            let moved = format!("model.language_model.{tail}");
+            assert_eq!(
+                text.file_of(&name).unwrap().bytes(&name),
+                vision.file_of(&moved).unwrap().bytes(&moved),
+                "{name}"
+            );
+        }
+        assert!(vision
+            .names()
+            .any(|n| n.starts_with("model.vision_tower.encoder.layers.1.")));
     }
 
     #[test]

@@ -87,7 +87,7 @@ pub struct RopeParameters {
 }
 
 /// The decoder's configuration, with every default resolved.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct TextConfig {
     /// `V`: rows of `embed_tokens` and width of the logits.
     pub vocab_size: usize,

@@ -51,6 +51,10 @@ pub enum Error {
     #[error("{path}: {message}")]
     Image { path: PathBuf, message: String },
 
+    /// An audio file is unreadable, truncated, empty, of an unsupported encoding, or not 16 kHz mono.
+    #[error("{path}: {message}")]
+    Audio { path: PathBuf, message: String },
+
     /// The forward pass produced a NaN or an infinity.
     #[error("non-finite value in `{tensor}` at index {index:?}: {value}")]
     NonFinite {
@@ -87,6 +91,13 @@ impl Error {
 
     pub(crate) fn image(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::Image {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn audio(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Audio {
             path: path.into(),
             message: message.into(),
         }
