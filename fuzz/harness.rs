@@ -509,3 +509,161 @@ pub fn forward_generated(data: &[u8]) {
         Err(other) => panic!("a loaded model failed with an unexpected error: {other}"),
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// image files given to `--image` (PNG, JPEG, WebP, GIF)
+// ---------------------------------------------------------------------------------------------
+
+/// The label an image input carries (decoding guesses the format from the bytes, not the name).
+const IMAGE_PATH: &str = "fuzz-input.png";
+
+/// Decoded images up to this many pixels are also sized and preprocessed (resized and cut into
+/// patches): more would spend the fuzzer's time in the resize rather than the decoders.
+const PREPROCESSED_PIXELS: usize = 128 * 128;
+
+/// An image file: decoding (never a panic nor an allocation past the memory limit; errors are
+/// `Error::Image` naming the file), then, for a small image, the target size at every budget and,
+/// when the input ends in `[b, 0xff]`, the whole preprocessing at `SUPPORTED_BUDGETS[b mod 5]`:
+/// at most `9·B` patches in a grid of sides multiple of 48, values in [0, 1], positions on the
+/// grid. The choice sits at the end because decoders ignore trailing bytes while the first bytes
+/// are the format's magic; it is rare because a preprocessing resizes to 0.16-2.6 M pixels (0.1-1.5
+/// s under AddressSanitizer, where a decoding takes milliseconds).
+pub fn image_decode(data: &[u8]) {
+    use gemma4_reference::vision::preprocessing::{
+        decode_image, preprocess, resized_size, PATCH_SIZE, PATCH_VALUES, SUPPORTED_BUDGETS,
+    };
+    let path = Path::new(IMAGE_PATH);
+    let image = match decode_image(data, path) {
+        Ok(image) => image,
+        Err(e @ gemma4_reference::Error::Image { .. }) => {
+            return assert_names(&e.to_string(), IMAGE_PATH)
+        }
+        Err(other) => panic!("an image decoding error of the wrong kind: {other:?}"),
+    };
+    assert!(
+        image.width > 0 && image.height > 0,
+        "an empty image decoded"
+    );
+    assert_eq!(
+        image.pixels.len(),
+        image.width * image.height * 3,
+        "a {}x{} image holds the wrong number of bytes",
+        image.width,
+        image.height
+    );
+    if image.width * image.height > PREPROCESSED_PIXELS {
+        return;
+    }
+    for budget in SUPPORTED_BUDGETS {
+        let (height, width) = resized_size(image.height, image.width, budget).unwrap_or_else(|e| {
+            panic!(
+                "no target size for a {}x{} image at budget {budget}: {e}",
+                image.width, image.height
+            )
+        });
+        assert!(
+            height > 0 && width > 0 && height % 48 == 0 && width % 48 == 0,
+            "{}x{} resized to {height}x{width} at budget {budget}",
+            image.width,
+            image.height
+        );
+        assert!(
+            (height / PATCH_SIZE) * (width / PATCH_SIZE) <= 9 * budget,
+            "{}x{} resized to {height}x{width}: too many patches for budget {budget}",
+            image.width,
+            image.height
+        );
+    }
+    let budget = match data {
+        [.., choice, 0xff] => SUPPORTED_BUDGETS[usize::from(*choice) % 5],
+        _ => return,
+    };
+    let patches = preprocess(&image, budget).unwrap_or_else(|e| {
+        panic!(
+            "a decoded {}x{} image failed preprocessing at budget {budget}: {e}",
+            image.width, image.height
+        )
+    });
+    let (height, width) = (patches.resized_height, patches.resized_width);
+    assert!(
+        height > 0 && width > 0 && height % 48 == 0 && width % 48 == 0,
+        "resized to {height}x{width}, not multiples of 48"
+    );
+    let count = (height / PATCH_SIZE) * (width / PATCH_SIZE);
+    assert!(count <= 9 * budget, "{count} patches at budget {budget}");
+    assert_eq!(patches.pixel_values.shape(), &[count, PATCH_VALUES]);
+    assert_eq!(patches.positions.len(), count);
+    assert_eq!(patches.soft_tokens, count / 9);
+    assert!(
+        patches.pixel_values.iter().all(|v| (0.0..=1.0).contains(v)),
+        "a pixel value outside [0, 1]"
+    );
+    for (i, &[x, y]) in patches.positions.iter().enumerate() {
+        assert_eq!(
+            y * (width / PATCH_SIZE) + x,
+            i,
+            "patch {i} at position ({x}, {y})"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// WAV files given to `--audio`
+// ---------------------------------------------------------------------------------------------
+
+/// The label a WAV input carries.
+const WAV_PATH: &str = "fuzz-input.wav";
+
+/// Decoded clips up to this many samples (2 s) also go through the log-mel front end.
+const FEATURE_SAMPLES: usize = 32_000;
+
+/// A WAV file: decoding (never a panic, and never an allocation sized by the header's claimed
+/// length: a sample takes at least one byte of the input; errors are `Error::Audio` naming the
+/// file), then, for a short clip, the log-mel features: `[F, 128]` finite values with `F` and the
+/// soft-token count the clip's length implies, or, below one frame, an input error saying so.
+pub fn wav_decode(data: &[u8]) {
+    use gemma4_reference::audio::features::{
+        log_mel_features, soft_token_count, valid_frame_count, MEL_BINS, SAMPLE_RATE,
+    };
+    use gemma4_reference::audio::wav::decode_wav;
+    let path = Path::new(WAV_PATH);
+    let wave = match decode_wav(data, path) {
+        Ok(wave) => wave,
+        Err(e @ gemma4_reference::Error::Audio { .. }) => {
+            return assert_names(&e.to_string(), WAV_PATH)
+        }
+        Err(other) => panic!("a WAV decoding error of the wrong kind: {other:?}"),
+    };
+    assert_eq!(wave.sample_rate, SAMPLE_RATE, "a waveform not at 16 kHz");
+    assert!(!wave.samples.is_empty(), "an empty waveform decoded");
+    assert!(
+        wave.samples.len() <= data.len(),
+        "{} samples from {} bytes",
+        wave.samples.len(),
+        data.len()
+    );
+    assert!(
+        wave.samples.iter().all(|s| s.is_finite()),
+        "a non-finite sample decoded"
+    );
+    if wave.samples.len() > FEATURE_SAMPLES {
+        return;
+    }
+    let frames = valid_frame_count(wave.samples.len());
+    match log_mel_features(&wave.samples) {
+        Ok(features) => {
+            assert_eq!(features.features.shape(), &[frames, MEL_BINS]);
+            assert_eq!(features.soft_tokens, soft_token_count(wave.samples.len()));
+            assert!(
+                features.features.iter().all(|v| v.is_finite()),
+                "non-finite log-mel features"
+            );
+        }
+        Err(gemma4_reference::Error::Input { message }) => assert!(
+            frames == 0 && message.contains("shorter than one frame"),
+            "{} samples ({frames} frames) refused: {message}",
+            wave.samples.len()
+        ),
+        Err(other) => panic!("log-mel features failed with an unexpected error: {other}"),
+    }
+}

@@ -15,7 +15,9 @@ one, one clip per call, and writes what the Rust reference
                                       (bool [T], every frame of the padded clip); for clips in
                                       HEAD_TAIL_ONLY instead `<name>.input_features_head` and
                                       `<name>.input_features_tail` (the first and last 4 valid
-                                      rows); `hf.mel_filters` (float64 [257, 128]) and
+                                      rows) and `<name>.input_features_strided` (every
+                                      STRIDE-th valid row, from row 0); `hf.mel_filters`
+                                      (float64 [257, 128]) and
                                       `hf.window` (float32 [320]) as the extractor holds them
     <out>/manifest.json               per clip: encoding, samples, the sha256 of the decoded
                                       float32 waveform (little-endian) and of the valid features
@@ -33,7 +35,10 @@ in a batch with longer clips.
 The output is deterministic: running the script twice gives byte-identical files. Run it with
 the oracle virtualenv (golden/requirements.txt):
 
-    python golden/audio_features.py /tmp/audio-fixtures
+    python golden/audio_features.py golden/audio_front_end
+
+(`cargo xtask golden` runs it so, with the environment of golden/generate.py.) `wav/` is
+emptied first: it holds this script's output only.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ SAMPLE_RATE = 16_000
 # first and last HEAD_TAIL_ROWS valid rows are kept, the rest is pinned by a sha256.
 HEAD_TAIL_ONLY = ("voice_31s",)
 HEAD_TAIL_ROWS = 4
+# ... and every STRIDE-th row (0, 50, 100, ...): the middle of the clip, at 2% of the size.
+STRIDE = 50
 
 # name: (kind, seconds, encoding). Encodings: pcm8 (unsigned), pcm16, pcm24, pcm32 (signed
 # integers; pcm32 is written as WAVE_FORMAT_EXTENSIBLE), float32 (IEEE float).
@@ -192,6 +199,8 @@ def soft_tokens(extractor: Gemma4AudioFeatureExtractor, mask: np.ndarray, num_sa
 def write_fixtures(out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     (out_dir / "wav").mkdir(parents=True, exist_ok=True)
+    for stale in sorted((out_dir / "wav").iterdir()):  # everything in it is rewritten below
+        stale.unlink()
     extractor = Gemma4AudioFeatureExtractor()
     tensors: dict[str, np.ndarray] = {
         "hf.mel_filters": np.ascontiguousarray(extractor.mel_filters),
@@ -216,6 +225,7 @@ def write_fixtures(out_dir: Path) -> dict:
         if name in HEAD_TAIL_ONLY:
             tensors[f"{name}.input_features_head"] = np.ascontiguousarray(valid_features[:HEAD_TAIL_ROWS])
             tensors[f"{name}.input_features_tail"] = np.ascontiguousarray(valid_features[-HEAD_TAIL_ROWS:])
+            tensors[f"{name}.input_features_strided"] = np.ascontiguousarray(valid_features[::STRIDE])
         else:
             tensors[f"{name}.input_features"] = valid_features
         tensors[f"{name}.input_features_mask"] = np.ascontiguousarray(mask)
@@ -251,6 +261,7 @@ def write_fixtures(out_dir: Path) -> dict:
         "clips": clips,
         "bad_files": bad,
         "head_tail_rows": HEAD_TAIL_ROWS,
+        "stride": STRIDE,
         "sample_rate": SAMPLE_RATE,
         "versions": {p: importlib.metadata.version(p) for p in ("transformers", "numpy", "safetensors")},
     }

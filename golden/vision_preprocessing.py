@@ -7,14 +7,21 @@ and writes what the Rust reference (`gemma4_reference::vision::preprocessing`) i
 with:
 
     <out>/images/<name>.<ext>          the source files, exactly as the Rust side reads them
-    <out>/images/<name>.pil_decoded.png   JPEG/WebP only: Pillow's decoded RGB, lossless, so the
-                                          resize can be checked without the decoder difference
+    <out>/images/<name>.pil_rgb.png    every source that is not an 8-bit RGB PNG (alpha, palette,
+                                       grey, 16-bit, JPEG, WebP, GIF): the RGB that HF's
+                                       `convert_to_rgb` made of it, lossless, so a decoder
+                                       difference can be located pixel by pixel and the resize
+                                       checked without it (JPEG)
     <out>/tensors/<name>.safetensors   per budget B: `b{B}.pixel_values_head` and
                                        `b{B}.pixel_values_tail` (float32 [3, 768], the first and
-                                       last 3 valid rows); for the images in FULL_TENSOR_IMAGES
-                                       also `b70.pixel_values_levels` (uint8 [n, 768]) and
+                                       last 3 valid rows) and `b{B}.patch_sums` (uint32 [n]: per
+                                       valid patch, sum over k < 768 of level[k]·(k + 1), to
+                                       locate a difference the sha256 below only detects); for
+                                       the images in FULL_TENSOR_IMAGES also
+                                       `b70.pixel_values_levels` (uint8 [n, 768]) and
                                        `b70.positions` (int64 [n, 2])
     <out>/images/noise_*.png           the sources of `resize_cases` (see below)
+    <out>/tensors/resize_cases.safetensors   `<source>.<W>x<H>`: Pillow's resized uint8 [H, W, 3]
     <out>/manifest.json                per image: licence, Pillow mode, size, sha256 of the RGB
                                        after HF's `convert_to_rgb`; per budget: resized size,
                                        whether the resize was skipped, soft tokens, sha256 of
@@ -29,10 +36,14 @@ Besides HF, `resize_cases` records Pillow's resize of small noise images to many
 pass order Pillow took (Pillow 13 runs the vertical pass first when the height shrinks by more
 than twice as many pixels as the width does); noise makes every rounding visible.
 
+`images/` and `tensors/` are emptied first: they hold this script's output only.
+
 The output is deterministic: running the script twice gives byte-identical files. Run it with the
 oracle virtualenv (golden/requirements.txt):
 
-    python golden/vision_preprocessing.py /tmp/vision-fixtures
+    python golden/vision_preprocessing.py golden/image_preprocessing
+
+(`cargo xtask golden` runs it so, with the environment of golden/generate.py.)
 """
 
 from __future__ import annotations
@@ -244,13 +255,21 @@ def run_budget(pil_image: Image.Image, rgb: np.ndarray, budget: int) -> tuple[di
     tensors = {
         f"b{budget}.pixel_values_head": np.ascontiguousarray(pixel_values[:3]),
         f"b{budget}.pixel_values_tail": np.ascontiguousarray(pixel_values[-3:]),
+        f"b{budget}.patch_sums": patch_sums(levels),
     }
     return record, tensors, levels, positions
 
 
-def resize_cases(rng: np.random.Generator, images_dir: Path) -> list[dict]:
+def patch_sums(levels: np.ndarray) -> np.ndarray:
+    """Per patch, sum over k of level[k]·(k + 1) (uint32 [n]; at most 255·768·769/2 < 2^32)."""
+    weights = np.arange(1, levels.shape[1] + 1, dtype=np.uint64)
+    return np.ascontiguousarray((levels.astype(np.uint64) @ weights).astype(np.uint32))
+
+
+def resize_cases(rng: np.random.Generator, images_dir: Path) -> tuple[list[dict], dict]:
     """Pillow's bicubic resize of noise images to sizes that take every path: each pass alone,
-    both orders, up- and down-scaling, extreme factors."""
+    both orders, up- and down-scaling, extreme factors. Returns the manifest records and the
+    resized images (`<source>.<W>x<H>`, uint8 [H, W, 3])."""
     sources = {
         "noise_61x47": rng.integers(0, 256, (47, 61, 3), dtype=np.uint8),
         "noise_23x150": rng.integers(0, 256, (150, 23, 3), dtype=np.uint8),
@@ -258,11 +277,13 @@ def resize_cases(rng: np.random.Generator, images_dir: Path) -> list[dict]:
     targets = [(30, 20), (61, 20), (30, 47), (120, 90), (200, 13), (5, 100), (60, 46), (62, 48), (1, 1),
                (7, 3), (23, 40), (20, 150), (48, 96), (10, 60), (96, 48), (3, 149), (200, 300), (46, 20)]
     cases = []
+    resized_images = {}
     for name, array in sources.items():
         (images_dir / f"{name}.png").write_bytes(png_bytes(Image.fromarray(array)))
         source = Image.fromarray(array)
         for width, height in targets:
             resized = np.asarray(source.resize((width, height), Image.Resampling.BICUBIC))
+            resized_images[f"{name}.{width}x{height}"] = np.ascontiguousarray(resized)
             cases.append({
                 "source": f"images/{name}.png",
                 "width": width,
@@ -270,15 +291,17 @@ def resize_cases(rng: np.random.Generator, images_dir: Path) -> list[dict]:
                 "pass_order": pass_order(source, width, height),
                 "resized_rgb_sha256": sha256(np.ascontiguousarray(resized).tobytes()),
             })
-    return cases
+    return cases, resized_images
 
 
 def write_fixtures(out_dir: Path) -> None:
     """Writes the source images, the per-image tensors and manifest.json into `out_dir`."""
     out_dir = Path(out_dir)
     images_dir, tensors_dir = out_dir / "images", out_dir / "tensors"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    tensors_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (images_dir, tensors_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in sorted(folder.iterdir()):  # everything in them is rewritten below
+            stale.unlink()
     rng = np.random.default_rng(SEED)
 
     entries = []
@@ -301,10 +324,11 @@ def write_fixtures(out_dir: Path) -> None:
             "rgb_sha256": sha256(np.ascontiguousarray(rgb).tobytes()),
             "budgets": [],
         }
-        if source["ext"] in ("jpg", "webp"):
-            decoded = images_dir / f"{source['name']}.pil_decoded.png"
-            decoded.write_bytes(png_bytes(Image.fromarray(rgb)))
-            entry["pil_decoded_file"] = f"images/{decoded.name}"
+        if source["ext"] != "png" or mode != "RGB":
+            converted = images_dir / f"{source['name']}.pil_rgb.png"
+            converted.write_bytes(png_bytes(Image.fromarray(rgb)))
+            assert np.array_equal(np.asarray(Image.open(converted)), rgb)
+            entry["pil_rgb_file"] = f"images/{converted.name}"
         tensors = {}
         for budget in BUDGETS:
             record, budget_tensors, levels, positions = run_budget(Image.open(path), rgb, budget)
@@ -316,6 +340,8 @@ def write_fixtures(out_dir: Path) -> None:
         safetensors.numpy.save_file(tensors, str(tensors_dir / f"{source['name']}.safetensors"))
         entries.append(entry)
 
+    cases, resized_images = resize_cases(rng, images_dir)
+    safetensors.numpy.save_file(resized_images, str(tensors_dir / "resize_cases.safetensors"))
     manifest = {
         "generator": "golden/vision_preprocessing.py",
         "spec": "shared spec: multimodal §1.1",
@@ -326,7 +352,7 @@ def write_fixtures(out_dir: Path) -> None:
         "seed": SEED,
         "budgets": list(BUDGETS),
         "images": entries,
-        "resize_cases": resize_cases(rng, images_dir),
+        "resize_cases": cases,
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 

@@ -4,7 +4,7 @@
 //! 1. Precision. Each dump is classified as float32, float16 or bfloat16: by the dtype its
 //!    tensors were stored in, or, for F32-stored dumps, by whether every value is exactly a
 //!    bfloat16 (a bf16 computation upcast for storage, like the `e2b_bf16` oracle). The
-//!    coarser of the two sides picks the tolerance policy ([`tolerance_for`]).
+//!    coarser of the two sides picks the tolerance policy ([`tolerance_for`](crate::comparison::tolerance_for)).
 //! 2. Depth. Tolerances grow with the layer index, and the final norm, logits and decode steps
 //!    sit at depth `L`. `L` comes from `--model`'s config, else from the expected dump's layer
 //!    tensors, else from the candidate's; failing all three, [`FALLBACK_NUM_LAYERS`].

@@ -33,6 +33,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
+use gemma4_reference::audio::AudioInput;
 use gemma4_reference::config::{AttentionType, RopeKind};
 use gemma4_reference::dump::{model_order_key, ActivationDump, DumpTensor};
 use gemma4_reference::faults::{with_faults, Fault};
@@ -523,6 +524,13 @@ fn not_applicable(fault: Fault, model: &Gemma4TextModel, prompt: &Prompt) -> Opt
         Fault::AudioWindow13 | Fault::AudioSoftcapMissing | Fault::AudioProjectThenNorm => {
             reason(!prompt.audio.is_empty(), "the prompt has no audio")
         }
+        Fault::AudioPowerSpectrum | Fault::AudioNoLeftPad => reason(
+            prompt
+                .audio
+                .iter()
+                .any(|clip| matches!(clip, AudioInput::Waveform { .. })),
+            "no audio clip of the prompt runs the front end (no audio, or precomputed features)",
+        ),
         Fault::VisionPositionTablesSwapped | Fault::VisionSoftTokensScaled => {
             reason(!prompt.images.is_empty(), "the prompt has no image")
         }

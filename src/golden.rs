@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use gemma4_reference::audio::features_file::read_audio_features;
+use gemma4_reference::audio::load_clip;
 use gemma4_reference::merge::Prompt;
 use gemma4_reference::vision::pixel_values::read_pixel_values;
 use gemma4_reference::ComputeDtype;
@@ -70,21 +71,34 @@ impl GoldenCase {
             .unwrap_or_else(|| self.dir.join("model"))
     }
 
-    /// The case's prompt: its tokens and, for vision cases, the oracle's pixels of its images.
+    /// The case's prompt: its tokens; for vision cases, the oracle's pixels of its images; for
+    /// audio cases, our front end's features of its WAV files (`load_clip`: the whole audio
+    /// path, as `gemma4 dump --audio` runs it; the oracle's features are
+    /// [`GoldenCase::oracle_audio_features`]).
     pub fn prompt(&self) -> gemma4_reference::Result<Prompt> {
         let images = match &self.pixel_values {
             Some(path) => read_pixel_values(path)?,
             None => Vec::new(),
         };
-        let audio = match &self.audio_features {
-            Some(path) => read_audio_features(path)?,
-            None => Vec::new(),
-        };
+        let audio = self
+            .audio
+            .iter()
+            .map(|clip| load_clip(&clip.file))
+            .collect::<gemma4_reference::Result<_>>()?;
         Ok(Prompt {
             tokens: self.tokens.clone(),
             images,
             audio,
         })
+    }
+
+    /// The oracle's log-mel features of the case's clips (`audio_features.safetensors`, what
+    /// the oracle's tower was fed), to check our front end against; empty without audio.
+    pub fn oracle_audio_features(&self) -> gemma4_reference::Result<Vec<ndarray::Array2<f32>>> {
+        match &self.audio_features {
+            Some(path) => read_audio_features(path),
+            None => Ok(Vec::new()),
+        }
     }
 
     pub fn expected_path(&self) -> PathBuf {

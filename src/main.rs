@@ -78,7 +78,7 @@ struct ConformArgs {
     threads: Option<usize>,
 }
 
-/// The images of a prompt (shared contracts §1).
+/// The images and audio clips of a prompt (shared contracts §1).
 #[derive(Args)]
 struct MediaArgs {
     /// An image file (PNG, JPEG, WebP, GIF) whose soft tokens fill the next run of image
@@ -92,10 +92,14 @@ struct MediaArgs {
     /// `image_position_ids` [n, 2] I64 (x, y), valid patches only (`.0`, `.1`, ... for several).
     #[arg(long, conflicts_with = "images")]
     pixel_values: Option<PathBuf>,
+    /// A WAV file (16 kHz mono; 8/16/24/32-bit integer or 32-bit float) whose soft tokens fill
+    /// the next run of audio placeholders in --tokens (repeatable, in order).
+    #[arg(long = "audio")]
+    audio: Vec<PathBuf>,
     /// Log-mel features of audio clips instead of WAV files: `input_features` [frames, 128] F32,
     /// valid frames only (`.0`, `.1`, ... for several clips); their soft tokens fill the runs
     /// of audio placeholders in --tokens, in order.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "audio")]
     audio_features: Option<PathBuf>,
 }
 
@@ -105,6 +109,7 @@ impl MediaArgs {
             images: self.images.clone(),
             image_budget: self.image_budget,
             pixel_values: self.pixel_values.clone(),
+            audio: self.audio.clone(),
             audio_features: self.audio_features.clone(),
         }
     }

@@ -731,6 +731,17 @@ fn config_audio_layer_count_huge_is_rejected() {
 }
 
 #[test]
+fn config_audio_odd_width_is_rejected() {
+    let (_dir, message) = with_config(|c| {
+        c.insert(
+            "audio_config".into(),
+            json!({"hidden_size": 33, "num_attention_heads": 3}),
+        );
+    });
+    assert_mentions(&message, &["audio_config.hidden_size", "33", "even"]);
+}
+
+#[test]
 fn config_top_level_not_an_object_is_rejected() {
     let dir = copy_golden_model(BASE);
     std::fs::write(dir.path().join("config.json"), b"[1, 2, 3]").unwrap();

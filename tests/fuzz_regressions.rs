@@ -11,13 +11,15 @@ use std::path::{Path, PathBuf};
 /// A fuzz target: its name and its entry point.
 type Target = (&'static str, fn(&[u8]));
 
-const TARGETS: [Target; 6] = [
+const TARGETS: [Target; 8] = [
     ("safetensors_file", harness::safetensors_file),
     ("config_json", harness::config_json),
     ("shard_index", harness::shard_index),
     ("activation_dump", harness::activation_dump),
     ("checkpoint_forward", harness::checkpoint_forward),
     ("forward_generated", harness::forward_generated),
+    ("image_decode", harness::image_decode),
+    ("wav_decode", harness::wav_decode),
 ];
 
 fn files_in(dir: &Path) -> Vec<PathBuf> {
@@ -92,4 +94,45 @@ fn fuzz_seeds_tiny_checkpoints_load_and_run() {
             file.display()
         );
     }
+}
+
+#[test]
+fn fuzz_seeds_images_and_wavs_decode_unless_named_refused() {
+    // The decoder seeds must reach the pixels and samples (and the preprocessing and features
+    // behind them), or fuzzing mutates only headers; the damaged ones must be refused.
+    let refused = |file: &Path| {
+        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        name.starts_with("damaged-") || name.starts_with("refused-")
+    };
+    let mut decoded = 0;
+    for file in files_in(&repo().join("fuzz/seeds/image_decode")) {
+        let bytes = std::fs::read(&file).expect("readable");
+        let outcome = gemma4_reference::vision::preprocessing::decode_image(&bytes, &file);
+        match (outcome, refused(&file)) {
+            (Ok(_), false) | (Err(_), true) => decoded += 1,
+            (Ok(image), true) => panic!(
+                "{}: decoded ({}x{}), expected an error",
+                file.display(),
+                image.width,
+                image.height
+            ),
+            (Err(e), false) => panic!("{}: {e}", file.display()),
+        }
+    }
+    for file in files_in(&repo().join("fuzz/seeds/wav_decode")) {
+        let bytes = std::fs::read(&file).expect("readable");
+        match (
+            gemma4_reference::audio::wav::decode_wav(&bytes, &file),
+            refused(&file),
+        ) {
+            (Ok(_), false) | (Err(_), true) => decoded += 1,
+            (Ok(wave), true) => panic!(
+                "{}: decoded {} samples, expected an error",
+                file.display(),
+                wave.samples.len()
+            ),
+            (Err(e), false) => panic!("{}: {e}", file.display()),
+        }
+    }
+    assert!(decoded >= 40, "only {decoded} image and WAV seeds found");
 }

@@ -1,13 +1,13 @@
-//! # gemma4-optimized: the Gemma 4 text decoder and vision tower, made fast
+//! # gemma4-optimized: the Gemma 4 text decoder, vision tower and audio tower, made fast
 //!
 //! The same model as `gemma4-reference`, module for module (`attention`, `rope`, `mask`, `ple`,
 //! `moe`, `mlp`, `decoder_layer`, `model`, `kv_cache`, `rms_norm`, `gelu`, `embedding`,
 //! `linear`, `checkpoint`; `vision/` with `patch_embedding`, `rope_2d`, `encoder_layer`,
-//! `clipped_linear`, `pooling`, `weights`; `projector`), each function tested against its
-//! reference twin on random inputs, and the whole engine tested dump against dump
-//! (`tests/optimized_*.rs` in the root package). Images enter through
-//! [`Gemma4Optimized::load_for`] and [`Gemma4Optimized::dump_prompt`]; there is no audio tower
-//! (prompts with audio run on the reference).
+//! `clipped_linear`, `pooling`, `weights`; `audio/` with `subsampling`, `feed_forward`,
+//! `attention`, `light_conv`, `conformer_layer`, `tower`, `weights`; `projector`), each function
+//! tested against its reference twin on random inputs, and the whole engine tested dump against
+//! dump (`tests/optimized_*.rs` in the root package). Images and audio clips enter through
+//! [`Gemma4Optimized::load_for`] and [`Gemma4Optimized::dump_prompt`].
 //!
 //! What makes it fast (measured in `docs/performance.md`):
 //! - weights **as stored**: bf16/f16/f32 checkpoints are memory-mapped and never converted;
@@ -27,6 +27,9 @@
 //!   image blocks of `"vision"` models included (bidirectional on sliding layers);
 //! - the vision tower on the same kernels: clipped products grouped on the pool, one 2D RoPE
 //!   table per image, attention over the patches as blocked products ([`vision`]);
+//! - the audio tower on the same kernels: the subsampling convolutions as blocked im2col
+//!   products, chunked local attention over each chunk's own key window (linear in the clip's
+//!   length), fused norms and residual adds ([`audio`]);
 //! - a KV cache that is a ring of `W` positions on sliding layers, one tensor on K=V layers and
 //!   nothing on KV-shared layers ([`kv_cache`]);
 //! - MoE that runs only the chosen experts, grouped by expert ([`moe`]);
@@ -39,6 +42,7 @@
 
 pub mod amx;
 pub mod attention;
+pub mod audio;
 pub mod checkpoint;
 pub mod decoder_layer;
 pub mod embedding;

@@ -14,6 +14,12 @@
 //!   (on-device tower for E2B/E4B: 768 wide, 16 layers, 12 heads × 64, MLP 3072, clipped; large
 //!   tower for 31B/26B-A4B: 1152 wide, 27 layers, 16 heads × 72, MLP 4304, standardize).
 //!
+//! - [`TinyAudioTower`] (in [`TinyMultimodalConfig::audio`], ids audio `V − 5`, BOA `V − 6`,
+//!   EOA `V − 7`) adds a tiny audio tower of any width, depth, kernel and chunking; its
+//!   tensors are the reference's `audio_tensor_specs`, drawn as the golden generator draws
+//!   them (linears and kernels `1/√fan_in`, norms `1 ± 0.3`, `per_dim_scale` 0.3, the output
+//!   bias 0.5) with clip bounds that really clip ([`audio_clip_bound`]).
+//!
 //! [`write_checkpoint`] streams the tensors to disk in blocks (never the whole model in memory),
 //! generating values in parallel from a counter-based generator (same bytes for any thread count),
 //! into a temporary file that is renamed into place at the end.
@@ -30,6 +36,7 @@
 use std::io::Write;
 use std::path::Path;
 
+use gemma4_reference::audio::weights::audio_tensor_specs;
 use gemma4_reference::checkpoint::{full_name, text_tensor_specs, TensorSpec, WeightDtype};
 use gemma4_reference::config::CheckpointLayout;
 use gemma4_reference::config::{AttentionType, RopeKind, RopeParameters};
@@ -230,6 +237,8 @@ pub struct TinyMultimodalConfig {
     pub text: TinyConfig,
     pub vision: Option<TinyVisionTower>,
     pub bidirectional_vision: bool,
+    /// An audio tower (E2B/E4B-like); its ids are audio `V − 5`, BOA `V − 6`, EOA `V − 7`.
+    pub audio: Option<TinyAudioTower>,
 }
 
 impl TinyMultimodalConfig {
@@ -269,7 +278,32 @@ impl TinyMultimodalConfig {
                 standardize,
             }),
             bidirectional_vision: standardize,
+            audio: None,
         }
+    }
+
+    /// [`TinyMultimodalConfig::small`] (on-device-like: clipped vision tower, causal) with the
+    /// audio tower `audio`.
+    pub fn small_with_audio(audio: TinyAudioTower) -> Self {
+        TinyMultimodalConfig {
+            audio: Some(audio),
+            ..TinyMultimodalConfig::small(true, false)
+        }
+    }
+
+    /// The audio soft-token placeholder id, `V − 5`.
+    pub fn audio_token_id(&self) -> usize {
+        self.text.vocab_size - 5
+    }
+
+    /// The begin-of-audio id, `V − 6`.
+    pub fn boa_token_id(&self) -> usize {
+        self.text.vocab_size - 6
+    }
+
+    /// The end-of-audio id, `V − 7`.
+    pub fn eoa_token_id(&self) -> usize {
+        self.text.vocab_size - 7
     }
 
     /// The image soft-token placeholder id, `V − 1`.
@@ -298,17 +332,88 @@ impl TinyMultimodalConfig {
         if self.bidirectional_vision {
             text["use_bidirectional_attention"] = json!("vision");
         }
-        json!({
+        let mut config = json!({
             "architectures": ["Gemma4ForConditionalGeneration"],
             "model_type": "gemma4",
             "text_config": text,
             "vision_config": self.vision.as_ref().map(TinyVisionTower::config_json),
-            "audio_config": Value::Null,
+            "audio_config": self.audio.as_ref().map(TinyAudioTower::config_json),
             "image_token_id": self.image_token_id(),
             "video_token_id": self.video_token_id(),
             "boi_token_id": self.boi_token_id(),
             "eoi_token_id": self.eoi_token_id(),
             "tie_word_embeddings": self.text.tie_word_embeddings,
+        });
+        if self.audio.is_some() {
+            // The released spelling of the end-of-audio id.
+            config["audio_token_id"] = json!(self.audio_token_id());
+            config["boa_token_id"] = json!(self.boa_token_id());
+            config["eoa_token_index"] = json!(self.eoa_token_id());
+        }
+        config
+    }
+}
+
+/// A tiny audio tower (shared spec: multimodal §2): 128 mel bins into `C₀ = 128` channels (the
+/// only first channel count Hugging Face sizes right), then `subsampling_channels`; any width,
+/// heads, depth, light-conv kernel, output width and attention chunking.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TinyAudioTower {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// `C₁` (32 in the released towers).
+    pub subsampling_channels: usize,
+    pub conv_kernel_size: usize,
+    pub output_proj_dims: usize,
+    pub use_clipped_linears: bool,
+    /// Queries per block (12 released).
+    pub attention_chunk_size: usize,
+    /// `L` (13 released): `L − 1` keys per query.
+    pub attention_context_left: usize,
+    /// The logits' soft cap (50 released).
+    pub attention_logit_cap: f64,
+}
+
+impl TinyAudioTower {
+    /// A small tower: 32 wide, 2 layers, 2 heads × 16, 4 subsampling channels, kernel 5,
+    /// output 24, clipped, with the released chunking (12 queries, 12 keys each) and cap 50 —
+    /// the golden E2B-like tower's shape.
+    pub fn small() -> Self {
+        TinyAudioTower {
+            hidden_size: 32,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            subsampling_channels: 4,
+            conv_kernel_size: 5,
+            output_proj_dims: 24,
+            use_clipped_linears: true,
+            attention_chunk_size: 12,
+            attention_context_left: 13,
+            attention_logit_cap: 50.0,
+        }
+    }
+
+    /// The `audio_config` of this tower (released spelling).
+    pub fn config_json(&self) -> Value {
+        json!({
+            "model_type": "gemma4_audio",
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "subsampling_conv_channels": [128, self.subsampling_channels],
+            "conv_kernel_size": self.conv_kernel_size,
+            "output_proj_dims": self.output_proj_dims,
+            "use_clipped_linears": self.use_clipped_linears,
+            "attention_chunk_size": self.attention_chunk_size,
+            "attention_context_left": self.attention_context_left,
+            "attention_context_right": 0,
+            "attention_logit_cap": self.attention_logit_cap,
+            "attention_invalid_logits_value": -1e9,
+            "residual_weight": 0.5,
+            "gradient_clipping": 1e10,
+            "rms_norm_eps": 1e-6,
+            "hidden_act": "silu",
         })
     }
 }
@@ -462,6 +567,63 @@ pub fn clip_bound(spec_name: &str, seed: u64) -> Option<f32> {
     Some(base * (1.0 + 0.5 * u))
 }
 
+/// How an audio tensor's values are drawn (spec name without `model.`): `per_dim_scale` with
+/// standard deviation 0.3 around 0 (as the golden generator: softplus then spreads the query
+/// scale over 0.55–0.85), the output bias 0.5, other vectors (norms) `1 ± 0.3`, kernels and
+/// matrices `1/√fan_in` (fan-in: every axis but the first, `C_in·3·3` for the convolutions and
+/// `K` for the depthwise kernel). Clip bounds are not drawn here ([`audio_clip_bound`]).
+fn audio_distribution(spec: &TensorSpec) -> (f32, f32) {
+    let name = spec.name.as_str();
+    let sqrt3 = 3f32.sqrt();
+    if name.ends_with("per_dim_scale") {
+        (0.0, 0.3 * sqrt3)
+    } else if name.ends_with("output_proj.bias") {
+        (0.0, 0.5 * sqrt3)
+    } else if spec.shape.len() == 1 {
+        (1.0, 0.3 * sqrt3)
+    } else {
+        let fan_in = spec.shape[1..].iter().product::<usize>() as f32;
+        (0.0, sqrt3 / fan_in.sqrt())
+    }
+}
+
+/// A clip bound of an audio linear (`{input,output}_{min,max}` of
+/// `audio_tower.layers.{i}.{linear}`), or `None` for any other tensor.
+///
+/// Bounds that really clip, asymmetric, drawn as [`clip_bound`] draws the vision tower's: the
+/// RMS-normed inputs of `ffw_layer_1`, q/k/v and `linear_start` near ±1; `ffw_layer_2` reads
+/// SiLU outputs of clamped products (in [−0.28, 0.92]), `post` attention outputs and
+/// `linear_end` SiLU outputs of normed values, near ±0.3, ±0.4 and ±0.8; outputs near ±0.8, those of the second products (sums of small terms, normed
+/// right after) near ±0.3. q/k/v share one group (their bounds are equal, as in the released
+/// towers: one fused JAX projection).
+pub fn audio_clip_bound(spec_name: &str, seed: u64) -> Option<f32> {
+    let rest = spec_name.strip_prefix("audio_tower.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: u64 = layer.parse().ok()?;
+    let (linear, bound) = rest.rsplit_once('.')?;
+    let (group, input_base, output_base) = match linear {
+        "feed_forward1.ffw_layer_1" => (0, 1.0, 0.8),
+        "feed_forward1.ffw_layer_2" => (1, 0.3, 0.3),
+        "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj" => (2, 1.0, 0.8),
+        "self_attn.post" => (3, 0.4, 0.3),
+        "lconv1d.linear_start" => (4, 1.0, 0.8),
+        "lconv1d.linear_end" => (5, 0.8, 0.3),
+        "feed_forward2.ffw_layer_1" => (6, 1.0, 0.8),
+        "feed_forward2.ffw_layer_2" => (7, 0.3, 0.3),
+        _ => return None,
+    };
+    let (index, base): (u64, f32) = match bound {
+        "input_min" => (0, -input_base),
+        "input_max" => (1, input_base),
+        "output_min" => (2, -output_base),
+        "output_max" => (3, output_base),
+        _ => return None,
+    };
+    let stream = splitmix64(seed ^ splitmix64(0xA0D1 ^ (layer << 8) ^ (group << 4) ^ index));
+    let u = 0.5 * (uniform(stream, 0) + 1.0);
+    Some(base * (1.0 + 0.5 * u))
+}
+
 /// One tensor to write: full name, shape, and how its values are drawn.
 struct Planned {
     name: String,
@@ -528,6 +690,30 @@ pub fn write_checkpoint(dir: &Path, config: &Value, dtype: WeightDtype, seed: u6
                 Some(bound) => Values::Scalar(bound),
                 None => {
                     let (center, amplitude) = vision_distribution(spec);
+                    Values::Uniform {
+                        center,
+                        amplitude,
+                        stream: stream_of(first + index),
+                    }
+                }
+            };
+            planned.push(Planned {
+                name: format!("model.{}", spec.name),
+                shape: spec.shape.clone(),
+                values,
+            });
+        }
+    }
+    if let (Some(audio), CheckpointLayout::ConditionalGeneration) = (&parsed.audio, parsed.layout) {
+        let first = planned.len();
+        for (index, spec) in audio_tensor_specs(audio, parsed.text.hidden_size)
+            .iter()
+            .enumerate()
+        {
+            let values = match audio_clip_bound(&spec.name, seed) {
+                Some(bound) => Values::Scalar(bound),
+                None => {
+                    let (center, amplitude) = audio_distribution(spec);
                     Values::Uniform {
                         center,
                         amplitude,

@@ -1060,6 +1060,15 @@ fn parse_audio_config(f: &Fields, text_hidden_size: usize) -> Result<AudioConfig
             ));
         }
     }
+    if !config.hidden_size.is_multiple_of(2) {
+        return Err(f.error(
+            "hidden_size",
+            format!(
+                "{} is odd: the relative position rows are sin and cos halves of the audio width (multimodal §2.4), so it must be even",
+                config.hidden_size
+            ),
+        ));
+    }
     if config.attention_context_right != 0 {
         return Err(f.error(
             "attention_context_right",

@@ -17,6 +17,7 @@ use std::ops::Range;
 
 use ndarray::Array2;
 
+use crate::audio::AudioInput;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::faults::{fault_active, Fault};
@@ -29,8 +30,8 @@ use crate::vision::ImageInput;
 pub struct Prompt {
     pub tokens: Vec<usize>,
     pub images: Vec<ImageInput>,
-    /// Each clip's valid log-mel frames `[F, 128]` (shared spec: multimodal §2.1).
-    pub audio: Vec<Array2<f32>>,
+    /// The audio clips, in placeholder-run order (shared spec: multimodal §2).
+    pub audio: Vec<AudioInput>,
 }
 
 impl Prompt {

@@ -172,15 +172,19 @@ impl Gemma4TextModel {
                     "the prompt has audio but the audio tower was not loaded (load the model with Gemma4TextModel::load_for)",
                 )
             })?;
-            let counts: Vec<usize> = prompt
+            // The front end (from waveforms) runs here, under whatever faults are on.
+            let features = prompt
                 .audio
+                .iter()
+                .map(|clip| clip.features())
+                .collect::<Result<Vec<_>>>()?;
+            let counts: Vec<usize> = features
                 .iter()
                 .map(|features| soft_tokens_of_frames(features.nrows()))
                 .collect();
             let runs = audio_placeholder_runs(&self.config, &prompt.tokens, &counts)?;
             let count = prompt.audio.len();
-            let soft_tokens = prompt
-                .audio
+            let soft_tokens = features
                 .iter()
                 .enumerate()
                 .map(|(i, features)| {

@@ -218,3 +218,22 @@ pub fn smallest_unsplit_prefill(config: &gemma4_reference::ModelConfig, tokens: 
         });
     last_block_end.unwrap_or(1).max(1)
 }
+
+/// `split` moved to the end of the bidirectional image block it cuts, if it cuts one (see
+/// [`smallest_unsplit_prefill`]); unchanged otherwise and for models without such blocks.
+pub fn split_outside_image_blocks(
+    config: &gemma4_reference::ModelConfig,
+    tokens: &[usize],
+    split: usize,
+) -> usize {
+    if config.text.use_bidirectional_attention.as_deref() != Some("vision") {
+        return split;
+    }
+    let Some(id) = config.special_tokens.image_token_id else {
+        return split;
+    };
+    gemma4_reference::merge::placeholder_runs(tokens, id)
+        .into_iter()
+        .find(|run| run.start < split && split < run.end)
+        .map_or(split, |run| run.end)
+}

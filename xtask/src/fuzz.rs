@@ -16,7 +16,9 @@
 //!
 //! With `--seeds`, regenerates `fuzz/seeds/` deterministically from `golden/` instead: configs,
 //! the shard index, small slices of golden weight files and dumps, and tiny whole checkpoints
-//! (golden configs shrunk to a handful of weights) for the forward-pass target.
+//! (golden configs shrunk to a handful of weights) for the forward-pass target; for the image and
+//! WAV decoders, the small golden PNGs and WAVs (cut short) and tiny files of every encoding,
+//! written byte by byte here (PNG, GIF, WAV) or embedded (JPEG, WebP).
 
 use std::fmt;
 use std::fs;
@@ -37,6 +39,8 @@ pub const TARGETS: &[&str] = &[
     "activation_dump",
     "checkpoint_forward",
     "forward_generated",
+    "image_decode",
+    "wav_decode",
 ];
 
 /// Arguments of `cargo xtask fuzz`.
@@ -208,6 +212,13 @@ fn ensure_cargo_fuzz() -> Result<()> {
     Ok(())
 }
 
+/// The memory the code under test may allocate while fuzzed (`GEMMA4_MEMORY_LIMIT`, 1 GiB): a
+/// quarter of libFuzzer's malloc limit (`-rss_limit_mb=4096`), so that an input declaring more
+/// than the limit takes the code's own "needs more memory than available" error path, which the
+/// harness checks, instead of an allocation libFuzzer reports (the image decoders allocate the
+/// declared pixel buffer before reading the pixels; a 60-byte PNG can declare gigabytes).
+const FUZZ_MEMORY_LIMIT: u64 = 1 << 30;
+
 /// Starts one target in the background, its output going to `logs/<target>.log`.
 fn start_target(
     repo: &Path,
@@ -228,6 +239,7 @@ fn start_target(
         log.display()
     );
     let child = cargo_fuzz(repo)
+        .env("GEMMA4_MEMORY_LIMIT", FUZZ_MEMORY_LIMIT.to_string())
         .arg("run")
         .arg(target)
         .arg(&corpus)
@@ -390,6 +402,12 @@ fn write_seeds(repo: &Path) -> Result<()> {
         ),
     ] {
         put("forward_generated", name, &seed)?;
+    }
+    for (name, bytes) in image_seeds(&golden)? {
+        put("image_decode", &name, &bytes)?;
+    }
+    for (name, bytes) in wav_seeds(&golden)? {
+        put("wav_decode", &name, &bytes)?;
     }
     eprintln!("xtask: wrote {written} seeds under {}", seeds.display());
     Ok(())
@@ -616,4 +634,650 @@ fn f32_to_f16_bits(value: f32) -> u16 {
         return sign;
     }
     sign | ((exponent as u16) << 10) | ((bits >> 13) & 0x3ff) as u16
+}
+
+// ---------------------------------------------------------------------------------------------
+// Image seeds: golden PNGs, and tiny PNG / GIF / JPEG / WebP files of every pixel layout
+// ---------------------------------------------------------------------------------------------
+
+/// Largest golden image or WAV taken whole as a seed, in bytes.
+const SEED_FILE_BYTES: usize = 16 * 1024;
+
+/// The golden files under `golden/*/<folder>/` ending in `.<extension>`, sorted and without
+/// duplicates (several cases share a file), as `(file name, bytes)`.
+fn golden_files(golden: &Path, folder: &str, extension: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut paths = Vec::new();
+    for case in fs::read_dir(golden).map_err(io_err(format!("listing {}", golden.display())))? {
+        let dir = case
+            .map_err(io_err(format!("listing {}", golden.display())))?
+            .path()
+            .join(folder);
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry
+                .map_err(io_err(format!("listing {}", dir.display())))?
+                .path();
+            if path.extension().is_some_and(|e| e == extension) {
+                paths.push(path);
+            }
+        }
+    }
+    paths.sort_by_key(|p| p.file_name().map(|n| n.to_os_string()));
+    paths.dedup_by_key(|p| p.file_name().map(|n| n.to_os_string()));
+    paths
+        .into_iter()
+        .map(|path| {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Ok((name, read(&path)?))
+        })
+        .collect()
+}
+
+/// CRC-32 (ISO-HDLC, as PNG chunks use), bit by bit.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A zlib stream of stored (uncompressed) deflate blocks.
+fn zlib_stored(data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x78, 0x01];
+    let mut blocks = data.chunks(65_535).peekable();
+    if blocks.peek().is_none() {
+        out.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
+    }
+    while let Some(block) = blocks.next() {
+        out.push(u8::from(blocks.peek().is_none()));
+        let length = block.len() as u16;
+        out.extend_from_slice(&length.to_le_bytes());
+        out.extend_from_slice(&(!length).to_le_bytes());
+        out.extend_from_slice(block);
+    }
+    let (mut a, mut b) = (1u32, 0u32);
+    for &byte in data {
+        a = (a + u32::from(byte)) % 65_521;
+        b = (b + a) % 65_521;
+    }
+    out.extend_from_slice(&((b << 16) | a).to_be_bytes());
+    out
+}
+
+/// A PNG chunk: length, type, data, CRC.
+fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut chunk = (data.len() as u32).to_be_bytes().to_vec();
+    chunk.extend_from_slice(kind);
+    chunk.extend_from_slice(data);
+    chunk.extend_from_slice(&crc32(&chunk[4..]).to_be_bytes());
+    chunk
+}
+
+/// A PNG of `width × height` pixels, `color_type` (0 grey, 2 RGB, 3 palette, 4 grey+alpha,
+/// 6 RGBA) at `bit_depth`, whose pixel `(x, y)` has the samples `pixel(x, y)` (one per channel);
+/// `extra` chunks (PLTE, tRNS) go before the image data; `interlaced` writes Adam7 passes.
+/// Scanlines use filter type `y mod 5` (every filter), stored in uncompressed deflate blocks.
+fn png_bytes(
+    (width, height): (u32, u32),
+    (color_type, bit_depth): (u8, u8),
+    interlaced: bool,
+    extra: &[(&[u8; 4], Vec<u8>)],
+    pixel: impl Fn(u32, u32) -> Vec<u16>,
+) -> Vec<u8> {
+    let channels = match color_type {
+        0 | 3 => 1,
+        4 => 2,
+        2 => 3,
+        _ => 4,
+    };
+    let bits_per_pixel = channels * usize::from(bit_depth);
+    let passes: &[(u32, u32, u32, u32)] = if interlaced {
+        &[
+            (0, 0, 8, 8),
+            (4, 0, 8, 8),
+            (0, 4, 4, 8),
+            (2, 0, 4, 4),
+            (0, 2, 2, 4),
+            (1, 0, 2, 2),
+            (0, 1, 1, 2),
+        ]
+    } else {
+        &[(0, 0, 1, 1)]
+    };
+    let mut raw = Vec::new();
+    for &(x0, y0, dx, dy) in passes {
+        let columns: Vec<u32> = (x0..width).step_by(dx as usize).collect();
+        if columns.is_empty() {
+            continue;
+        }
+        let line_bytes = (columns.len() * bits_per_pixel).div_ceil(8);
+        let bytes_per_pixel = bits_per_pixel.div_ceil(8);
+        let mut previous = vec![0u8; line_bytes];
+        for y in (y0..height).step_by(dy as usize) {
+            // The unfiltered scanline.
+            let mut line = vec![0u8; line_bytes];
+            let mut bit = 0;
+            for &x in &columns {
+                for sample in pixel(x, y) {
+                    if bit_depth == 16 {
+                        line[bit / 8..bit / 8 + 2].copy_from_slice(&sample.to_be_bytes());
+                    } else if bit_depth == 8 {
+                        line[bit / 8] = sample as u8;
+                    } else {
+                        let shift = 8 - usize::from(bit_depth) - bit % 8;
+                        line[bit / 8] |= ((sample as u8) & ((1 << bit_depth) - 1)) << shift;
+                    }
+                    bit += usize::from(bit_depth);
+                }
+            }
+            // Filtered with type y mod 5 (none, sub, up, average, Paeth).
+            let filter = (y % 5) as u8;
+            raw.push(filter);
+            for i in 0..line_bytes {
+                let left = if i >= bytes_per_pixel {
+                    line[i - bytes_per_pixel]
+                } else {
+                    0
+                };
+                let up = previous[i];
+                let up_left = if i >= bytes_per_pixel {
+                    previous[i - bytes_per_pixel]
+                } else {
+                    0
+                };
+                let predictor = match filter {
+                    0 => 0,
+                    1 => left,
+                    2 => up,
+                    3 => ((u16::from(left) + u16::from(up)) / 2) as u8,
+                    _ => {
+                        let p = i16::from(left) + i16::from(up) - i16::from(up_left);
+                        let (pa, pb, pc) = (
+                            (p - i16::from(left)).abs(),
+                            (p - i16::from(up)).abs(),
+                            (p - i16::from(up_left)).abs(),
+                        );
+                        if pa <= pb && pa <= pc {
+                            left
+                        } else if pb <= pc {
+                            up
+                        } else {
+                            up_left
+                        }
+                    }
+                };
+                raw.push(line[i].wrapping_sub(predictor));
+            }
+            previous = line;
+        }
+    }
+    let mut header = width.to_be_bytes().to_vec();
+    header.extend_from_slice(&height.to_be_bytes());
+    header.extend_from_slice(&[bit_depth, color_type, 0, 0, u8::from(interlaced)]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(png_chunk(b"IHDR", &header));
+    for (kind, data) in extra {
+        png.extend(png_chunk(kind, data));
+    }
+    png.extend(png_chunk(b"IDAT", &zlib_stored(&raw)));
+    png.extend(png_chunk(b"IEND", &[]));
+    png
+}
+
+/// A GIF89a of `width × height` pixels with a global palette of `2^bits` colours, an optional
+/// transparent index (graphic control extension) and the pixel indices `index(x, y)`, LZW-coded
+/// without compression (a clear code before the code width would grow).
+fn gif_bytes(
+    (width, height): (u16, u16),
+    bits: u8,
+    transparent: Option<u8>,
+    index: impl Fn(u16, u16) -> u8,
+) -> Vec<u8> {
+    let colours = 1usize << bits;
+    let mut gif = b"GIF89a".to_vec();
+    gif.extend_from_slice(&width.to_le_bytes());
+    gif.extend_from_slice(&height.to_le_bytes());
+    gif.extend_from_slice(&[0x80 | (bits - 1), 0, 0]);
+    for i in 0..colours {
+        let level = (i * 255 / (colours - 1)) as u8;
+        gif.extend_from_slice(&[level, 255 - level, level / 2]);
+    }
+    if let Some(t) = transparent {
+        gif.extend_from_slice(&[0x21, 0xf9, 4, 1, 0, 0, t, 0]);
+    }
+    gif.push(0x2c);
+    for value in [0, 0, width, height] {
+        gif.extend_from_slice(&value.to_le_bytes());
+    }
+    gif.push(0);
+    // LZW: minimum code size max(bits, 2), codes of one more bit; a clear code every
+    // 2^min − 3 literals keeps the decoder's table below the next code width.
+    let min_code = bits.max(2);
+    let (clear, end) = (1u32 << min_code, (1u32 << min_code) + 1);
+    let width_bits = u32::from(min_code) + 1;
+    let mut codes = Vec::new();
+    let pixels: Vec<u32> = (0..height)
+        .flat_map(|y| (0..width).map(move |x| (x, y)))
+        .map(|(x, y)| u32::from(index(x, y)))
+        .collect();
+    for run in pixels.chunks((1 << min_code) - 3) {
+        codes.push(clear);
+        codes.extend_from_slice(run);
+    }
+    codes.push(end);
+    let mut data = Vec::new();
+    let (mut accumulator, mut filled) = (0u64, 0u32);
+    for code in codes {
+        accumulator |= u64::from(code) << filled;
+        filled += width_bits;
+        while filled >= 8 {
+            data.push(accumulator as u8);
+            accumulator >>= 8;
+            filled -= 8;
+        }
+    }
+    if filled > 0 {
+        data.push(accumulator as u8);
+    }
+    gif.push(min_code);
+    for block in data.chunks(255) {
+        gif.push(block.len() as u8);
+        gif.extend_from_slice(block);
+    }
+    gif.extend_from_slice(&[0, 0x3b]);
+    gif
+}
+
+/// Bytes from a hexadecimal string.
+fn from_hex(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hexadecimal"))
+        .collect()
+}
+
+/// An 8×8 RGB gradient (R = 32x, G = 32y, B = 128) as the `image` 0.25.10 crate's `JpegEncoder`
+/// writes it (quality 75, 4:2:0).
+const JPEG_RGB_8X8: &str = "ffd8ffe000104a46494600010200000100010000ffc00011080008000803011100021101031101ffdb004300080606070605080707070909080a0c140d0c0b0b0c1912130f141d1a1f1e1d1a1c1c20242e2720222c231c1c2837292c30313434341f27393d38323c2e333432ffdb0043010909090c0b0c180d0d1832211c213232323232323232323232323232323232323232323232323232323232323232323232323232323232323232323232323232ffc4001f0000010501010101010100000000000000000102030405060708090a0bffc400b5100002010303020403050504040000017d01020300041105122131410613516107227114328191a1082342b1c11552d1f02433627282090a161718191a25262728292a3435363738393a434445464748494a535455565758595a636465666768696a737475767778797a838485868788898a92939495969798999aa2a3a4a5a6a7a8a9aab2b3b4b5b6b7b8b9bac2c3c4c5c6c7c8c9cad2d3d4d5d6d7d8d9dae1e2e3e4e5e6e7e8e9eaf1f2f3f4f5f6f7f8f9faffc4001f0100030101010101010101010000000000000102030405060708090a0bffc400b51100020102040403040705040400010277000102031104052131061241510761711322328108144291a1b1c109233352f0156272d10a162434e125f11718191a262728292a35363738393a434445464748494a535455565758595a636465666768696a737475767778797a82838485868788898a92939495969798999aa2a3a4a5a6a7a8a9aab2b3b4b5b6b7b8b9bac2c3c4c5c6c7c8c9cad2d3d4d5d6d7d8d9dae2e3e4e5e6e7e8e9eaf2f3f4f5f6f7f8f9faffda000c03010002110311003f00a3a1781beefeebf4adf179af98b87f3bdb53ffd9";
+
+/// An 8×8 greyscale gradient (16·(x + y)), same encoder.
+const JPEG_GREY_8X8: &str = "ffd8ffe000104a46494600010200000100010000ffc0000b080008000801011100ffdb004300080606070605080707070909080a0c140d0c0b0b0c1912130f141d1a1f1e1d1a1c1c20242e2720222c231c1c2837292c30313434341f27393d38323c2e333432ffc4001f0000010501010101010100000000000000000102030405060708090a0bffc400b5100002010303020403050504040000017d01020300041105122131410613516107227114328191a1082342b1c11552d1f02433627282090a161718191a25262728292a3435363738393a434445464748494a535455565758595a636465666768696a737475767778797a838485868788898a92939495969798999aa2a3a4a5a6a7a8a9aab2b3b4b5b6b7b8b9bac2c3c4c5c6c7c8c9cad2d3d4d5d6d7d8d9dae1e2e3e4e5e6e7e8e9eaf1f2f3f4f5f6f7f8f9faffda0008010100003f00cff07783bfd5feeff4afffd9";
+
+/// A 4×4 RGBA image (60x, 60y, 200, alpha 16xy) as the `image` 0.25.10 crate's lossless WebP
+/// encoder writes it.
+const WEBP_RGBA_4X4: &str = "52494646ca000000574542505650384cbe0000002f03c00010cd552022021e8804000000008001000000000000100000000000000000000000000000000000000000000000000c00007820120000000000e73f00000000000000060000000000000000000000000000000004000000000000000f440200000000e0fc0700000000000000000000000000000000000000000000004018000000000000e0814002000000009c7f0300030002000400000000000000000000000000000000000000000000000000c87a1d031c22804304708800";
+
+/// A 4×4 RGB image (60x, 60y, 10), same encoder.
+const WEBP_RGB_4X4: &str = "524946469a000000574542505650384c8d0000002f03c00000cd552022021ec82600000000800100000000000020000000000000000000000000000000000000000000000000080e00c00391000000000038ff01000000000000300000000000000000000000000000000020000000000000007820120000000000e73f800100000000000000000000000000000000000000000000040000000000008048ed3e1200";
+
+/// The `image_decode` seeds. Files named `damaged-*` must be refused; every other one decodes
+/// (`tests/fuzz_regressions.rs` checks both); `*-preprocessed-*` ones are also preprocessed.
+fn image_seeds(golden: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut seeds: Vec<(String, Vec<u8>)> = golden_files(golden, "images", "png")?
+        .into_iter()
+        .filter(|(_, bytes)| bytes.len() <= SEED_FILE_BYTES)
+        .map(|(name, bytes)| (format!("golden-{name}"), bytes))
+        .collect();
+    let level = |x: u32, y: u32, max: u32| ((x * 7 + y * 13) % (max + 1)) as u16;
+    for bits in [1u8, 2, 4, 8, 16] {
+        let max = (1u32 << bits) - 1;
+        seeds.push((
+            format!("grey{bits}-9x7.png"),
+            png_bytes((9, 7), (0, bits), false, &[], |x, y| vec![level(x, y, max)]),
+        ));
+    }
+    // Grey with a tRNS colour key; 16-bit grey above 255 (Pillow clips it).
+    seeds.push((
+        "grey8-trns-6x6.png".into(),
+        png_bytes((6, 6), (0, 8), false, &[(b"tRNS", vec![0, 40])], |x, y| {
+            vec![(x * 40 + y) as u16 % 256]
+        }),
+    ));
+    seeds.push((
+        "grey2-trns-5x5.png".into(),
+        png_bytes((5, 5), (0, 2), false, &[(b"tRNS", vec![0, 2])], |x, y| {
+            vec![((x + y) % 4) as u16]
+        }),
+    ));
+    for bits in [8u8, 16] {
+        let max = (1u32 << bits) - 1;
+        seeds.push((
+            format!("grey-alpha{bits}-5x4.png"),
+            png_bytes((5, 4), (4, bits), false, &[], |x, y| {
+                vec![level(x, y, max), level(y, x, max)]
+            }),
+        ));
+        seeds.push((
+            format!("rgb{bits}-7x5.png"),
+            png_bytes((7, 5), (2, bits), false, &[], |x, y| {
+                vec![level(x, y, max), level(y, x, max), level(x + y, 3, max)]
+            }),
+        ));
+        seeds.push((
+            format!("rgba{bits}-6x6.png"),
+            png_bytes((6, 6), (6, bits), false, &[], |x, y| {
+                vec![
+                    level(x, y, max),
+                    level(y, x, max),
+                    level(x + y, 3, max),
+                    level(x * y, 1, max),
+                ]
+            }),
+        ));
+    }
+    seeds.push((
+        "rgb8-trns-4x4.png".into(),
+        png_bytes(
+            (4, 4),
+            (2, 8),
+            false,
+            &[(b"tRNS", vec![0, 10, 0, 20, 0, 30])],
+            |x, y| vec![(x * 10) as u16, (y * 20) as u16, 30],
+        ),
+    ));
+    seeds.push((
+        "rgba8-interlaced-11x9.png".into(),
+        png_bytes((11, 9), (6, 8), true, &[], |x, y| {
+            vec![level(x, y, 255), level(y, x, 255), 9, level(x, 1, 255)]
+        }),
+    ));
+    seeds.push((
+        "grey1-interlaced-10x10.png".into(),
+        png_bytes((10, 10), (0, 1), true, &[], |x, y| {
+            vec![((x ^ y) & 1) as u16]
+        }),
+    ));
+    for bits in [1u8, 2, 4, 8] {
+        let colours = 1u32 << bits;
+        // A palette one entry short of the indices used (Pillow: black), part of it transparent.
+        let entries = (colours - 1).max(1);
+        let palette: Vec<u8> = (0..entries)
+            .flat_map(|i| [(i * 37) as u8, (i * 91) as u8, (255 - i * 13) as u8])
+            .collect();
+        let alphas: Vec<u8> = (0..entries.min(3)).map(|i| (i * 100) as u8).collect();
+        seeds.push((
+            format!("palette{bits}-8x6.png"),
+            png_bytes(
+                (8, 6),
+                (3, bits),
+                false,
+                &[(b"PLTE", palette), (b"tRNS", alphas)],
+                |x, y| vec![((x + 3 * y) % colours) as u16],
+            ),
+        ));
+    }
+    seeds.push((
+        "wide-48x1.png".into(),
+        png_bytes((48, 1), (2, 8), false, &[], |x, _| {
+            vec![(x * 5) as u16, 0, 255]
+        }),
+    ));
+    seeds.push((
+        "tall-1x40.png".into(),
+        png_bytes((1, 40), (0, 8), false, &[], |_, y| vec![(y * 6) as u16]),
+    ));
+    seeds.push((
+        "gif-4colours-trns-5x4.gif".into(),
+        gif_bytes((5, 4), 2, Some(1), |x, y| ((x + y) % 4) as u8),
+    ));
+    seeds.push((
+        "gif-256colours-16x3.gif".into(),
+        gif_bytes((16, 3), 8, None, |x, y| (x * 16 + y * 5) as u8),
+    ));
+    seeds.push((
+        "gif-2colours-3x3.gif".into(),
+        gif_bytes((3, 3), 1, None, |x, y| ((x + y) % 2) as u8),
+    ));
+    for (name, hex) in [
+        ("jpeg-rgb-8x8.jpg", JPEG_RGB_8X8),
+        ("jpeg-grey-8x8.jpg", JPEG_GREY_8X8),
+        ("webp-lossless-rgba-4x4.webp", WEBP_RGBA_4X4),
+        ("webp-lossless-rgb-4x4.webp", WEBP_RGB_4X4),
+    ] {
+        seeds.push((name.into(), from_hex(hex)));
+    }
+    // Inputs ending in [b, 0xff] are also preprocessed at budget SUPPORTED_BUDGETS[b mod 5]
+    // (decoders ignore trailing bytes): one seed per budget.
+    let with_budget = |mut bytes: Vec<u8>, budget_index: u8| {
+        bytes.extend_from_slice(&[budget_index, 0xff]);
+        bytes
+    };
+    let preprocessed = [
+        ("rgba8-6x6.png", 0),
+        ("gif-4colours-trns-5x4.gif", 1),
+        ("jpeg-rgb-8x8.jpg", 2),
+        ("webp-lossless-rgba-4x4.webp", 3),
+        ("tall-1x40.png", 4),
+    ];
+    for (name, budget_index) in preprocessed {
+        let bytes = seeds
+            .iter()
+            .find(|(seed, _)| seed == name)
+            .map(|(_, bytes)| bytes.clone())
+            .expect("written above");
+        let (stem, extension) = name.rsplit_once('.').expect("an extension");
+        seeds.push((
+            format!("{stem}-preprocessed-budget{budget_index}.{extension}"),
+            with_budget(bytes, budget_index),
+        ));
+    }
+    // Refused: a header declaring 65535 × 65535 16-bit RGBA (34 GB) with one row of data; a
+    // JPEG cut before its end; a GIF cut inside its image data.
+    seeds.push(("damaged-png-declares-65535x65535.png".into(), {
+        let mut png = png_bytes((1, 1), (6, 16), false, &[], |_, _| vec![1, 2, 3, 4]);
+        png[16..24].copy_from_slice(&[0, 0, 0xff, 0xff, 0, 0, 0xff, 0xff]);
+        let crc = crc32(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        png
+    }));
+    let jpeg = from_hex(JPEG_RGB_8X8);
+    seeds.push((
+        "damaged-jpeg-truncated.jpg".into(),
+        jpeg[..jpeg.len() - 12].to_vec(),
+    ));
+    let gif = gif_bytes((16, 3), 8, None, |x, y| (x * 16 + y * 5) as u8);
+    seeds.push((
+        "damaged-gif-truncated.gif".into(),
+        gif[..gif.len() - 20].to_vec(),
+    ));
+    Ok(seeds)
+}
+
+// ---------------------------------------------------------------------------------------------
+// WAV seeds: golden WAVs cut short, and tiny WAVs of every encoding
+// ---------------------------------------------------------------------------------------------
+
+/// A WAV file: `format` tag 1 (PCM), 3 (float) or 0xfffe (extensible, then `sub_format` 1 or 3
+/// and `valid_bits`), `data` the data chunk's bytes and `declared` its declared length (the
+/// actual one when `None`). A `LIST` chunk sits between `fmt ` and `data`, as many tools write.
+fn wav_bytes(
+    format: u16,
+    (channels, rate, bits): (u16, u32, u16),
+    extensible: Option<(u16, u16)>,
+    data: &[u8],
+    declared: Option<u32>,
+) -> Vec<u8> {
+    let block = channels * bits.div_ceil(8);
+    let mut fmt = Vec::new();
+    fmt.extend_from_slice(&format.to_le_bytes());
+    fmt.extend_from_slice(&channels.to_le_bytes());
+    fmt.extend_from_slice(&rate.to_le_bytes());
+    fmt.extend_from_slice(&(rate * u32::from(block)).to_le_bytes());
+    fmt.extend_from_slice(&block.to_le_bytes());
+    fmt.extend_from_slice(&bits.to_le_bytes());
+    if let Some((sub_format, valid_bits)) = extensible {
+        fmt.extend_from_slice(&22u16.to_le_bytes());
+        fmt.extend_from_slice(&valid_bits.to_le_bytes());
+        fmt.extend_from_slice(&4u32.to_le_bytes()); // channel mask: front centre
+        fmt.extend_from_slice(&sub_format.to_le_bytes());
+        fmt.extend_from_slice(&[
+            0x00, 0x00, 0x00, 0x00, 0x10, 0x00, 0x80, 0x00, 0x00, 0xaa, 0x00, 0x38, 0x9b, 0x71,
+        ]);
+    }
+    let mut body = b"WAVEfmt ".to_vec();
+    body.extend_from_slice(&(fmt.len() as u32).to_le_bytes());
+    body.extend_from_slice(&fmt);
+    body.extend_from_slice(b"LIST\x0c\x00\x00\x00INFOISFT\x00\x00\x00\x00");
+    body.extend_from_slice(b"data");
+    body.extend_from_slice(&declared.unwrap_or(data.len() as u32).to_le_bytes());
+    body.extend_from_slice(data);
+    let mut file = b"RIFF".to_vec();
+    file.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    file.extend_from_slice(&body);
+    file
+}
+
+/// `count` samples of a deterministic two-tone signal in [−0.9, 0.9].
+fn tone(count: usize) -> Vec<f64> {
+    (0..count)
+        .map(|n| {
+            let t = n as f64 / 16_000.0;
+            0.6 * (2.0 * std::f64::consts::PI * 440.0 * t).sin()
+                + 0.3 * (2.0 * std::f64::consts::PI * 3_000.0 * t).sin()
+        })
+        .collect()
+}
+
+/// Samples as integer PCM of `bits` bits in `container` bytes (8-bit unsigned, others signed,
+/// little-endian, left in the low bytes).
+fn pcm(samples: &[f64], bits: u32, container: usize) -> Vec<u8> {
+    let full = (1i64 << (bits - 1)) as f64;
+    samples
+        .iter()
+        .flat_map(|&s| {
+            let value = (s * full).round() as i64;
+            let value = if bits == 8 { value + 128 } else { value };
+            value.to_le_bytes()[..container].to_vec()
+        })
+        .collect()
+}
+
+/// The `wav_decode` seeds. Files named `damaged-*` or `refused-*` must be refused; every other
+/// one decodes (`tests/fuzz_regressions.rs` checks both).
+fn wav_seeds(golden: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut seeds = Vec::new();
+    // Golden WAVs cut to their first 2000 samples, headers fixed to the new length.
+    for (name, bytes) in golden_files(golden, "audio", "wav")? {
+        let seed_error = |message: &str| FuzzError::Seed {
+            file: golden.join(&name),
+            message: message.to_string(),
+        };
+        let data_at = bytes
+            .windows(4)
+            .position(|w| w == b"data")
+            .ok_or_else(|| seed_error("no data chunk"))?;
+        let mut cut = bytes[..data_at + 8].to_vec();
+        let data = &bytes[data_at + 8..];
+        let kept = data.len().min(4000);
+        cut.extend_from_slice(&data[..kept]);
+        cut[data_at + 4..data_at + 8].copy_from_slice(&(kept as u32).to_le_bytes());
+        let riff = (cut.len() - 8) as u32;
+        cut[4..8].copy_from_slice(&riff.to_le_bytes());
+        if cut.len() <= SEED_FILE_BYTES {
+            seeds.push((format!("golden-{name}"), cut));
+        }
+    }
+    let signal = tone(400);
+    let float32: Vec<u8> = signal
+        .iter()
+        .flat_map(|&s| (s as f32).to_le_bytes())
+        .collect();
+    seeds.push((
+        "pcm8.wav".into(),
+        wav_bytes(1, (1, 16_000, 8), None, &pcm(&signal, 8, 1), None),
+    ));
+    seeds.push((
+        "pcm16.wav".into(),
+        wav_bytes(1, (1, 16_000, 16), None, &pcm(&signal, 16, 2), None),
+    ));
+    seeds.push((
+        "pcm24.wav".into(),
+        wav_bytes(1, (1, 16_000, 24), None, &pcm(&signal, 24, 3), None),
+    ));
+    seeds.push((
+        "pcm32.wav".into(),
+        wav_bytes(1, (1, 16_000, 32), None, &pcm(&signal, 32, 4), None),
+    ));
+    seeds.push((
+        "float32.wav".into(),
+        wav_bytes(3, (1, 16_000, 32), None, &float32, None),
+    ));
+    seeds.push((
+        "extensible-pcm24-in-32.wav".into(),
+        wav_bytes(
+            0xfffe,
+            (1, 16_000, 32),
+            Some((1, 24)),
+            &pcm(&signal, 32, 4),
+            None,
+        ),
+    ));
+    seeds.push((
+        "extensible-float32.wav".into(),
+        wav_bytes(0xfffe, (1, 16_000, 32), Some((3, 32)), &float32, None),
+    ));
+    seeds.push((
+        "pcm16-short-100-samples.wav".into(),
+        wav_bytes(1, (1, 16_000, 16), None, &pcm(&signal[..100], 16, 2), None),
+    ));
+    let stereo: Vec<f64> = signal.iter().flat_map(|&s| [s, -s]).collect();
+    seeds.push((
+        "refused-stereo-pcm16.wav".into(),
+        wav_bytes(1, (2, 16_000, 16), None, &pcm(&stereo, 16, 2), None),
+    ));
+    seeds.push((
+        "refused-44100hz-pcm16.wav".into(),
+        wav_bytes(1, (1, 44_100, 16), None, &pcm(&signal, 16, 2), None),
+    ));
+    seeds.push((
+        "refused-float64.wav".into(),
+        wav_bytes(
+            3,
+            (1, 16_000, 64),
+            None,
+            &signal
+                .iter()
+                .flat_map(|s| s.to_le_bytes())
+                .collect::<Vec<_>>(),
+            None,
+        ),
+    ));
+    seeds.push((
+        "refused-pcm12.wav".into(),
+        wav_bytes(1, (1, 16_000, 12), None, &pcm(&signal, 12, 2), None),
+    ));
+    let mut not_finite = float32.clone();
+    not_finite[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
+    seeds.push((
+        "refused-float32-nan.wav".into(),
+        wav_bytes(3, (1, 16_000, 32), None, &not_finite, None),
+    ));
+    seeds.push((
+        "damaged-declares-4-gib.wav".into(),
+        wav_bytes(
+            1,
+            (1, 16_000, 16),
+            None,
+            &pcm(&signal, 16, 2),
+            Some(u32::MAX - 1),
+        ),
+    ));
+    seeds.push((
+        "refused-empty-data.wav".into(),
+        wav_bytes(1, (1, 16_000, 16), None, &[], None),
+    ));
+    Ok(seeds)
 }

@@ -3,7 +3,10 @@
 //! 1. Makes sure the oracle virtualenv exists and holds the versions pinned in
 //!    `golden/requirements.txt` (creating it with `python3 -m venv` and installing with pip
 //!    only when it is missing or differs).
-//! 2. Runs `golden/generate.py` (the fixtures, `golden/<case>/`, `golden/manifest.json`) and
+//! 2. Runs `golden/generate.py` (the fixtures, `golden/<case>/`, `golden/manifest.json`),
+//!    `golden/vision_preprocessing.py` (`golden/image_preprocessing/`: Hugging Face's image
+//!    processor and Pillow's resize), `golden/audio_features.py` (`golden/audio_front_end/`:
+//!    Hugging Face's audio feature extractor on synthesized WAV files) and
 //!    `golden/released_configs.py` (`tests/data/released/`) from the repository root.
 //! 3. With `--check`, writes both into a temporary directory instead and fails, naming the
 //!    file, unless every generated file is byte-identical to the committed one and no
@@ -108,6 +111,8 @@ type Result<T> = std::result::Result<T, GoldenError>;
 /// Files in `golden/` that are sources, not generator output.
 const GOLDEN_SOURCES: &[&str] = &[
     "generate.py",
+    "vision_preprocessing.py",
+    "audio_features.py",
     "released_configs.py",
     "requirements.txt",
     "README.md",
@@ -275,15 +280,26 @@ fn run_generators(
     golden_out: &Path,
     released_out: &Path,
 ) -> Result<()> {
-    for (script, out) in [
-        ("golden/generate.py", golden_out),
-        ("golden/released_configs.py", released_out),
+    let (image_out, audio_out) = (
+        golden_out.join("image_preprocessing"),
+        golden_out.join("audio_front_end"),
+    );
+    // (script, whether it takes `--out DIR` or a positional DIR, the directory)
+    for (script, flag, out) in [
+        ("golden/generate.py", Some("--out"), golden_out),
+        ("golden/vision_preprocessing.py", None, image_out.as_path()),
+        ("golden/audio_features.py", None, audio_out.as_path()),
+        ("golden/released_configs.py", Some("--out"), released_out),
     ] {
-        eprintln!("xtask: running {script} --out {}", out.display());
+        eprintln!(
+            "xtask: running {script} {}{}",
+            flag.map_or(String::new(), |f| format!("{f} ")),
+            out.display()
+        );
         crate::process::run(
             Command::new(python)
                 .arg(script)
-                .arg("--out")
+                .args(flag)
                 .arg(out)
                 .current_dir(repo)
                 .env("HF_HUB_OFFLINE", "1")

@@ -4,7 +4,7 @@
 //! y = clamp( clamp(x, input_min, input_max) · Wᵀ, output_min, output_max )
 //! ```
 //!
-//! Weights as stored ([`Matrix`]), products through [`linear`]/[`linear_group`] on the rayon
+//! Weights as stored ([`Matrix`]), products through [`linear`](crate::linear::linear)/[`linear_group`] on the rayon
 //! pool; the clamps are parallel passes over the activations. The products of one input by
 //! several linears (q/k/v, gate/up) share one clamped copy of the input when their input bounds
 //! agree (k/v and gate/up always do in the released towers) and run as one parallel loop.

@@ -1,8 +1,8 @@
 //! The vision tower, fast: from preprocessed patches to soft tokens in the text model's width
 //! (shared spec: multimodal §1). The same model as `gemma4_reference::vision`, module for module:
 //!
-//! 1. [`patch_embedding`]: `input_proj(2p − 1)` plus the factorised x/y position tables;
-//! 2. [`encoder_layer`] (×L): sandwich-normed bidirectional attention with [`rope_2d`] and a
+//! 1. [`patch_embedding`](mod@patch_embedding): `input_proj(2p − 1)` plus the factorised x/y position tables;
+//! 2. [`encoder_layer`](mod@encoder_layer) (×L): sandwich-normed bidirectional attention with [`rope_2d`] and a
 //!    gated MLP, every projection a [`clipped_linear`];
 //! 3. [`pooling`]: 3×3 cells by position, `× √Dv`, standardize (large tower);
 //! 4. the projector into the text model ([`crate::projector`]), then the merge

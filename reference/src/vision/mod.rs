@@ -5,8 +5,8 @@
 //! Reading order, following the data:
 //! 1. [`preprocessing`]: the file decoded to RGB, resized for a soft-token budget (bicubic with
 //!    antialias, as PIL does), rescaled to [0, 1], cut into 16×16 patches with (x, y) positions;
-//! 2. [`patch_embedding`]: `input_proj(2p − 1)` plus the factorised x/y position tables;
-//! 3. [`encoder_layer`] (×L): sandwich-normed bidirectional attention with [`rope_2d`] and a
+//! 2. [`patch_embedding`](mod@patch_embedding): `input_proj(2p − 1)` plus the factorised x/y position tables;
+//! 3. [`encoder_layer`](mod@encoder_layer) (×L): sandwich-normed bidirectional attention with [`rope_2d`] and a
 //!    gated MLP, every projection a [`clipped_linear`];
 //! 4. [`pooling`]: 3×3 cells by position, `× √Dv`, standardize (large tower);
 //! 5. the projector into the text model ([`crate::projector`]), then the merge
