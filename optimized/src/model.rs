@@ -314,12 +314,13 @@ impl Gemma4Optimized {
         let d = self.config.text.hidden_size;
         let tokens = prompt.tokens.len();
         let embed_ids = with_faults(&[], || embedding_token_ids(&self.config, &prompt.tokens));
-        let mut hidden = scaled_embedding(&self.weights.embed_tokens, &embed_ids, self.embed_scale);
+        let hidden = scaled_embedding(&self.weights.embed_tokens, &embed_ids, self.embed_scale);
+        // A view of the same buffer (no copy), for the merges.
+        let mut embeddings =
+            Array2::from_shape_vec((tokens, d), hidden).expect("[T, D] embeddings");
         if !prompt.images.is_empty() {
-            let vision = self.vision.as_ref().ok_or_else(|| {
-                Error::Input {
- message: "the prompt has images but the vision tower was not loaded (load the model with Gemma4Optimized::load_for)".into(),
- }
+            let vision = self.vision.as_ref().ok_or_else(|| Error::Input {
+                message: "the prompt has images but the vision tower was not loaded (load the model with Gemma4Optimized::load_for)".into(),
             })?;
             let kernel = vision.config.pooling_kernel_size;
             let counts: Vec<usize> = prompt
@@ -335,18 +336,13 @@ impl Gemma4Optimized {
                 .enumerate()
                 .map(|(i, image)| vision.encode(image, &clip_prefix("vision", i, count), recorder))
                 .collect::<Result<Vec<_>>>()?;
-            let mut embeddings =
-                Array2::from_shape_vec((tokens, d), hidden).expect("[T, D] embeddings");
             with_faults(&[], || {
                 merge_soft_tokens(&mut embeddings, &runs, &soft_tokens)
             });
-            hidden = embeddings.into_raw_vec_and_offset().0;
         }
         if !prompt.audio.is_empty() {
-            let audio = self.audio.as_ref().ok_or_else(|| {
-                Error::Input {
- message: "the prompt has audio but the audio tower was not loaded (load the model with Gemma4Optimized::load_for)".into(),
- }
+            let audio = self.audio.as_ref().ok_or_else(|| Error::Input {
+                message: "the prompt has audio but the audio tower was not loaded (load the model with Gemma4Optimized::load_for)".into(),
             })?;
             // The log-mel front end (for clips given as waveforms) is the reference's own, run
             // once per clip with no fault active.
@@ -370,13 +366,11 @@ impl Gemma4Optimized {
                     audio.encode(features, &clip_prefix("audio", i, count), recorder)
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let mut embeddings =
-                Array2::from_shape_vec((tokens, d), hidden).expect("[T, D] embeddings");
             with_faults(&[], || {
                 merge_soft_tokens(&mut embeddings, &runs, &soft_tokens)
             });
-            hidden = embeddings.into_raw_vec_and_offset().0;
         }
+        let hidden = embeddings.into_raw_vec_and_offset().0;
         record(recorder, "embeddings", &[tokens, d], &hidden)?;
         Ok(hidden)
     }
@@ -715,33 +709,13 @@ mod tests {
     /// two images) through both engines.
     #[test]
     fn model_dump_prompt_matches_reference_golden_vision_cases() {
-        let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../golden");
         for case in [
             "e2b_vision",
             "e2b_vision_two_images",
             "31b_vision",
             "31b_vision_two_images",
         ] {
-            let dir = golden.join(case);
-            let description: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(dir.join("case.json")).unwrap()).unwrap();
-            let tokens: Vec<usize> = description["tokens"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| t.as_u64().unwrap() as usize)
-                .collect();
-            let pixels = description["pixel_values"].as_str().unwrap();
-            let prompt = Prompt {
-                tokens,
-                images: read_pixel_values(&dir.join(pixels)).unwrap(),
-                audio: Vec::new(),
-            };
-            let decode = description["decode_steps"].as_u64().unwrap() as usize;
-            let model_dir = match description["model_dir"].as_str() {
-                Some(shared) => dir.join(shared),
-                None => dir.join("model"),
-            };
+            let (model_dir, prompt, decode) = golden_prompt(case);
             check_dumps(&model_dir, &prompt, decode, case);
         }
     }
