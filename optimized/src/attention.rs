@@ -439,18 +439,10 @@ pub(crate) unsafe fn matrix_product(
     );
 }
 
-/// `w_j = exp(s_j − max s) / Σ exp(s − max s)`, the sum in key order (the reference's softmax;
-/// `exp` vectorised, within 2 ulp of the reference's).
+/// `w_j = exp(s_j − max s) / Σ exp(s − max s)` ([`crate::simd::softmax_in_place`]: the `exp`
+/// vectorised within 2 ulp of the reference's, the sum in 8 partial sums).
 pub(crate) fn softmax_in_place(scores: &mut [f32]) {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for s in scores.iter_mut() {
-        *s -= max;
-    }
-    crate::simd::exp_in_place(scores);
-    let total: f32 = scores.iter().sum();
-    for s in scores.iter_mut() {
-        *s /= total;
-    }
+    crate::simd::softmax_in_place(scores);
 }
 
 /// Query heads per parallel task of [`attend`] on the current rayon pool: the whole group of

@@ -300,11 +300,13 @@ impl Gemma4Optimized {
     /// The embeddings of a prompt `[T, D]` (row-major): text tokens scaled by `√D`, each image
     /// (audio clip) encoded by the vision (audio) tower and its soft tokens written over its run
     /// of placeholders (shared spec: multimodal §3.2; the reference's `embed_prompt`, same
-    /// checks and errors). The towers' tensors and `embeddings` go to `recorder`.
+    /// checks and errors). The towers' tensors and `embeddings` go to `recorder`. The towers'
+    /// matrix products run in the model's precision ([`Gemma4Optimized::with_precision`]: f32 by
+    /// default; with `Bf16Activations`, bf16 products on AMX as in the fast prefill).
     pub fn embed_prompt(&self, prompt: &Prompt, recorder: &mut Recorder) -> Result<Vec<f32>> {
         self.validate_token_ids(&prompt.tokens)?;
         self.pool.install(|| {
-            with_precision(Precision::F32, || {
+            with_precision(self.precision, || {
                 self.embed_prompt_in_pool(prompt, recorder)
             })
         })

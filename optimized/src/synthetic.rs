@@ -10,9 +10,10 @@
 //! - [`TinyMultimodalConfig`] wraps a [`TinyConfig`] into a `Gemma4ForConditionalGeneration`
 //!   config with a tiny vision tower ([`TinyVisionTower`]: clipped linears and/or standardize,
 //!   any widths) and, optionally, `use_bidirectional_attention = "vision"`;
-//!   [`released_config_with_vision`] does the same with the real dimensions of a released model
+//!   [`released_config_with_towers`] does the same with the real dimensions of a released model
 //!   (on-device tower for E2B/E4B: 768 wide, 16 layers, 12 heads × 64, MLP 3072, clipped; large
-//!   tower for 31B/26B-A4B: 1152 wide, 27 layers, 16 heads × 72, MLP 4304, standardize).
+//!   tower for 31B/26B-A4B: 1152 wide, 27 layers, 16 heads × 72, MLP 4304, standardize; and
+//!   E2B/E4B's audio tower: 1024 wide, 12 conformer layers, output 1536).
 //!
 //! - [`TinyAudioTower`] (in [`TinyMultimodalConfig::audio`], ids audio `V − 5`, BOA `V − 6`,
 //!   EOA `V − 7`) adds a tiny audio tower of any width, depth, kernel and chunking; its
@@ -418,15 +419,22 @@ impl TinyAudioTower {
     }
 }
 
+/// How many layers of each tower [`released_config_with_towers`] keeps (`None`: all).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TowerLayers {
+    pub vision: Option<usize>,
+    pub audio: Option<usize>,
+}
+
 /// A `Gemma4ForConditionalGeneration` config with the real dimensions of a released
 /// `config.json`: its text decoder as [`released_text_config`] cuts it (`layers`), its vision
-/// tower cut to `vision_layers` layers if given (on-device for E2B/E4B, large for
-/// 31B/26B-A4B), the released special ids and `use_bidirectional_attention`, and no audio tower.
-/// [`write_checkpoint`] writes the tower next to the decoder.
-pub fn released_config_with_vision(
+/// tower (on-device for E2B/E4B, large for 31B/26B-A4B) and, where the model has one (E2B/E4B),
+/// its audio tower, each cut to `towers`' layer count if given, with the released special ids
+/// and `use_bidirectional_attention`. [`write_checkpoint`] writes the towers next to the decoder.
+pub fn released_config_with_towers(
     released: &Value,
     layers: Option<usize>,
-    vision_layers: Option<usize>,
+    towers: TowerLayers,
 ) -> Value {
     let mut config = released.clone();
     let object = config.as_object_mut().expect("a config object");
@@ -440,14 +448,17 @@ pub fn released_config_with_vision(
         "architectures".into(),
         json!(["Gemma4ForConditionalGeneration"]),
     );
-    object.insert("audio_config".into(), Value::Null);
-    let vision = object
-        .get_mut("vision_config")
-        .and_then(Value::as_object_mut)
-        .expect("a released config has a vision_config");
-    if let Some(layers) = vision_layers.filter(|&l| l > 0) {
-        let total = vision["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
-        vision.insert("num_hidden_layers".into(), json!(layers.min(total)));
+    for (key, cut) in [
+        ("vision_config", towers.vision),
+        ("audio_config", towers.audio),
+    ] {
+        let Some(tower) = object.get_mut(key).and_then(Value::as_object_mut) else {
+            continue;
+        };
+        if let Some(layers) = cut.filter(|&l| l > 0) {
+            let total = tower["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+            tower.insert("num_hidden_layers".into(), json!(layers.min(total)));
+        }
     }
     config
 }
@@ -856,12 +867,13 @@ mod tests {
         }
     }
 
-    /// The released configs with their vision tower: conditional-generation layout, the text
-    /// decoder cut as `released_text_config` cuts it, the tower at the real dimensions (cut to
-    /// `vision_layers`), no audio tower; the tensors `write_checkpoint` would write for it are
-    /// the reference's inventory at those dimensions.
+    /// The released configs with their towers: conditional-generation layout, the text
+    /// decoder cut as `released_text_config` cuts it, the vision tower at the real dimensions
+    /// (cut to `vision_layers`), the audio tower of E2B/E4B (cut to `audio_layers`) and none for
+    /// 31B/26B-A4B; the tensors `write_checkpoint` would write for it are the reference's
+    /// inventory at those dimensions.
     #[test]
-    fn synthetic_released_configs_with_vision_real_dimensions_every_variant() {
+    fn synthetic_released_configs_with_towers_real_dimensions_every_variant() {
         for (variant, width, layers, heads, head_dim, mlp, clipped) in [
             ("e2b", 768, 16, 12, 64, 3072, true),
             ("e4b", 768, 16, 12, 64, 3072, true),
@@ -869,12 +881,40 @@ mod tests {
             ("26b-a4b", 1152, 27, 16, 72, 4304, false),
         ] {
             let full = released(variant);
-            for (text_layers, vision_layers) in [(None, None), (Some(2), Some(3))] {
-                let config = released_config_with_vision(&full, text_layers, vision_layers);
+            for (text_layers, vision_layers, audio_layers) in
+                [(None, None, None), (Some(2), Some(3), Some(1))]
+            {
+                let towers = TowerLayers {
+                    vision: vision_layers,
+                    audio: audio_layers,
+                };
+                let config = released_config_with_towers(&full, text_layers, towers);
                 let parsed = ModelConfig::from_json(&config, Path::new("synthetic"))
                     .unwrap_or_else(|e| panic!("{variant}: {e}"));
                 assert_eq!(parsed.layout, CheckpointLayout::ConditionalGeneration);
-                assert!(parsed.audio.is_none(), "{variant}: no audio tower");
+                // E2B/E4B hear (spec multimodal §2): 1024 wide, 12 conformer layers, 8 heads,
+                // output 1536; 31B/26B-A4B have no audio tower.
+                match &parsed.audio {
+                    Some(audio) => {
+                        assert!(clipped, "{variant}: only the on-device models hear");
+                        assert_eq!(
+                            (
+                                audio.hidden_size,
+                                audio.num_hidden_layers,
+                                audio.num_attention_heads,
+                                audio.output_proj_dims
+                            ),
+                            (1024, audio_layers.unwrap_or(12), 8, 1536),
+                            "{variant}"
+                        );
+                        let specs = audio_tensor_specs(audio, parsed.text.hidden_size);
+                        assert!(
+                            specs.iter().any(|s| s.name.ends_with("output_proj.bias")),
+                            "{variant}: the audio inventory"
+                        );
+                    }
+                    None => assert!(!clipped, "{variant}: E2B/E4B have an audio tower"),
+                }
                 let text = ModelConfig::from_json(
                     &released_text_config(&full, text_layers),
                     Path::new("text"),

@@ -79,6 +79,18 @@ pub struct BenchArgs {
     /// Where to write the report.
     #[arg(long, default_value = "docs/performance.md")]
     pub out: PathBuf,
+    /// Which rows to measure: `text` (prefill and decode), `towers` (vision and audio towers,
+    /// `crate::bench_towers`) or `all`. The report's other part is kept as it was.
+    #[arg(long, default_value = "all", value_parser = ["text", "towers", "all"])]
+    pub part: String,
+    /// The E2B checkpoint with its towers for the tower rows
+    /// (`cargo xtask synth --variant e2b --towers --layers 1 --out DIR`).
+    #[arg(long, default_value = "/work/bench-data/e2b-towers")]
+    pub towers_model: PathBuf,
+    /// The 31B checkpoint with its vision tower for the large-tower row
+    /// (`cargo xtask synth --variant 31b --towers --layers 1 --out DIR`).
+    #[arg(long, default_value = "/work/bench-data/31b-towers")]
+    pub large_towers_model: PathBuf,
 }
 
 /// Arguments of the per-engine child process.
@@ -102,6 +114,18 @@ pub struct BenchEngineArgs {
     /// reference's) or `bf16` (`--fast-prefill`: bf16-rounded activations, AMX or AVX-512 BF16).
     #[arg(long, default_value = "f32")]
     pub precision: String,
+    /// Tower workload: this image through the vision tower (instead of the text workload).
+    #[arg(long, conflicts_with = "audio")]
+    pub image: Option<PathBuf>,
+    /// The image's soft-token budget.
+    #[arg(long, default_value_t = 280)]
+    pub budget: usize,
+    /// Tower workload: this WAV clip through the audio tower.
+    #[arg(long)]
+    pub audio: Option<PathBuf>,
+    /// Tower workload: timed passes (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
 }
 
 /// The prompt: `n` token ids in `[3, vocab)`, reproducible.
@@ -113,7 +137,7 @@ fn prompt_ids(n: usize, vocab: usize) -> Vec<usize> {
 }
 
 /// Peak resident set size of this process (`VmHWM`), in bytes.
-fn peak_rss() -> u64 {
+pub(crate) fn peak_rss() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
@@ -131,7 +155,7 @@ fn load_average() -> f64 {
 }
 
 /// The median of `times` (not empty).
-fn median(times: &[f64]) -> f64 {
+pub(crate) fn median(times: &[f64]) -> f64 {
     let mut sorted = times.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted[sorted.len() / 2]
@@ -187,6 +211,9 @@ fn timed_workload<C>(
 pub fn run_engine(args: &BenchEngineArgs) -> Result<(), String> {
     if cfg!(debug_assertions) {
         return Err("bench-engine needs a release build (`cargo run --release -p xtask -- bench-engine ...`)".into());
+    }
+    if args.image.is_some() || args.audio.is_some() {
+        return crate::bench_towers::run_engine(args);
     }
     let err = |e: gemma4_reference::Error| e.to_string();
     let started = Instant::now();
@@ -314,7 +341,11 @@ fn wait_for_quiet(max_load: f64, max_wait: u64) -> f64 {
 }
 
 /// Runs one measurement in a child process; returns its JSON plus the load it started under.
-fn measure(mut command: Command, args: &BenchArgs, label: &str) -> Result<Value, String> {
+pub(crate) fn measure(
+    mut command: Command,
+    args: &BenchArgs,
+    label: &str,
+) -> Result<Value, String> {
     let load_before = wait_for_quiet(args.max_load, args.max_wait);
     eprintln!("xtask bench: {label} (load {load_before:.2})");
     let output = command
@@ -530,6 +561,33 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         // about 2.5x slower than what users get.
         return Err("the benchmark needs a release build: run `cargo xtask bench` (the alias builds --release) or `cargo run --release -p xtask -- bench`".into());
     }
+    let out = repo_root().join(&args.out);
+    let existing = std::fs::read_to_string(&out).unwrap_or_default();
+    let (old_text, old_towers) = crate::bench_towers::split_report(&existing);
+    let text = match args.part.as_str() {
+        "towers" => old_text,
+        _ => run_text(args)?,
+    };
+    let towers = match args.part.as_str() {
+        "text" => old_towers,
+        _ => crate::bench_towers::run(args)?,
+    };
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    let separator = if text.is_empty() || text.ends_with("\n\n") || towers.is_empty() {
+        ""
+    } else {
+        "\n"
+    };
+    std::fs::write(&out, format!("{text}{separator}{towers}"))
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    eprintln!("xtask bench: wrote {}", out.display());
+    Ok(())
+}
+
+/// The prefill and decode rows: measures them and returns their report.
+fn run_text(args: &BenchArgs) -> Result<String, String> {
     for dir in [&args.model, &args.reduced_model] {
         if !dir.join("config.json").exists() {
             return Err(format!(
@@ -616,13 +674,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
             llama_cpp: llama_cpp.as_ref(),
         },
     );
-    let out = repo_root().join(&args.out);
-    if let Some(parent) = out.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-    }
-    std::fs::write(&out, report).map_err(|e| format!("{}: {e}", out.display()))?;
-    eprintln!("xtask bench: wrote {}", out.display());
-    Ok(())
+    Ok(report)
 }
 
 fn gib(bytes: f64) -> String {
@@ -852,7 +904,7 @@ fn report(
 }
 
 /// CPU model, core count and the SIMD extensions that matter here, from /proc/cpuinfo.
-fn cpu_description() -> String {
+pub(crate) fn cpu_description() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = info
         .lines()
@@ -890,7 +942,7 @@ fn cpu_description() -> String {
 }
 
 /// This process's nice value (field 19 of /proc/self/stat).
-fn own_niceness() -> i64 {
+pub(crate) fn own_niceness() -> i64 {
     std::fs::read_to_string("/proc/self/stat")
         .ok()
         .and_then(|s| {

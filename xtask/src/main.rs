@@ -5,6 +5,7 @@
 //! [`Task`] and a module file to add a task.
 
 mod bench;
+mod bench_towers;
 mod fuzz;
 mod golden;
 mod mutants;
@@ -37,7 +38,8 @@ enum Task {
     Fuzz(fuzz::FuzzArgs),
     /// Write a random-weight checkpoint with the real dimensions of a released model.
     Synth(synth::SynthArgs),
-    /// Measure prefill/decode speed and peak memory of the engines; write docs/performance.md.
+    /// Measure prefill/decode speed and peak memory of the engines, and the vision and audio
+    /// towers' speed; write docs/performance.md.
     Bench(bench::BenchArgs),
     /// (internal) One engine, one workload, one JSON line: the child process of `bench`.
     #[command(hide = true)]

@@ -110,7 +110,7 @@ pub fn attention(
 /// Query patches per task of [`attend_patches`]: a block's scores are `[B, n]` (at 2520 patches,
 /// the budget-280 maximum, 64 rows are 645 KB, in L2) and each key and value row is read once
 /// per block and head instead of once per query.
-pub const PATCH_BLOCK_ROWS: usize = 64;
+pub const PATCH_BLOCK_ROWS: usize = 128;
 
 /// Bidirectional multi-head attention over all `n` patches, scale 1.0, no mask (only valid
 /// patches are given):
@@ -140,6 +140,29 @@ pub fn attend_patches(
     if n == 0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::linear::current_precision() == crate::linear::Precision::Bf16Activations
+        && crate::amx::has_amx_bf16()
+    {
+        return attend_patches_amx(queries, keys, values, n, [heads, kv_heads, d], output);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::gemm512::has_avx512() {
+        return attend_patches_avx512(queries, keys, values, n, [heads, kv_heads, d], output);
+    }
+    attend_patches_portable(queries, keys, values, n, [heads, kv_heads, d], output);
+}
+
+/// [`attend_patches`] on any CPU: the `gemm` crate's f32 products on strided views of the heads
+/// (no copies).
+fn attend_patches_portable(
+    queries: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    n: usize,
+    [heads, kv_heads, d]: [usize; 3],
+    output: &mut [f32],
+) {
     let group = heads / kv_heads;
     let row = heads * d;
     output
@@ -181,6 +204,179 @@ pub fn attend_patches(
                 };
             }
         });
+}
+
+/// [`attend_patches`] on the packed AVX-512 f32 GEMM of the linears ([`crate::gemm512`]), twice
+/// the width of the `gemm` crate's AVX2 kernel that the portable path uses (on the E2B tower at
+/// budget 280 the attention products took 29% of the time with it). The kernel reads its
+/// left operand with contiguous rows and its right operand as the rows of a row-major matrix, so
+/// the heads are first copied out head-major (`Q`, `K` as `[H, n, d]`) and the values transposed
+/// (`Vᵀ` as `[K, d, n]`): 3·n·H·d floats per layer, against n²·H·d multiply-adds per product.
+/// Every score and output element is one sequential f32 FMA chain (the kernel's guarantee).
+#[cfg(target_arch = "x86_64")]
+fn attend_patches_avx512(
+    queries: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    n: usize,
+    [heads, kv_heads, d]: [usize; 3],
+    output: &mut [f32],
+) {
+    use crate::gemm512::gemm_rows_f32;
+    let group = heads / kv_heads;
+    let row = heads * d;
+    let queries = head_major(queries, n, heads, d);
+    let keys = head_major(keys, n, kv_heads, d);
+    let values_t = values_transposed(values, n, kv_heads, d);
+    output
+        .par_chunks_mut(PATCH_BLOCK_ROWS * row)
+        .enumerate()
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (block, out)| {
+            let rows = out.len() / row;
+            let first = block * PATCH_BLOCK_ROWS;
+            scores.resize(rows * n, 0.0);
+            for h in 0..heads {
+                let kv_head = h / group;
+                // SAFETY: the CPU has AVX-512F (checked by the caller). S = Q_block · Kᵀ:
+                // `keys` head kv_head holds n rows of d; the block's queries are `rows` rows of
+                // d from row `first` of head h; `scores` is [rows, n].
+                unsafe {
+                    gemm_rows_f32::<f32>(
+                        keys.as_ptr().add(kv_head * n * d),
+                        d,
+                        0..n,
+                        queries.as_ptr().add((h * n + first) * d),
+                        rows,
+                        scores.as_mut_ptr(),
+                        n,
+                    )
+                };
+                for query_scores in scores.chunks_exact_mut(n) {
+                    softmax_in_place(query_scores);
+                }
+                // SAFETY: O_block[:, h] = P · V: `values_t` head kv_head holds d rows of n
+                // (Vᵀ); P is [rows, n]; output rows are `row` floats apart, head h at h·d.
+                unsafe {
+                    gemm_rows_f32::<f32>(
+                        values_t.as_ptr().add(kv_head * d * n),
+                        n,
+                        0..d,
+                        scores.as_ptr(),
+                        rows,
+                        out.as_mut_ptr().add(h * d),
+                        row,
+                    )
+                };
+            }
+        });
+}
+
+/// `[heads, n, d]` of a `[n, heads, d]` buffer (each head's rows contiguous).
+fn head_major(x: &[f32], n: usize, heads: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    if n == 0 || d == 0 {
+        return out;
+    }
+    out.par_chunks_mut(n * d).enumerate().for_each(|(h, head)| {
+        for (i, dst) in head.chunks_exact_mut(d).enumerate() {
+            let at = (i * heads + h) * d;
+            dst.copy_from_slice(&x[at..at + d]);
+        }
+    });
+    out
+}
+
+/// `[kv_heads, d, n]` of the values `[n, kv_heads, d]`: value head h's column c is row c of its
+/// block (`Vᵀ`, the right operand of `P · V` as the kernels read it).
+fn values_transposed(values: &[f32], n: usize, kv_heads: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; values.len()];
+    if n == 0 || d == 0 {
+        return out;
+    }
+    out.par_chunks_mut(d * n)
+        .enumerate()
+        .for_each(|(h, block)| {
+            for (i, value) in values.chunks_exact(kv_heads * d).enumerate() {
+                for (c, &v) in value[h * d..(h + 1) * d].iter().enumerate() {
+                    block[c * n + i] = v;
+                }
+            }
+        });
+    out
+}
+
+/// [`attend_patches`] in the fast mode (`Precision::Bf16Activations` on a CPU with AMX): both
+/// products on the tile unit ([`crate::amx::gemm_rows_amx`]) with bf16 operands and f32 sums, as
+/// torch's bf16 attention does — the keys and `Vᵀ` rounded to bf16 once per layer (round to
+/// nearest even), each block's queries and softmax weights rounded before their product; the
+/// softmax itself in f32. Not the reference's arithmetic (scores carry relative errors of about
+/// 2⁻⁸); never used for dumps, which run in f32.
+#[cfg(target_arch = "x86_64")]
+fn attend_patches_amx(
+    queries: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    n: usize,
+    [heads, kv_heads, d]: [usize; 3],
+    output: &mut [f32],
+) {
+    use crate::amx::gemm_rows_amx;
+    use crate::gemm512::round_to_bf16_token_groups;
+    use half::bf16;
+    let group = heads / kv_heads;
+    let row = heads * d;
+    let to_bf16 = |x: Vec<f32>| -> Vec<bf16> { x.par_iter().map(|&v| bf16::from_f32(v)).collect() };
+    let queries = head_major(queries, n, heads, d);
+    let keys = to_bf16(head_major(keys, n, kv_heads, d));
+    let values_t = to_bf16(values_transposed(values, n, kv_heads, d));
+    output
+        .par_chunks_mut(PATCH_BLOCK_ROWS * row)
+        .enumerate()
+        .for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(scores, pairs): &mut (Vec<f32>, Vec<u32>), (block, out)| {
+                let rows = out.len() / row;
+                let first = block * PATCH_BLOCK_ROWS;
+                scores.resize(rows * n, 0.0);
+                for h in 0..heads {
+                    let kv_head = h / group;
+                    let block_queries = &queries[(h * n + first) * d..(h * n + first + rows) * d];
+                    // SAFETY: AMX and AVX-512 BF16 are available (checked by the caller). S =
+                    // Q_block · Kᵀ: `keys` head kv_head holds n bf16 rows of d; `pairs` holds
+                    // the block's rounded queries; `scores` is [rows, n].
+                    unsafe {
+                        round_to_bf16_token_groups(block_queries, rows, d, pairs);
+                        gemm_rows_amx(
+                            keys.as_ptr().add(kv_head * n * d),
+                            d,
+                            0..n,
+                            pairs.as_ptr(),
+                            rows,
+                            scores.as_mut_ptr(),
+                            n,
+                        );
+                    }
+                    for query_scores in scores.chunks_exact_mut(n) {
+                        softmax_in_place(query_scores);
+                    }
+                    // SAFETY: O_block[:, h] = P · V: `values_t` head kv_head holds d bf16 rows
+                    // of n (Vᵀ); `pairs` holds the rounded [rows, n] weights; output rows are
+                    // `row` floats apart, head h at h·d.
+                    unsafe {
+                        round_to_bf16_token_groups(scores, rows, n, pairs);
+                        gemm_rows_amx(
+                            values_t.as_ptr().add(kv_head * d * n),
+                            n,
+                            0..d,
+                            pairs.as_ptr(),
+                            rows,
+                            out.as_mut_ptr().add(h * d),
+                            row,
+                        );
+                    }
+                }
+            },
+        );
 }
 
 #[cfg(test)]
@@ -250,15 +446,64 @@ mod tests {
             let q = random_values(n * heads * d, seed, 1.2);
             let k = random_values(n * kv_heads * d, seed + 1, 1.2);
             let v = random_values(n * kv_heads * d, seed + 2, 1.0);
-            let mut got = vec![f32::NAN; n * heads * d];
-            attend_patches(&q, &k, &v, n, [heads, kv_heads, d], &mut got);
             let expected = naive_attention(&q, &k, &v, n, [heads, kv_heads, d]);
-            // f32 scores (≤ 24 terms) and weighted sums (≤ 150 terms) against f64: a score's
-            // rounding (~1e-7 of ~10) moves its softmax weight by ~1e-6 relative, and outputs
-            // are ≤ 1 (measured ≤ 1e-6). A wrong key, head, scale or normalisation moves
-            // outputs by ≥ 1e-2.
-            assert_close("attend_patches", &got, &expected, 1e-5);
+            for (path, run) in f32_paths() {
+                let mut got = vec![f32::NAN; n * heads * d];
+                run(&q, &k, &v, n, [heads, kv_heads, d], &mut got);
+                // f32 scores (≤ 24 terms) and weighted sums (≤ 150 terms) against f64: a
+                // score's rounding (~1e-7 of ~10) moves its softmax weight by ~1e-6 relative,
+                // and outputs are ≤ 1 (measured ≤ 1e-6). A wrong key, head, scale or
+                // normalisation moves outputs by ≥ 1e-2.
+                assert_close(&format!("attend_patches ({path})"), &got, &expected, 1e-5);
+            }
         }
+
+        /// The fast mode's AMX path (bf16 operands, f32 sums and softmax) against the f64
+        /// definition, where the CPU has AMX.
+        #[test]
+        fn attend_patches_amx_matches_definition_within_bf16_rounding(
+            n in 1usize..300,
+            kv_heads in 1usize..4,
+            group in 1usize..3,
+            d in 1usize..25,
+            seed in 0u64..1000,
+        ) {
+            if !crate::amx::has_amx_bf16() {
+                return Ok(());
+            }
+            let heads = kv_heads * group;
+            let q = random_values(n * heads * d, seed, 1.2);
+            let k = random_values(n * kv_heads * d, seed + 1, 1.2);
+            let v = random_values(n * kv_heads * d, seed + 2, 1.0);
+            let expected = naive_attention(&q, &k, &v, n, [heads, kv_heads, d]);
+            let mut got = vec![f32::NAN; n * heads * d];
+            crate::linear::with_precision(crate::linear::Precision::Bf16Activations, || {
+                attend_patches(&q, &k, &v, n, [heads, kv_heads, d], &mut got)
+            });
+            // bf16 operands (unit roundoff 2⁻⁹ = 0.002): a score of ≤ 24 products of ≤ 1.44 moves
+            // by ≤ 2·2⁻⁹·Σ|q·k| (~0.05 at most, far less on average), which moves the softmax
+            // weights by as much relative; rounding the weights and values adds 2·2⁻⁹. Outputs
+            // are ≤ 1: bound 0.03 (measured ≤ 6.2e-3 over 24 random shapes). A wrong key, head or
+            // normalisation moves outputs by ≥ 0.1 (the f32 test's 1e-2 floor, at bf16 scale).
+            assert_close("attend_patches (AMX)", &got, &expected, 3e-2);
+        }
+    }
+
+    /// The f32 paths of [`attend_patches`] this CPU can run, by name.
+    #[allow(clippy::type_complexity)]
+    fn f32_paths() -> Vec<(
+        &'static str,
+        fn(&[f32], &[f32], &[f32], usize, [usize; 3], &mut [f32]),
+    )> {
+        let mut paths: Vec<(
+            &'static str,
+            fn(&[f32], &[f32], &[f32], usize, [usize; 3], &mut [f32]),
+        )> = vec![("portable", attend_patches_portable)];
+        #[cfg(target_arch = "x86_64")]
+        if crate::gemm512::has_avx512() {
+            paths.push(("AVX-512", attend_patches_avx512));
+        }
+        paths
     }
 
     proptest! {
