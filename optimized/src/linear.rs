@@ -36,8 +36,17 @@ pub const SKINNY_MAX_TOKENS: usize = 8;
 const SKINNY_ROW_BLOCK: usize = 64;
 /// Weight rows per GEMM call (and per parallel task) in the `gemm` crate fallback.
 const GEMM_ROW_BLOCK: usize = 128;
-/// Weight rows per parallel task in the AVX-512 f32 GEMM: two packed panels.
+/// Weight rows per parallel task in the AVX-512 f32 GEMM: two packed panels for products of up
+/// to [`AVX512_WIDE_BLOCK_MAX_TOKENS`] token rows (the text prefill, as before), one panel for
+/// longer ones. Measured on this project's Xeon, 2 threads (`xtask bench-engine`, medians of 3–5
+/// runs): the 250 frames of a 10 s clip through the E2B audio tower took 1.02 s with two-panel
+/// tasks and 0.79 s with one-panel tasks, the 2304 patches of a budget-280 image through the
+/// vision tower 6.07 s and 5.89 s; a 128-token E2B prefill (10 layers) showed no difference
+/// beyond this machine's ±5% run-to-run spread (492–556 tok/s either way), so it keeps its
+/// tasks. Outputs do not depend on the blocking (every element is one FMA chain).
 const AVX512_ROW_BLOCK: usize = 2 * crate::gemm512::NR;
+/// See [`AVX512_ROW_BLOCK`].
+const AVX512_WIDE_BLOCK_MAX_TOKENS: usize = 128;
 /// Weight rows per parallel task in the bf16 GEMM: four row blocks of its tiles (whole blocks
 /// only). Small tasks even out the two threads' shares at the end of each product: 24-row tasks
 /// against 96-row ones made the whole fast E2B prefill ~3% faster (medians of three
@@ -248,7 +257,7 @@ unsafe fn product_into(
         let x = &x[first * weight.cols..(first + count) * weight.cols];
         let input = Input::prepare(x, count, weight.cols, route);
         let y = y.column(first * weight.rows);
-        for_each_row_block(weight.rows, route.block_rows(), threads, |block| {
+        for_each_row_block(weight.rows, route.block_rows(count), threads, |block| {
             // SAFETY: `y` is [tokens, rows] from this pass's first token row; this task writes
             // only the columns `block` of the pass's rows.
             unsafe {
@@ -292,7 +301,7 @@ pub fn linear_group(x: &[f32], tokens: usize, weights: &[&Matrix]) -> Vec<Vec<f3
         .iter_mut()
         .map(|y| SendPtr(y.as_mut_ptr()))
         .collect();
-    let block = route.block_rows();
+    let block = route.block_rows(tokens.min(TOKEN_PASS_ROWS));
     let tasks: Vec<(usize, std::ops::Range<usize>)> = weights
         .iter()
         .enumerate()
@@ -372,7 +381,7 @@ pub fn linear_geglu(x: &[f32], tokens: usize, gate: &Matrix, up: &Matrix) -> Vec
 fn geglu_pass(gate: &Matrix, up: &Matrix, input: &Input, tokens: usize, route: Route, y: SendPtr) {
     let width = gate.rows;
     {
-        for_each_row_block(width, route.block_rows(), Threads::Pool, |block| {
+        for_each_row_block(width, route.block_rows(tokens), Threads::Pool, |block| {
             let w = block.len();
             GEGLU_STAGING.with(|staging| {
                 let mut staging = staging.borrow_mut();
@@ -510,9 +519,12 @@ impl Route {
         matches!(self, Route::Prefill(kernel) if kernel.rounds_activations())
     }
 
-    /// Weight rows per parallel task.
-    fn block_rows(self) -> usize {
+    /// Weight rows per parallel task, for a product of `tokens` token rows (per pass).
+    fn block_rows(self, tokens: usize) -> usize {
         match self {
+            Route::Prefill(PrefillKernel::Avx512) if tokens > AVX512_WIDE_BLOCK_MAX_TOKENS => {
+                crate::gemm512::NR
+            }
             Route::Skinny => SKINNY_ROW_BLOCK,
             Route::Prefill(PrefillKernel::GemmCrate) => GEMM_ROW_BLOCK,
             Route::Prefill(PrefillKernel::Avx512Bf16) => BF16_ROW_BLOCK,

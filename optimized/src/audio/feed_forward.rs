@@ -27,10 +27,10 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-/// `x ← silu(x)` on every element, in parallel chunks.
+/// `x ← silu(x)` on every element, in parallel chunks ([`crate::simd::silu_in_place`]: vectorised
+/// `exp`, within 3 ulp of [`silu`]).
 pub fn silu_in_place(x: &mut [f32]) {
-    x.par_chunks_mut(CHUNK)
-        .for_each(|chunk| chunk.iter_mut().for_each(|v| *v = silu(*v)));
+    x.par_chunks_mut(CHUNK).for_each(crate::simd::silu_in_place);
 }
 
 /// `clamp(x, −c, c)` on every element (the tower's "gradient clipping", a no-op in practice at

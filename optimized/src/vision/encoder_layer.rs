@@ -306,11 +306,13 @@ fn values_transposed(values: &[f32], n: usize, kv_heads: usize, d: usize) -> Vec
 }
 
 /// [`attend_patches`] in the fast mode (`Precision::Bf16Activations` on a CPU with AMX): both
-/// products on the tile unit ([`crate::amx::gemm_rows_amx`]) with bf16 operands and f32 sums, as
-/// torch's bf16 attention does — the keys and `Vᵀ` rounded to bf16 once per layer (round to
-/// nearest even), each block's queries and softmax weights rounded before their product; the
-/// softmax itself in f32. Not the reference's arithmetic (scores carry relative errors of about
-/// 2⁻⁸); never used for dumps, which run in f32.
+/// products on the tile unit with bf16 operands and f32 sums, as torch's bf16 attention does;
+/// the softmax itself in f32. Each product runs with the block's queries (softmax weights) as
+/// the tile kernel's "weight" rows and the keys (`Vᵀ`) as its rounded "tokens", so that scores
+/// and outputs come out query-major ([`crate::amx::gemm_rows_amx_row_major`]) and each KV head's
+/// keys and `Vᵀ` are rounded to bf16 (nearest even) once per layer, not once per block. Not the
+/// reference's arithmetic (scores carry relative errors of about 2⁻⁸); never used for dumps,
+/// which run in f32.
 #[cfg(target_arch = "x86_64")]
 fn attend_patches_amx(
     queries: &[f32],
@@ -320,60 +322,71 @@ fn attend_patches_amx(
     [heads, kv_heads, d]: [usize; 3],
     output: &mut [f32],
 ) {
-    use crate::amx::gemm_rows_amx;
-    use crate::gemm512::round_to_bf16_token_groups;
+    use crate::amx::gemm_rows_amx_row_major;
+    use crate::gemm512::{round_to_bf16, round_to_bf16_token_groups_here};
     use half::bf16;
     let group = heads / kv_heads;
     let row = heads * d;
-    let to_bf16 = |x: Vec<f32>| -> Vec<bf16> { x.par_iter().map(|&v| bf16::from_f32(v)).collect() };
     let queries = head_major(queries, n, heads, d);
-    let keys = to_bf16(head_major(keys, n, kv_heads, d));
-    let values_t = to_bf16(values_transposed(values, n, kv_heads, d));
+    let keys = head_major(keys, n, kv_heads, d);
+    let values_t = values_transposed(values, n, kv_heads, d);
+    // Per KV head: its keys as n rounded "tokens" of d columns, its `Vᵀ` as d of n.
+    let rounded = |x: &[f32], tokens: usize, cols: usize| -> Vec<Vec<u32>> {
+        x.par_chunks(tokens * cols)
+            .map(|head| {
+                let mut out = Vec::new();
+                // SAFETY: AVX-512 BF16 is available (AMX implies it, checked by the caller).
+                unsafe { round_to_bf16_token_groups_here(head, tokens, cols, &mut out) };
+                out
+            })
+            .collect()
+    };
+    let key_groups = rounded(&keys, n, d);
+    let value_groups = rounded(&values_t, d, n);
     output
         .par_chunks_mut(PATCH_BLOCK_ROWS * row)
         .enumerate()
         .for_each_init(
             || (Vec::new(), Vec::new()),
-            |(scores, pairs): &mut (Vec<f32>, Vec<u32>), (block, out)| {
+            |(scores, rows_bf16): &mut (Vec<f32>, Vec<bf16>), (block, out)| {
                 let rows = out.len() / row;
                 let first = block * PATCH_BLOCK_ROWS;
                 scores.resize(rows * n, 0.0);
                 for h in 0..heads {
                     let kv_head = h / group;
                     let block_queries = &queries[(h * n + first) * d..(h * n + first + rows) * d];
-                    // SAFETY: AMX and AVX-512 BF16 are available (checked by the caller). S =
-                    // Q_block · Kᵀ: `keys` head kv_head holds n bf16 rows of d; `pairs` holds
-                    // the block's rounded queries; `scores` is [rows, n].
+                    // SAFETY: AMX (and so AVX-512 BF16) is available (checked by the caller).
+                    // S = Q_block · Kᵀ, query rows of d bf16 against the head's n rounded keys,
+                    // into `scores` [rows, n].
                     unsafe {
-                        round_to_bf16_token_groups(block_queries, rows, d, pairs);
-                        gemm_rows_amx(
-                            keys.as_ptr().add(kv_head * n * d),
+                        round_to_bf16(block_queries, rows_bf16);
+                        gemm_rows_amx_row_major(
+                            rows_bf16.as_ptr(),
                             d,
-                            0..n,
-                            pairs.as_ptr(),
-                            rows,
+                            0..rows,
+                            key_groups[kv_head].as_ptr(),
+                            n,
                             scores.as_mut_ptr(),
                             n,
-                        );
-                    }
+                        )
+                    };
                     for query_scores in scores.chunks_exact_mut(n) {
                         softmax_in_place(query_scores);
                     }
-                    // SAFETY: O_block[:, h] = P · V: `values_t` head kv_head holds d bf16 rows
-                    // of n (Vᵀ); `pairs` holds the rounded [rows, n] weights; output rows are
-                    // `row` floats apart, head h at h·d.
+                    // SAFETY: O_block[:, h] = P · V: weight rows of n bf16 against the head's d
+                    // rounded `Vᵀ` rows; output rows are `row` floats apart, head h at h·d.
                     unsafe {
-                        round_to_bf16_token_groups(scores, rows, n, pairs);
-                        gemm_rows_amx(
-                            values_t.as_ptr().add(kv_head * d * n),
+                        round_to_bf16(scores, rows_bf16);
+                        gemm_rows_amx_row_major(
+                            rows_bf16.as_ptr(),
                             n,
-                            0..d,
-                            pairs.as_ptr(),
-                            rows,
+                            0..rows,
+                            value_groups[kv_head].as_ptr(),
+                            d,
                             out.as_mut_ptr().add(h * d),
                             row,
-                        );
-                    }
+                        )
+                    };
                 }
             },
         );
