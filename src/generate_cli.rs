@@ -217,9 +217,11 @@ fn read_messages(path: &Path, media: &mut MediaOptions) -> Result<Vec<Value>, St
                         }
                         "image" => media.images.push(file()?),
                         "audio" => media.audio.push(file()?),
-                        other => return Err(at(&format!(
+                        other => {
+                            return Err(at(&format!(
                             "part {j} has unknown type {other:?} (expected text, image or audio)"
-                        ))),
+                        )))
+                        }
                     }
                 }
             }
