@@ -879,7 +879,7 @@ unsafe fn softmax_avx512(x: *mut f32, n: usize) {
 }
 
 /// `x ← silu(x) = x / (1 + e^{−x})` on every element (the audio tower's Swish), with
-/// [`exp16`] on AVX-512 (the scalar `expf` loop was 17% of the fast audio tower's time, `perf`):
+/// `exp16` on AVX-512 (the scalar `expf` loop was 17% of the fast audio tower's time, `perf`):
 /// within 3 ulp of the reference's scalar form (`exp` within 2 ulp, the division exact) on
 /// `−x ∈ [−87, 88]`; beyond, the argument is clamped, which changes results by less than 1e-36
 /// absolute (`x·e^{x}` for x < −88 is that small; for x > 87, `1 + e^{−87}` is 1 as in the
