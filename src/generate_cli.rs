@@ -14,8 +14,8 @@ use serde_json::{json, Value};
 
 use crate::engine::Engine;
 use crate::generate::{
-    generate, prepare_prompt, GenerateOptions, GenerateRequest, Generation, PromptText,
-    SamplingOverrides, StopReason, TextSide,
+    generate, prepare_prompt, GenerateOptions, GenerateRequest, Generation, PromptText, StopReason,
+    TextSide,
 };
 use crate::prompt::MediaOptions;
 
@@ -269,25 +269,4 @@ pub fn speed_line(generation: &Generation) -> String {
             StopReason::Interrupted => "interrupted",
         }
     )
-}
-
-impl GenerateCommand {
-    /// The sampling overrides of the flags.
-    pub fn sampling(
-        greedy: bool,
-        temperature: Option<f32>,
-        top_k: Option<usize>,
-        top_p: Option<f32>,
-        min_p: Option<f32>,
-        repetition_penalty: Option<f32>,
-    ) -> SamplingOverrides {
-        SamplingOverrides {
-            greedy,
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repetition_penalty,
-        }
-    }
 }

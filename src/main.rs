@@ -429,14 +429,14 @@ fn inspect_command(args: InspectArgs) -> ExitCode {
 
 fn generate_command(args: GenerateArgs) -> ExitCode {
     use gemma4::generate_cli::GenerateCommand;
-    let sampling = GenerateCommand::sampling(
-        args.greedy,
-        args.temperature,
-        args.top_k,
-        args.top_p,
-        args.min_p,
-        args.repetition_penalty,
-    );
+    let sampling = gemma4::generate::SamplingOverrides {
+        greedy: args.greedy,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+    };
     gemma4::generate_cli::run(GenerateCommand {
         model: args.model,
         prompt: args.prompt,

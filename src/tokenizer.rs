@@ -25,9 +25,8 @@ pub struct CheckpointTokenizer {
     pub eos: Option<(String, usize)>,
 }
 
-/// Gemma 4's markers, by the strings of its tokenizer (ids from the checkpoint's files).
-pub const TURN_START: &str = "<|turn>";
-/// End of a turn: a stop token of chat generation.
+/// Gemma 4's end of turn, by its string in the tokenizer (the id from the checkpoint's files):
+/// a stop token of chat generation.
 pub const TURN_END: &str = "<turn|>";
 
 impl CheckpointTokenizer {

@@ -571,8 +571,8 @@ pub unsafe fn round_to_bf16(x: &[f32], out: &mut Vec<half::bf16>) {
 
 /// The softmax of one row of attention scores, written rounded to bf16 into `out` (`row.len()`
 /// values) — the fast vision attention's `P` for its AMX product, in one pass over a row that is
-/// still in L1/L2: maximum (NaN skipped), `exp(s − max)` (`simd::exp16`'s polynomial, on
-/// arguments clamped to [−87, 88]) summed in 16 lanes and kept in `row`, then each value times
+/// still in L1/L2: `exp(s − max)` summed in 16 lanes and kept in `row`
+/// (`simd::exp_shifted_in_place_avx512`, as the f32 softmax), then each value times
 /// `1/Σ` rounded to nearest even. The separate softmax and rounding passes over a whole
 /// `[128, 9801]` score block (5 MB, past L2) took 35% of the fast tower's time at budget 1120
 /// (`perf`). Multiplying by the reciprocal (instead of dividing) moves a weight by at most one
@@ -585,36 +585,7 @@ pub unsafe fn round_to_bf16(x: &[f32], out: &mut Vec<half::bf16>) {
 pub unsafe fn softmax_row_to_bf16(row: &mut [f32], out: &mut [half::bf16]) {
     assert_eq!(row.len(), out.len(), "one bf16 weight per score");
     let n = row.len();
-    let x = row.as_mut_ptr();
-    let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
-    let mut i = 0;
-    while i + 16 <= n {
-        max = _mm512_max_ps(_mm512_loadu_ps(x.add(i)), max);
-        i += 16;
-    }
-    let mut m = _mm512_reduce_max_ps(max);
-    for &v in &row[i..] {
-        m = m.max(v);
-    }
-    let (low, high, shift) = (
-        _mm512_set1_ps(-87.0),
-        _mm512_set1_ps(88.0),
-        _mm512_set1_ps(m),
-    );
-    let mut sum = _mm512_setzero_ps();
-    i = 0;
-    while i + 16 <= n {
-        let v = _mm512_sub_ps(_mm512_loadu_ps(x.add(i)), shift);
-        let e = crate::simd::exp16(_mm512_min_ps(high, _mm512_max_ps(low, v)));
-        _mm512_storeu_ps(x.add(i), e);
-        sum = _mm512_add_ps(sum, e);
-        i += 16;
-    }
-    let mut total = _mm512_reduce_add_ps(sum);
-    for v in &mut row[i..] {
-        *v = (*v - m).clamp(-87.0, 88.0).exp();
-        total += *v;
-    }
+    let total = crate::simd::exp_shifted_in_place_avx512(row.as_mut_ptr(), n);
     let inverse = 1.0 / total;
     let scale = _mm512_set1_ps(inverse);
     let dst = out.as_mut_ptr() as *mut __m512i;

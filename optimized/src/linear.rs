@@ -380,41 +380,39 @@ pub fn linear_geglu(x: &[f32], tokens: usize, gate: &Matrix, up: &Matrix) -> Vec
 /// One pass of [`linear_geglu`]'s fused route: `tokens` rows of `input` into `y` (`[tokens, F]`).
 fn geglu_pass(gate: &Matrix, up: &Matrix, input: &Input, tokens: usize, route: Route, y: SendPtr) {
     let width = gate.rows;
-    {
-        for_each_row_block(width, route.block_rows(tokens), Threads::Pool, |block| {
-            let w = block.len();
-            GEGLU_STAGING.with(|staging| {
-                let mut staging = staging.borrow_mut();
-                if staging.len() < 2 * tokens * w {
-                    staging.resize(2 * tokens * w, 0.0);
-                }
-                let (gated, rest) = staging.split_at_mut(tokens * w);
-                let up_rows = &mut rest[..tokens * w];
-                for (weight, rows) in [(gate, &mut *gated), (up, &mut *up_rows)] {
-                    // SAFETY: `rows` holds [tokens, w] (rows w apart); the route's kernel was
-                    // selected as available; `input` holds x.
-                    let y = SendPtr(rows.as_mut_ptr());
-                    unsafe { route.run(weight, input, tokens, y, w, block.clone()) };
-                }
-                for (t, (g, u)) in gated
-                    .chunks_exact_mut(w)
-                    .zip(up_rows.chunks_exact(w))
-                    .enumerate()
-                {
-                    crate::simd::geglu(g, u);
-                    // SAFETY: `y` has room for [tokens, width]; this task writes only the
-                    // columns `block` (every one of them, for every token).
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            g.as_ptr(),
-                            y.get().add(t * width + block.start),
-                            w,
-                        )
-                    };
-                }
-            });
+    for_each_row_block(width, route.block_rows(tokens), Threads::Pool, |block| {
+        let w = block.len();
+        GEGLU_STAGING.with(|staging| {
+            let mut staging = staging.borrow_mut();
+            if staging.len() < 2 * tokens * w {
+                staging.resize(2 * tokens * w, 0.0);
+            }
+            let (gated, rest) = staging.split_at_mut(tokens * w);
+            let up_rows = &mut rest[..tokens * w];
+            for (weight, rows) in [(gate, &mut *gated), (up, &mut *up_rows)] {
+                // SAFETY: `rows` holds [tokens, w] (rows w apart); the route's kernel was
+                // selected as available; `input` holds x.
+                let y = SendPtr(rows.as_mut_ptr());
+                unsafe { route.run(weight, input, tokens, y, w, block.clone()) };
+            }
+            for (t, (g, u)) in gated
+                .chunks_exact_mut(w)
+                .zip(up_rows.chunks_exact(w))
+                .enumerate()
+            {
+                crate::simd::geglu(g, u);
+                // SAFETY: `y` has room for [tokens, width]; this task writes only the
+                // columns `block` (every one of them, for every token).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        g.as_ptr(),
+                        y.get().add(t * width + block.start),
+                        w,
+                    )
+                };
+            }
         });
-    }
+    });
 }
 
 thread_local! {

@@ -830,44 +830,9 @@ unsafe fn softmax_avx2(x: *mut f32, n: usize) {
 #[target_feature(enable = "avx512f")]
 unsafe fn softmax_avx512(x: *mut f32, n: usize) {
     use std::arch::x86_64::*;
-    let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
-    let mut i = 0;
-    while i + 16 <= n {
-        // `maxps(v, m)` returns `m` when `v` is NaN.
-        max = _mm512_max_ps(_mm512_loadu_ps(x.add(i)), max);
-        i += 16;
-    }
-    let mut lanes = [0.0f32; 16];
-    _mm512_storeu_ps(lanes.as_mut_ptr(), max);
-    let mut m = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    while i < n {
-        m = m.max(*x.add(i));
-        i += 1;
-    }
-    let (low, high, shift) = (
-        _mm512_set1_ps(-87.0),
-        _mm512_set1_ps(88.0),
-        _mm512_set1_ps(m),
-    );
-    let mut sum = _mm512_setzero_ps();
-    i = 0;
-    while i + 16 <= n {
-        let v = _mm512_sub_ps(_mm512_loadu_ps(x.add(i)), shift);
-        let e = exp16(_mm512_min_ps(high, _mm512_max_ps(low, v)));
-        _mm512_storeu_ps(x.add(i), e);
-        sum = _mm512_add_ps(sum, e);
-        i += 16;
-    }
-    _mm512_storeu_ps(lanes.as_mut_ptr(), sum);
-    let mut total: f32 = lanes.iter().sum();
-    while i < n {
-        let e = (*x.add(i) - m).clamp(-87.0, 88.0).exp();
-        *x.add(i) = e;
-        total += e;
-        i += 1;
-    }
+    let total = exp_shifted_in_place_avx512(x, n);
     let divisor = _mm512_set1_ps(total);
-    i = 0;
+    let mut i = 0;
     while i + 16 <= n {
         _mm512_storeu_ps(x.add(i), _mm512_div_ps(_mm512_loadu_ps(x.add(i)), divisor));
         i += 16;
@@ -924,6 +889,56 @@ unsafe fn silu_avx512(x: *mut f32, n: usize) {
         *x.add(i) /= 1.0 + (-*x.add(i)).exp();
         i += 1;
     }
+}
+
+/// The first steps of a softmax on 16 lanes, shared by `softmax_avx512` and the fast vision
+/// attention's `gemm512::softmax_row_to_bf16`: `x[i] ← exp(x[i] − max x)` (the maximum skips
+/// NaN scores; arguments clamped to [−87, 88] as in `exp_in_place`), returning the sum of the
+/// new values (16 partial sums, then the tail in order).
+///
+/// # Safety
+/// `x` is valid for reads and writes of `n` floats; the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn exp_shifted_in_place_avx512(x: *mut f32, n: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut i = 0;
+    while i + 16 <= n {
+        // `maxps(v, m)` returns `m` when `v` is NaN.
+        max = _mm512_max_ps(_mm512_loadu_ps(x.add(i)), max);
+        i += 16;
+    }
+    let mut lanes = [0.0f32; 16];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), max);
+    let mut m = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    while i < n {
+        m = m.max(*x.add(i));
+        i += 1;
+    }
+    let (low, high, shift) = (
+        _mm512_set1_ps(-87.0),
+        _mm512_set1_ps(88.0),
+        _mm512_set1_ps(m),
+    );
+    let mut sum = _mm512_setzero_ps();
+    i = 0;
+    while i + 16 <= n {
+        let v = _mm512_sub_ps(_mm512_loadu_ps(x.add(i)), shift);
+        let e = exp16(_mm512_min_ps(high, _mm512_max_ps(low, v)));
+        _mm512_storeu_ps(x.add(i), e);
+        sum = _mm512_add_ps(sum, e);
+        i += 16;
+    }
+    _mm512_storeu_ps(lanes.as_mut_ptr(), sum);
+    let mut total: f32 = lanes.iter().sum();
+    while i < n {
+        let e = (*x.add(i) - m).clamp(-87.0, 88.0).exp();
+        *x.add(i) = e;
+        total += e;
+        i += 1;
+    }
+    total
 }
 
 /// [`exp8`] on 16 lanes (the same reduction, polynomial and exponent arithmetic).

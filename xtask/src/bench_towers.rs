@@ -23,10 +23,11 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
+use gemma4::generate::expand_placeholders;
 use gemma4::prompt::{build_prompt, MediaOptions};
 use gemma4_optimized::linear::Precision;
 use gemma4_optimized::Gemma4Optimized;
-use gemma4_reference::audio::tower::soft_tokens_of_frames;
+use gemma4_reference::audio::AudioInput;
 use gemma4_reference::dump::Recorder;
 use gemma4_reference::merge::Prompt;
 use gemma4_reference::{Gemma4TextModel, ModelConfig};
@@ -132,87 +133,60 @@ pub fn run_engine(args: &BenchEngineArgs) -> Result<(), String> {
 }
 
 /// Fills `prompt.tokens` with BOI + one placeholder per soft token + EOI for its one image or
-/// clip (ids from `config.json`); returns the soft-token count and the input's size (`patches`
-/// of the image, `samples` of the clip).
+/// clip (`gemma4::generate::expand_placeholders`, ids from `config.json`); returns the
+/// soft-token count and the input's size (`patches` of the image, `samples` of the clip).
 fn placeholders(
     config: &ModelConfig,
     prompt: &mut Prompt,
 ) -> gemma4_reference::Result<(usize, Value)> {
     let ids = &config.special_tokens;
-    let missing = |what: &str| gemma4_reference::Error::Input {
-        message: format!("{}: no {what} in config.json", config.path.display()),
-    };
-    let (open, placeholder, close, count, size) = if let Some(image) = prompt.images.first() {
-        let kernel = config
-            .vision
-            .as_ref()
-            .ok_or_else(|| missing("vision_config"))?
-            .pooling_kernel_size;
-        (
-            ids.boi_token_id.ok_or_else(|| missing("boi_token_id"))?,
-            ids.image_token_id
-                .ok_or_else(|| missing("image_token_id"))?,
-            ids.eoi_token_id.ok_or_else(|| missing("eoi_token_id"))?,
-            image.soft_tokens(kernel),
+    let (placeholder, size) = match (prompt.images.first(), prompt.audio.first()) {
+        (Some(image), _) => (
+            ids.image_token_id,
             json!({"patches": image.positions.len()}),
-        )
-    } else {
-        let clip = prompt
-            .audio
-            .first()
-            .ok_or_else(|| missing("image or clip"))?;
-        let frames = clip.features()?.nrows();
-        let samples = match clip {
-            gemma4_reference::audio::AudioInput::Waveform { waveform, .. } => {
-                waveform.samples.len()
-            }
-            gemma4_reference::audio::AudioInput::Features(_) => 0,
-        };
-        (
-            ids.boa_token_id.ok_or_else(|| missing("boa_token_id"))?,
-            ids.audio_token_id
-                .ok_or_else(|| missing("audio_token_id"))?,
-            ids.eoa_token_id.ok_or_else(|| missing("eoa_token_id"))?,
-            soft_tokens_of_frames(frames),
-            json!({"samples": samples, "frames": frames}),
-        )
+        ),
+        (None, Some(AudioInput::Waveform { waveform, .. })) => (
+            ids.audio_token_id,
+            json!({"samples": waveform.samples.len()}),
+        ),
+        _ => (ids.audio_token_id, json!({})),
     };
-    prompt.tokens = std::iter::once(open)
-        .chain(std::iter::repeat_n(placeholder, count))
-        .chain(std::iter::once(close))
-        .collect();
-    Ok((count, size))
+    let placeholder = placeholder.ok_or_else(|| gemma4_reference::Error::Input {
+        message: format!(
+            "{}: no placeholder id for the input in config.json",
+            config.path.display()
+        ),
+    })?;
+    prompt.tokens = expand_placeholders(config, &[placeholder], prompt)?;
+    // BOI and EOI around the soft tokens.
+    Ok((prompt.tokens.len() - 2, size))
 }
 
 /// The first `seconds` of [`SPEECH`] as a WAV file under `target/bench-media/` (written once).
 fn speech_clip(seconds: usize) -> Result<PathBuf, String> {
     let source = repo_root().join(SPEECH);
-    let bytes = std::fs::read(&source).map_err(|e| format!("{}: {e}", source.display()))?;
-    // The committed file is a canonical 44-byte-header 16 kHz mono 16-bit PCM WAV.
-    let samples = &bytes[44..];
-    let wanted = seconds * 16_000 * 2;
+    fn fail(path: &std::path::Path) -> impl Fn(hound::Error) -> String + '_ {
+        move |e| format!("{}: {e}", path.display())
+    }
+    let mut reader = hound::WavReader::open(&source).map_err(fail(&source))?;
+    let spec = reader.spec();
+    let wanted = seconds * spec.sample_rate as usize;
+    let samples: Vec<i16> = reader
+        .samples::<i16>()
+        .take(wanted)
+        .collect::<Result<_, _>>()
+        .map_err(fail(&source))?;
     if samples.len() < wanted {
         return Err(format!("{}: shorter than {seconds} s", source.display()));
     }
-    let data = &samples[..wanted];
-    let mut wav = Vec::with_capacity(44 + data.len());
-    wav.extend_from_slice(b"RIFF");
-    wav.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
-    wav.extend_from_slice(b"WAVEfmt ");
-    wav.extend_from_slice(&16u32.to_le_bytes());
-    wav.extend_from_slice(&1u16.to_le_bytes()); // PCM
-    wav.extend_from_slice(&1u16.to_le_bytes()); // mono
-    wav.extend_from_slice(&16_000u32.to_le_bytes());
-    wav.extend_from_slice(&32_000u32.to_le_bytes());
-    wav.extend_from_slice(&2u16.to_le_bytes());
-    wav.extend_from_slice(&16u16.to_le_bytes());
-    wav.extend_from_slice(b"data");
-    wav.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    wav.extend_from_slice(data);
     let dir = repo_root().join("target/bench-media");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let path = dir.join(format!("speech_{seconds}s.wav"));
-    std::fs::write(&path, wav).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut writer = hound::WavWriter::create(&path, spec).map_err(fail(&path))?;
+    for sample in samples {
+        writer.write_sample(sample).map_err(fail(&path))?;
+    }
+    writer.finalize().map_err(fail(&path))?;
     Ok(path)
 }
 
