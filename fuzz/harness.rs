@@ -284,7 +284,11 @@ pub fn checkpoint_forward(data: &[u8]) {
     };
     let checkpoint = Checkpoint::from_files(Path::new("fuzz-input"), vec![file])
         .expect("one file has no duplicate names");
-    let model = match Gemma4TextModel::from_checkpoint(config, &checkpoint) {
+    let model = match Gemma4TextModel::from_checkpoint(
+        config,
+        checkpoint,
+        gemma4_reference::weight_stream::Residence::InMemory,
+    ) {
         Ok(model) => model,
         Err(e) => {
             let message = e.to_string();
@@ -464,7 +468,11 @@ pub fn forward_generated(data: &[u8]) {
     )
     .expect("a generated file is valid");
     let checkpoint = Checkpoint::from_files(Path::new("fuzz-input"), vec![file]).expect("one file");
-    let model = match Gemma4TextModel::from_checkpoint(config, &checkpoint) {
+    let model = match Gemma4TextModel::from_checkpoint(
+        config,
+        checkpoint,
+        gemma4_reference::weight_stream::Residence::InMemory,
+    ) {
         Ok(model) => model,
         Err(e) => {
             let message = e.to_string();

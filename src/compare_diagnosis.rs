@@ -276,8 +276,7 @@ fn probe_model(
     let mut model = Gemma4TextModel::load_for(model_dir, prompt)
         .ok()?
         .with_compute_dtype(clean.compute_dtype);
-    perturb_weights(&mut model, PROBE_NOISE, seed);
-    Some(model)
+    perturb_weights(&mut model, PROBE_NOISE, seed).then_some(model)
 }
 
 /// Runs `fault` on the clean model (or on a reload, if it changes the layer plan); `Err` says
@@ -347,9 +346,14 @@ impl ProbeNoise {
 /// are read, not computed with) by `1 + relative · u`, `u` uniform with unit variance from
 /// `seed`: a stand-in for an independent implementation's float32 rounding noise, which, like
 /// this, enters every matrix product and norm and then propagates through the layers.
-pub fn perturb_weights(model: &mut Gemma4TextModel, relative: f32, seed: u64) {
+///
+/// Returns false (and changes nothing) for a model streamed from disk, whose weights are not
+/// held to perturb.
+pub fn perturb_weights(model: &mut Gemma4TextModel, relative: f32, seed: u64) -> bool {
     let mut noise = ProbeNoise(seed);
-    let weights = &mut model.weights;
+    let Some(weights) = model.weights.in_memory_mut() else {
+        return false;
+    };
     if let Some(ple) = weights.per_layer_embeddings.as_mut() {
         noise.perturb(&mut ple.model_projection, relative);
         noise.perturb(&mut ple.projection_norm, relative);
@@ -393,6 +397,7 @@ pub fn perturb_weights(model: &mut Gemma4TextModel, relative: f32, seed: u64) {
         }
         layer.layer_scalar *= 1.0 + relative * noise.next();
     }
+    true
 }
 
 /// A KV-sharing plan where a layer would read keys and values of another shape.
@@ -541,7 +546,10 @@ fn not_applicable(fault: Fault, model: &Gemma4TextModel, prompt: &Prompt) -> Opt
             "no bidirectional image block: the model is not a \"vision\" one, or the tokens hold no image placeholder",
         ),
         Fault::LayerScalarIgnored => reason(
-            model.weights.layers.iter().any(|l| l.layer_scalar != 1.0),
+            model
+                .weights
+                .in_memory()
+                .is_none_or(|weights| weights.layers.iter().any(|l| l.layer_scalar != 1.0)),
             "every layer_scalar is 1",
         ),
         _ => None,

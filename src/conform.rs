@@ -6,7 +6,7 @@ use crate::comparison::{
     compare_dumps, compare_dumps_exact_bf16_embeddings, layers_in_dump, tolerance_with_vision,
     vision_layers_in_dump, Bf16Rounding, Precision, Status, TensorReport,
 };
-use crate::engine::Engine;
+use crate::engine::{DumpOptions, Engine};
 use crate::golden::GoldenCase;
 
 /// The outcome of one case on one engine.
@@ -75,14 +75,14 @@ pub fn compare_with_case(
 pub fn run_case_on_engines(
     case: &GoldenCase,
     engines: &[Engine],
-    threads: Option<usize>,
+    options: &DumpOptions,
 ) -> Vec<CaseOutcome> {
     let expected = ActivationDump::read(&case.expected_path()).map_err(|e| e.to_string());
     engines
         .iter()
         .map(|&engine| {
             let (reports, error) = match &expected {
-                Ok(expected) => match engine.dump_case(case, threads) {
+                Ok(expected) => match engine.dump_case_with(case, options) {
                     Ok(candidate) => (compare_with_case(case, expected, &candidate), None),
                     Err(e) => (Vec::new(), Some(e.to_string())),
                 },

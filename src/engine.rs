@@ -3,7 +3,11 @@
 use std::path::Path;
 
 use gemma4_optimized::Gemma4Optimized;
+use gemma4_reference::dump::TensorFilter;
+use gemma4_reference::memory_plan::{format_bytes, memory_limit};
 use gemma4_reference::merge::Prompt;
+use gemma4_reference::model::LoadOptions;
+use gemma4_reference::weight_stream::Residence;
 use gemma4_reference::{ActivationDump, ComputeDtype, Gemma4TextModel, Result};
 
 use crate::golden::GoldenCase;
@@ -36,7 +40,20 @@ impl Engine {
     pub fn dump_case(self, case: &GoldenCase, threads: Option<usize>) -> Result<ActivationDump> {
         let options = DumpOptions {
             threads,
+            ..DumpOptions::default()
+        };
+        self.dump_case_with(case, &options)
+    }
+
+    /// [`Engine::dump_case`] with explicit options (their `compute_dtype` is the case's).
+    pub fn dump_case_with(
+        self,
+        case: &GoldenCase,
+        options: &DumpOptions,
+    ) -> Result<ActivationDump> {
+        let options = DumpOptions {
             compute_dtype: case.compute_dtype(),
+            ..options.clone()
         };
         self.dump_prompt(
             &case.model_dir(),
@@ -67,19 +84,70 @@ impl Engine {
         options: &DumpOptions,
     ) -> Result<ActivationDump> {
         match self {
-            Engine::Reference => Gemma4TextModel::load_for(dir, prompt)?
-                .with_compute_dtype(options.compute_dtype)
-                .dump_prompt(prompt, decode_steps),
-            Engine::Optimized => Gemma4Optimized::load_for(dir, prompt, options.threads)?
-                .with_compute_dtype(options.compute_dtype)
-                .dump_prompt(prompt, decode_steps),
+            Engine::Reference => {
+                let load = LoadOptions {
+                    residence: options.residence,
+                    decode_steps,
+                    tensors: options.tensors.clone(),
+                };
+                let model = Gemma4TextModel::load_with(dir, prompt, &load)?
+                    .with_compute_dtype(options.compute_dtype);
+                let dump = model.dump_prompt_keeping(prompt, decode_steps, &options.tensors)?;
+                if let (true, Some(plan)) = (options.report_memory, &model.memory_plan) {
+                    let residence = model.residence();
+                    eprintln!(
+                        "reference: weights {}; planned peak {} ({})",
+                        residence.name(),
+                        format_bytes(plan.peak(residence)),
+                        plan.describe(residence)
+                    );
+                }
+                Ok(dump)
+            }
+            Engine::Optimized => {
+                if options.report_memory {
+                    warn_if_mapped_weights_exceed_memory(dir);
+                }
+                Gemma4Optimized::load_for(dir, prompt, options.threads)?
+                    .with_compute_dtype(options.compute_dtype)
+                    .dump_prompt_keeping(prompt, decode_steps, &options.tensors)
+            }
+        }
+    }
+}
+
+/// Warns (stderr) when the optimized engine's mapped weights exceed the memory limit: it still
+/// runs, the kernel re-reading from disk the pages it had to evict, so every pass (every decode
+/// step) then goes at the disk's read rate. `gemma4 inspect` prints the same comparison.
+fn warn_if_mapped_weights_exceed_memory(dir: &Path) {
+    let (Ok(inspection), Some(limit)) = (crate::inspect::inspect(dir), memory_limit()) else {
+        return;
+    };
+    if let Some(memory) = inspection.memory {
+        if memory.resident_weight_bytes > limit.bytes {
+            eprintln!(
+                "optimized: warning: its weights ({}, mapped as stored) exceed {} ({}); it runs, \
+                 but pages evicted for lack of memory are read from disk again on every pass, so \
+                 each decode step goes at the disk's read rate (the reference with --weights \
+                 streamed keeps only one layer in memory)",
+                format_bytes(memory.resident_weight_bytes),
+                format_bytes(limit.bytes),
+                limit.source
+            );
         }
     }
 }
 
 /// How an engine computes a dump.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct DumpOptions {
+    /// Where the reference keeps its weights (in memory, streamed, or whichever fits); the
+    /// optimized engine maps them whatever this says.
+    pub residence: Residence,
+    /// The dump tensors to keep (`--tensors`).
+    pub tensors: TensorFilter,
+    /// Print the reference's memory plan on stderr when it loads.
+    pub report_memory: bool,
     /// Threads of the optimized engine (`None`: the `RAYON_NUM_THREADS` default); the reference
     /// is single-threaded and ignores it.
     pub threads: Option<usize>,

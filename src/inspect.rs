@@ -7,12 +7,16 @@ use gemma4_reference::audio::weights::audio_tensor_specs;
 use gemma4_reference::checkpoint::{full_name, text_tensor_specs, Checkpoint};
 use gemma4_reference::config::{AttentionType, RopeKind};
 use gemma4_reference::config::{AudioConfig, VisionConfig};
+use gemma4_reference::dump::TensorFilter;
 use gemma4_reference::kv_cache::{cache_footprint, CacheFootprint};
 use gemma4_reference::layer_plan::KvSource;
+use gemma4_reference::memory_plan::{memory_limit, MemoryPlan};
+use gemma4_reference::merge::Prompt;
 use gemma4_reference::parameter_count::{count_parameters, ParameterCounts};
 use gemma4_reference::rope::inverse_frequencies;
 use gemma4_reference::vision::preprocessing::{resized_size, SUPPORTED_BUDGETS};
 use gemma4_reference::vision::weights::vision_tensor_specs;
+use gemma4_reference::weight_stream::Residence;
 use gemma4_reference::{Error, ModelConfig, ModelPlan};
 
 /// Everything `inspect` reports.
@@ -44,7 +48,15 @@ pub struct Inspection {
     pub image_sizes: Vec<ImageAtBudget>,
     /// The audio tower, when the model has one.
     pub audio: Option<AudioInspection>,
+    /// The reference's memory plan for a dump of [`PLAN_TOKENS`] tokens and [`PLAN_DECODE`]
+    /// greedy steps (every tensor kept), from the config alone.
+    pub reference_memory: MemoryPlan,
 }
+
+/// Prompt length of the memory plan `inspect` prints.
+pub const PLAN_TOKENS: usize = 128;
+/// Decode steps of the memory plan `inspect` prints.
+pub const PLAN_DECODE: usize = 4;
 
 /// The audio tower's plan (shared spec: multimodal §0, §2).
 #[derive(Debug, serde::Serialize)]
@@ -200,9 +212,18 @@ pub fn inspect_config(config: ModelConfig) -> Inspection {
         parameters: parameters.audio,
         tensors_checked: None,
     });
+    let plan_prompt = Prompt::text(&vec![config.text.pad_token_id; PLAN_TOKENS]);
+    let reference_memory = MemoryPlan::of_dump(
+        &config,
+        &plan,
+        &plan_prompt,
+        PLAN_DECODE,
+        &TensorFilter::all(),
+    );
     Inspection {
         parameters,
         audio,
+        reference_memory,
         optimized_kv_cache_bytes_per_token: empty_cache.bytes_per_position(),
         optimized_kv_angle_bytes_per_token: empty_cache.angle_bytes_per_position(),
         kv_cache_bf16: cache_footprint(&plan, window, 2),
@@ -432,8 +453,35 @@ pub fn format_inspection(inspection: &Inspection) -> String {
         )),
         None => out.push_str("\nweights: none in this directory (config only)\n"),
     }
+    out.push_str(&format_reference_memory(&inspection.reference_memory));
     if let Some(memory) = &inspection.memory {
         out.push_str(&format_memory(memory, inspection.config.text.moe.as_ref()));
+    }
+    out
+}
+
+/// The reference's planned peak, in memory and streamed, and what this machine can do.
+fn format_reference_memory(plan: &MemoryPlan) -> String {
+    let mut out = format!(
+        "\nmemory of the reference (f32), for a dump of {PLAN_TOKENS} tokens + {PLAN_DECODE} decode steps:\n  \
+         weights in memory:       peak {} ({})\n  weights streamed:        peak {} ({})\n",
+        bytes_and_gib(plan.in_memory_peak()),
+        plan.describe(Residence::InMemory),
+        bytes_and_gib(plan.streamed_peak()),
+        plan.describe(Residence::Streamed),
+    );
+    if let Some(limit) = memory_limit() {
+        let verdict = match plan.choose(Residence::Auto, Some(limit)) {
+            Ok(residence) => format!("runs with the weights {}", residence.name()),
+            Err(_) => {
+                "does not fit even streamed (use --tensors to keep a smaller dump)".to_string()
+            }
+        };
+        out.push_str(&format!(
+            "  under {} ({}): {verdict}\n",
+            bytes_and_gib(limit.bytes),
+            limit.source
+        ));
     }
     out
 }

@@ -10,6 +10,9 @@ use gemma4::engine::{DumpOptions, Engine};
 use gemma4::golden::{golden_dir, load_cases};
 use gemma4::inspect::{format_inspection, inspect};
 use gemma4::prompt::{build_prompt, MediaOptions};
+use gemma4::reference::dump::TensorFilter;
+use gemma4::reference::memory_plan::{format_bytes, peak_resident_bytes};
+use gemma4::reference::weight_stream::Residence;
 use gemma4::reference::ComputeDtype;
 use gemma4::tokens::parse_token_list;
 
@@ -136,6 +139,87 @@ struct ConformArgs {
     /// Threads of the optimized engine (default: RAYON_NUM_THREADS, else one per core).
     #[arg(long)]
     threads: Option<usize>,
+    #[command(flatten)]
+    memory: MemoryArgs,
+}
+
+/// Memory: a limit, and where the reference keeps its weights (shared contracts §1).
+#[derive(Args)]
+struct MemoryArgs {
+    /// The most memory the run may use, in bytes (suffixes K, M, G, T: powers of 1024, e.g.
+    /// 6G). The plan's peak is checked against it (and GEMMA4_MEMORY_LIMIT and the memory
+    /// available) before any weight is read; the peak reached is printed at the end.
+    #[arg(long, value_parser = parse_bytes)]
+    max_memory: Option<u64>,
+    /// Where the reference keeps the text weights: in memory (widened to f32 at load), streamed
+    /// (each layer read from disk when the pass reaches it), or auto (in memory if the plan fits
+    /// the limit, else streamed).
+    #[arg(long, value_parser = parse_residence, default_value = "auto")]
+    weights: Residence,
+}
+
+impl MemoryArgs {
+    /// Applies `--max-memory` to this process.
+    fn apply(&self) {
+        if let Some(bytes) = self.max_memory {
+            gemma4::reference::memory::set_memory_limit(bytes);
+        }
+    }
+}
+
+/// `auto`, `in-memory` or `streamed`.
+fn parse_residence(text: &str) -> Result<Residence, String> {
+    match text {
+        "auto" => Ok(Residence::Auto),
+        "in-memory" => Ok(Residence::InMemory),
+        "streamed" => Ok(Residence::Streamed),
+        _ => Err(format!("`{text}`: expected auto, in-memory or streamed")),
+    }
+}
+
+/// `6442450944`, `6G`, `512M`, `1.5G` (powers of 1024; an optional trailing `B` or `iB`).
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let body = trimmed
+        .strip_suffix("iB")
+        .or_else(|| trimmed.strip_suffix('B'))
+        .unwrap_or(trimmed);
+    let (number, scale) = match body.char_indices().last() {
+        Some((at, unit)) if unit.is_ascii_alphabetic() => {
+            let power = match unit.to_ascii_uppercase() {
+                'K' => 1,
+                'M' => 2,
+                'G' => 3,
+                'T' => 4,
+                _ => return Err(format!("`{text}`: unknown unit `{unit}` (K, M, G or T)")),
+            };
+            (&body[..at], 1024f64.powi(power))
+        }
+        _ => (body, 1.0),
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of bytes (e.g. 6442450944 or 6G)"))?;
+    let bytes = value * scale;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!(
+            "`{text}`: a memory limit must be a positive number of bytes"
+        ));
+    }
+    Ok(bytes as u64)
+}
+
+/// Prints the peak resident memory of this process (stderr), as `dump`, `compare` and
+/// `conform` do at the end of a run that worked (exit 0 or 1; not after an error, exit 2).
+fn report_peak_memory(command: &str, code: ExitCode) -> ExitCode {
+    if code == ExitCode::from(2) {
+        return code;
+    }
+    if let Some(peak) = peak_resident_bytes() {
+        eprintln!("{command}: peak resident memory {}", format_bytes(peak));
+    }
+    code
 }
 
 /// The images and audio clips of a prompt (shared contracts §1).
@@ -201,6 +285,13 @@ struct DumpArgs {
     /// model run in that dtype (the embedding scales are then rounded to it).
     #[arg(long, default_value = "float32")]
     compute_dtype: ComputeDtype,
+    /// Keep only these tensors (and input_ids): comma-separated names, where `*` matches within
+    /// one dot-separated part and `**` across parts, e.g. `logits,layers.*.output` or
+    /// `vision.**`. Everything is still computed and checked.
+    #[arg(long)]
+    tensors: Option<String>,
+    #[command(flatten)]
+    memory: MemoryArgs,
     #[command(flatten)]
     media: MediaArgs,
 }
@@ -230,6 +321,8 @@ struct CompareArgs {
     /// or f16 judge a port that runs the model in that dtype (embedding scales rounded to it).
     #[arg(long, default_value = "float32")]
     compute_dtype: ComputeDtype,
+    #[command(flatten)]
+    memory: MemoryArgs,
     #[command(flatten)]
     media: MediaArgs,
 }
@@ -265,9 +358,18 @@ fn parse_image_size(text: &str) -> Result<(usize, usize), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Conform(args) => conform(args),
-        Command::Dump(args) => dump(args),
-        Command::Compare(args) => compare(args),
+        Command::Conform(args) => {
+            args.memory.apply();
+            report_peak_memory("gemma4 conform", conform(args))
+        }
+        Command::Dump(args) => {
+            args.memory.apply();
+            report_peak_memory("gemma4 dump", dump(args))
+        }
+        Command::Compare(args) => {
+            args.memory.apply();
+            report_peak_memory("gemma4 compare", compare(args))
+        }
         Command::Inspect(args) => inspect_command(args),
         Command::Generate(args) => generate_command(args),
     }
@@ -287,13 +389,18 @@ fn conform(args: ConformArgs) -> ExitCode {
     } else {
         args.engine
     };
+    let options = DumpOptions {
+        threads: args.threads,
+        residence: args.memory.weights,
+        ..DumpOptions::default()
+    };
     let mut outcomes = Vec::new();
     for case in cases.iter().filter(|c| {
         args.case
             .as_ref()
             .is_none_or(|f| c.name.contains(f.as_str()))
     }) {
-        outcomes.extend(run_case_on_engines(case, &engines, args.threads));
+        outcomes.extend(run_case_on_engines(case, &engines, &options));
     }
     if outcomes.is_empty() {
         eprintln!(
@@ -324,14 +431,39 @@ fn dump(args: DumpArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let tensors = match args.tensors.as_deref().map(TensorFilter::parse).transpose() {
+        Ok(filter) => filter.unwrap_or_default(),
+        Err(e) => {
+            eprintln!("gemma4 dump: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let options = DumpOptions {
         threads: args.threads,
         compute_dtype: args.compute_dtype,
+        residence: args.memory.weights,
+        tensors: tensors.clone(),
+        report_memory: true,
     };
     let result = build_prompt(tokens, &args.media.options())
         .and_then(|prompt| {
             args.engine
                 .dump_prompt(&args.model, &prompt, args.decode, &options)
+        })
+        .and_then(|dump| {
+            // A pattern that kept nothing is a typo, not a request for an empty dump.
+            let unmatched = tensors.unmatched(&dump.names_in_model_order());
+            if unmatched.is_empty() {
+                Ok(dump)
+            } else {
+                Err(gemma4::reference::Error::Input {
+                    message: format!(
+                    "--tensors: `{}` matched no tensor of this run (names: shared contracts §2, \
+                     e.g. logits, layers.0.output, layers.*.attn.q)",
+                    unmatched.join("`, `")
+                ),
+                })
+            }
         })
         .and_then(|dump| {
             dump.write(&args.out, &[("engine", args.engine.name())])
@@ -381,6 +513,7 @@ fn compare(args: CompareArgs) -> ExitCode {
     let options = CompareOptions {
         compute_dtype: args.compute_dtype,
         diagnose: !args.no_diagnosis,
+        residence: args.memory.weights,
     };
     match run_compare(source, &args.candidate, options) {
         Err(e) => {

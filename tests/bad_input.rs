@@ -1518,13 +1518,14 @@ fn cli_dump_beyond_memory_limit_exits_2_naming_tensor() {
         &[("GEMMA4_MEMORY_LIMIT", "100000")],
     );
     assert_eq!(code, 2, "{stderr}");
+    // The memory plan refuses before any weight is read, naming the model and the limit.
     assert_mentions(
         &stderr,
         &[
-            "model.safetensors",
-            "embed_tokens",
+            model.to_str().unwrap(),
+            "GEMMA4_MEMORY_LIMIT",
             "100000 bytes",
-            "refusing to allocate",
+            "largest layer (layers.",
         ],
     );
     assert!(!out_file.exists());

@@ -420,12 +420,14 @@ fn diagnosis_out_of_catalogue_bugs_not_named_every_case() {
             "layer 0's MLP output x 1.01",
             Some("layers.0.mlp.output"),
             |m| {
-                m.weights.layers[0].mlp.down_proj *= 1.01;
+                m.weights.in_memory_mut().unwrap().layers[0].mlp.down_proj *= 1.01;
             },
         ),
         ("the last layer's MLP output x 1.01", None, |m| {
-            let last = m.weights.layers.len() - 1;
-            m.weights.layers[last].mlp.down_proj *= 1.01;
+            let last = m.weights.in_memory_mut().unwrap().layers.len() - 1;
+            m.weights.in_memory_mut().unwrap().layers[last]
+                .mlp
+                .down_proj *= 1.01;
         }),
         (
             "head 1 of layer 0 zeroed",
@@ -433,7 +435,7 @@ fn diagnosis_out_of_catalogue_bugs_not_named_every_case() {
             |m| {
                 let layer = &m.plan.layers[0];
                 let d = layer.head_dim;
-                m.weights.layers[0]
+                m.weights.in_memory_mut().unwrap().layers[0]
                     .attention
                     .o_proj
                     .slice_mut(ndarray::s![.., d..2 * d])
@@ -597,7 +599,7 @@ fn structure_single_head_31b_like() {
     let fixture = fixture("31b_like");
     let d = fixture.facts.plan.as_ref().unwrap().layers[0].head_dim;
     let dump = candidate(fixture, &[], 0.0, |m| {
-        m.weights.layers[0]
+        m.weights.in_memory_mut().unwrap().layers[0]
             .attention
             .q_proj
             .slice_mut(ndarray::s![2 * d..3 * d, ..])

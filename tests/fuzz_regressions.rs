@@ -83,8 +83,12 @@ fn fuzz_seeds_tiny_checkpoints_load_and_run() {
             vec![safetensors],
         )
         .expect("one file");
-        let model = gemma4_reference::Gemma4TextModel::from_checkpoint(config, &checkpoint)
-            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let model = gemma4_reference::Gemma4TextModel::from_checkpoint(
+            config,
+            checkpoint,
+            gemma4_reference::weight_stream::Residence::InMemory,
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let dump = model
             .dump(&[1, 2, 3], 1)
             .unwrap_or_else(|e| panic!("{}: {e}", file.display()));

@@ -167,7 +167,7 @@ fn vision_soft_tokens_replace_placeholders_in_order_e2b_vision_two_images() {
         let rows = embeddings.slice(ndarray::s![run.clone(), ..]).into_dyn();
         assert_eq!(rows, soft.view(), "image {i}'s run holds its soft tokens");
     }
-    let text = model.embed(&prompt.tokens);
+    let text = model.embed(&prompt.tokens).unwrap();
     let first_run = runs[0].start;
     assert_eq!(
         embeddings.slice(ndarray::s![..first_run, ..]),

@@ -39,7 +39,7 @@ use std::path::Path;
 
 use gemma4_reference::checkpoint::Checkpoint;
 use gemma4_reference::compute_dtype::ComputeDtype;
-use gemma4_reference::dump::{input_ids_tensor, ActivationDump, Recorder};
+use gemma4_reference::dump::{input_ids_tensor, ActivationDump, Recorder, TensorFilter};
 use gemma4_reference::embedding::embedding_scale;
 use gemma4_reference::error::Error;
 use gemma4_reference::faults::with_faults;
@@ -515,10 +515,21 @@ impl Gemma4Optimized {
     /// then the decode rows (single tokens through the cache, after the image blocks of the
     /// prefill). Always in f32 arithmetic, whatever [`Gemma4Optimized::with_precision`] set.
     pub fn dump_prompt(&self, prompt: &Prompt, decode_steps: usize) -> Result<ActivationDump> {
+        self.dump_prompt_keeping(prompt, decode_steps, &TensorFilter::all())
+    }
+
+    /// [`Gemma4Optimized::dump_prompt`] keeping only the tensors `filter` selects (and
+    /// `input_ids`), as the reference's `dump_prompt_keeping` does.
+    pub fn dump_prompt_keeping(
+        &self,
+        prompt: &Prompt,
+        decode_steps: usize,
+        filter: &TensorFilter,
+    ) -> Result<ActivationDump> {
         let mut dump = ActivationDump::new();
         dump.insert_i64("input_ids", input_ids_tensor(&prompt.tokens));
         let mut cache = self.new_cache();
-        let mut recorder = Recorder::new(&mut dump);
+        let mut recorder = Recorder::new(&mut dump).keeping(filter);
         // `embed_prompt` validates the token ids first.
         self.validate_token_ids(&prompt.tokens)?;
         let logits = self.pool.install(|| {
@@ -544,6 +555,7 @@ impl Gemma4Optimized {
                 continuation.mapv(|t| t as i64).into_dyn(),
             );
         }
+        dump.retain(filter);
         Ok(dump)
     }
 

@@ -93,8 +93,8 @@ mod tests {
             model_projection: Matrix::from_f32(layers * p, d, projection.clone()),
             projection_norm: norm.clone(),
         };
+        let reference_table = to_array2(vocab, layers * p, &table_f32);
         let reference = gemma4_reference::checkpoint::PleWeights {
-            table: to_array2(vocab, layers * p, &table_f32),
             model_projection: to_array2(layers * p, d, &projection),
             projection_norm: Array1::from(norm),
         };
@@ -109,7 +109,7 @@ mod tests {
             1e-6,
         );
         let expected = gemma4_reference::ple::per_layer_inputs(
-            &ids,
+            reference_table.select(ndarray::Axis(0), &ids).view(),
             &to_array2(tokens, d, &x0),
             &reference,
             layers,

@@ -1025,7 +1025,7 @@ mod tests {
         assert_eq!(bytes(&a), bytes(&b), "same seed, same bytes");
         // Every tensor the plan needs is present with its shape (the reference's own loader).
         let model = gemma4_reference::Gemma4TextModel::load(a.path()).unwrap();
-        let scalar = model.weights.layers[0].layer_scalar;
+        let scalar = model.weights.in_memory().expect("loaded in memory").layers[0].layer_scalar;
         assert!(
             (0.5..1.5).contains(&scalar),
             "layer_scalar drawn in [0.5, 1.5): {scalar}"

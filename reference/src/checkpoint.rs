@@ -10,6 +10,7 @@
 //! `k_proj`/`v_proj`/`k_norm` (stray ones are ignored); K=V layers have no `v_proj`.
 //! Weights may be F32, BF16 or F16; the reference converts them all to f32.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ use serde_json::Value;
 
 use crate::config::{CheckpointLayout, ModelConfig, TextConfig};
 use crate::error::{Error, Result};
-use crate::layer_plan::ModelPlan;
+use crate::layer_plan::{LayerPlan, ModelPlan};
 use crate::memory::{array_bytes, check_allocation, read_bounded, MAX_JSON_FILE_BYTES};
 
 /// The storage dtype of a weight. It matters beyond loading: the embedding scale `sqrt(D)` is
@@ -95,6 +96,8 @@ impl std::ops::Deref for Storage {
 pub struct SafetensorsFile {
     pub path: PathBuf,
     storage: Storage,
+    /// The open file behind a mapped one, for ordinary reads ([`SafetensorsFile::read`]).
+    file: Option<File>,
     /// Byte offset of the data section (8 + header length).
     data_start: usize,
     tensors: HashMap<String, TensorEntry>,
@@ -113,7 +116,9 @@ impl SafetensorsFile {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(path, Storage::Mapped(mmap))
+        let mut parsed = Self::parse(path, Storage::Mapped(mmap))?;
+        parsed.file = Some(file);
+        Ok(parsed)
     }
 
     /// Validates the header of a whole safetensors file held in memory: JSON, dtypes, shapes,
@@ -135,6 +140,7 @@ impl SafetensorsFile {
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             storage,
+            file: None,
             data_start: 8 + header_len,
             tensors,
         })
@@ -171,7 +177,50 @@ impl SafetensorsFile {
         Ok(())
     }
 
-    /// Raw little-endian bytes of a tensor.
+    /// Bytes `range` (relative to the start of the tensor's data) of a tensor, read from disk
+    /// with an ordinary read rather than through the memory map: a read that fails (a disk
+    /// error, a file truncated since it was opened) is an error naming the file and the tensor,
+    /// not a `SIGBUS`, and none of the file's pages stays in this process's resident memory
+    /// once the bytes are converted (the layer-streamed reference relies on both). In-memory
+    /// files are copied from memory.
+    pub fn read(&self, name: &str, range: std::ops::Range<usize>) -> Result<Vec<u8>> {
+        let (_, _, (start, end)) = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::tensor(&self.path, name, "not in this file"))?;
+        let length = end - start;
+        if range.start > range.end || range.end > length {
+            return Err(Error::tensor(
+                &self.path,
+                name,
+                format!("bytes {range:?} asked of a tensor holding {length}"),
+            ));
+        }
+        let offset = self.data_start + start + range.start;
+        let count = range.len();
+        let mut buffer = vec![0u8; count];
+        match &self.file {
+            #[cfg(unix)]
+            Some(file) => {
+                use std::os::unix::fs::FileExt;
+                file.read_exact_at(&mut buffer, offset as u64)
+                    .map_err(|e| {
+                        Error::tensor(
+                            &self.path,
+                            name,
+                            format!(
+                                "reading {count} bytes at byte {offset} failed: {e} (the file \
+                                 changed on disk since it was opened, or the disk failed)"
+                            ),
+                        )
+                    })?;
+            }
+            _ => buffer.copy_from_slice(&self.storage[offset..offset + count]),
+        }
+        Ok(buffer)
+    }
+
+    /// Raw little-endian bytes of a tensor, through the memory map (the pages read stay mapped).
     pub fn bytes(&self, name: &str) -> Option<&[u8]> {
         let (_, _, (start, end)) = self.tensors.get(name)?;
         // The header validation made every range lie inside the data section.
@@ -517,18 +566,21 @@ impl Checkpoint {
     }
 
     /// [`Checkpoint::load_f32`] after the header check: `name` is present with `shape` and the
-    /// float `dtype` ([`Checkpoint::check`] said so).
+    /// float `dtype` ([`Checkpoint::check`] said so). The bytes are read from disk
+    /// ([`SafetensorsFile::read`]), checked finite and widened; only the f32 array stays.
     fn convert(&self, name: &str, shape: &[usize], dtype: WeightDtype) -> Result<ArrayD<f32>> {
         let file = self.file_of(name).expect("checked by Checkpoint::check");
-        let bytes = file.bytes(name).expect("checked by Checkpoint::check");
         check_allocation(
             &file.path,
             name,
             array_bytes(shape, 4),
             &format!("loading {dtype:?} {shape:?} as f32"),
         )?;
-        self.check_finite(name, shape, dtype)?;
-        ArrayD::from_shape_vec(IxDyn(shape), dtype.decode(bytes).collect()).map_err(|e| {
+        let length =
+            array_bytes(shape, dtype.size()).expect("checked by check_allocation") as usize;
+        let bytes = file.read(name, 0..length)?;
+        check_finite_bytes(&file.path, name, shape, dtype, &bytes, 0)?;
+        ArrayD::from_shape_vec(IxDyn(shape), dtype.decode(&bytes).collect()).map_err(|e| {
             Error::tensor(
                 &file.path,
                 name,
@@ -537,46 +589,46 @@ impl Checkpoint {
         })
     }
 
+    /// Rows `rows` of a (header-checked) matrix `name` `[R, C]` of `dtype`, read from disk and
+    /// widened to f32: `[rows.len(), C]`. What the layer-streamed reference uses to look up
+    /// embedding rows and to apply the LM head block by block without holding the table.
+    pub fn read_rows_f32(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        dtype: WeightDtype,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Array2<f32>> {
+        let file = self.file_of(name).expect("checked by Checkpoint::check");
+        let [row_count, columns] = shape;
+        assert!(
+            rows.end <= row_count,
+            "rows {rows:?} of a [{row_count}, {columns}] table"
+        );
+        let row_bytes = columns * dtype.size();
+        let bytes = file.read(name, rows.start * row_bytes..rows.end * row_bytes)?;
+        check_finite_bytes(
+            &file.path,
+            name,
+            &shape,
+            dtype,
+            &bytes,
+            rows.start * columns,
+        )?;
+        Ok(
+            Array2::from_shape_vec((rows.len(), columns), dtype.decode(&bytes).collect())
+                .expect("whole rows were read"),
+        )
+    }
+
     /// Checks that a (shape-checked) float tensor holds no NaN or infinity, straight from its
-    /// stored bytes (no conversion, no allocation): the error names the tensor and the first
-    /// bad element's index. Both engines call this, so they refuse the same weights.
+    /// mapped bytes (no conversion, no allocation): the error names the tensor and the first
+    /// bad element's index. Both engines' loaders refuse the same weights this way (the
+    /// reference through [`check_finite_bytes`] on the bytes it reads).
     pub fn check_finite(&self, name: &str, shape: &[usize], dtype: WeightDtype) -> Result<()> {
         let file = self.file_of(name).expect("checked by Checkpoint::check");
         let bytes = file.bytes(name).expect("checked by Checkpoint::check");
-        // A value is NaN or infinite exactly when all its exponent bits are set.
-        let first_bad = match dtype {
-            WeightDtype::F32 => bytes.chunks_exact(4).position(|b| {
-                u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
-            }),
-            WeightDtype::BF16 => bytes
-                .chunks_exact(2)
-                .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
-            WeightDtype::F16 => bytes
-                .chunks_exact(2)
-                .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
-        };
-        let Some(flat) = first_bad else {
-            return Ok(());
-        };
-        let size = dtype.size();
-        let value = dtype
-            .decode(&bytes[flat * size..(flat + 1) * size])
-            .next()
-            .expect("one whole element");
-        // Row-major multi-index of the flat position.
-        let mut index = vec![0; shape.len()];
-        let mut rest = flat;
-        for (slot, &extent) in index.iter_mut().zip(shape).rev() {
-            *slot = rest % extent.max(1);
-            rest /= extent.max(1);
-        }
-        Err(Error::tensor(
-            &file.path,
-            name,
-            format!(
-                "holds the non-finite value {value} at index {index:?}; a weight must be finite"
-            ),
-        ))
+        check_finite_bytes(&file.path, name, shape, dtype, bytes, 0)
     }
 
     /// Finds the prefix of the text weights (`model.language_model.` or `model.`) by looking for
@@ -599,6 +651,52 @@ impl Checkpoint {
             ),
         ))
     }
+}
+
+/// Refuses stored values holding NaN or infinity: `bytes` are elements `first_element..` (flat,
+/// row-major) of the tensor `name` of `shape` and `dtype` in `path`. The error names the tensor
+/// and the first bad element's multi-index. No Gemma 4 weight is non-finite, and catching it
+/// here names the damaged tensor rather than the first activation it spoils.
+pub fn check_finite_bytes(
+    path: &Path,
+    name: &str,
+    shape: &[usize],
+    dtype: WeightDtype,
+    bytes: &[u8],
+    first_element: usize,
+) -> Result<()> {
+    // A value is NaN or infinite exactly when all its exponent bits are set.
+    let first_bad = match dtype {
+        WeightDtype::F32 => bytes.chunks_exact(4).position(|b| {
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
+        }),
+        WeightDtype::BF16 => bytes
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
+        WeightDtype::F16 => bytes
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
+    };
+    let Some(position) = first_bad else {
+        return Ok(());
+    };
+    let size = dtype.size();
+    let value = dtype
+        .decode(&bytes[position * size..(position + 1) * size])
+        .next()
+        .expect("one whole element");
+    // Row-major multi-index of the flat position.
+    let mut index = vec![0; shape.len()];
+    let mut rest = first_element + position;
+    for (slot, &extent) in index.iter_mut().zip(shape).rev() {
+        *slot = rest % extent.max(1);
+        rest /= extent.max(1);
+    }
+    Err(Error::tensor(
+        path,
+        name,
+        format!("holds the non-finite value {value} at index {index:?}; a weight must be finite"),
+    ))
 }
 
 /// Prefixes under which Gemma 4 text weights are stored, most specific first: those of the two
@@ -711,7 +809,7 @@ pub struct CheckedTensor {
 /// by spec name (the name without the layout prefix, as in [`TensorSpec`]).
 pub struct TextTensors<'a> {
     checkpoint: &'a Checkpoint,
-    by_spec_name: HashMap<String, CheckedTensor>,
+    by_spec_name: Cow<'a, HashMap<String, CheckedTensor>>,
 }
 
 /// Checks the header of every tensor of `specs` under the layout `prefix`, in spec order, before
@@ -737,8 +835,29 @@ pub fn check_text_headers<'a>(
     }
     Ok(TextTensors {
         checkpoint,
-        by_spec_name,
+        by_spec_name: Cow::Owned(by_spec_name),
     })
+}
+
+impl<'a> TextTensors<'a> {
+    /// The checked tensors, without the checkpoint (to keep while the checkpoint is owned
+    /// elsewhere; [`TextTensors::with`] joins them again).
+    pub fn into_checked(self) -> HashMap<String, CheckedTensor> {
+        self.by_spec_name.into_owned()
+    }
+
+    /// Tensors checked earlier ([`TextTensors::into_checked`]) of `checkpoint`.
+    pub fn with(checkpoint: &'a Checkpoint, checked: &'a HashMap<String, CheckedTensor>) -> Self {
+        TextTensors {
+            checkpoint,
+            by_spec_name: Cow::Borrowed(checked),
+        }
+    }
+
+    /// The checkpoint the tensors are in.
+    pub fn checkpoint(&self) -> &'a Checkpoint {
+        self.checkpoint
+    }
 }
 
 impl TextTensors<'_> {
@@ -957,21 +1076,22 @@ pub struct LayerWeights {
     pub layer_scalar: f32,
 }
 
-/// Model-level Per-Layer Embedding weights (shared spec: text §4).
+/// Model-level Per-Layer Embedding weights (shared spec: text §4), the table aside (it is a
+/// lookup table, read one row per token: [`TextWeights::per_layer_table`]).
 pub struct PleWeights {
-    /// `[V_ple, L*P]`, layer-major columns
-    pub table: Array2<f32>,
     /// `[L*P, D]`
     pub model_projection: Array2<f32>,
     /// `[P]`, shared by all layers
     pub projection_norm: Array1<f32>,
 }
 
-/// Every weight of the text decoder, as f32.
+/// Every weight of the text decoder, as f32, held in memory.
 pub struct TextWeights {
     /// `[V, D]`
     pub embed_tokens: Array2<f32>,
     pub embed_dtype: WeightDtype,
+    /// `[V_ple, L*P]`, layer-major columns (E2B / E4B)
+    pub per_layer_table: Option<Array2<f32>>,
     pub per_layer_embeddings: Option<PleWeights>,
     pub layers: Vec<LayerWeights>,
     /// `[D]`
@@ -985,98 +1105,111 @@ impl TextWeights {
     /// [`text_tensor_specs`] gives it.
     pub fn load(checkpoint: &Checkpoint, config: &ModelConfig, plan: &ModelPlan) -> Result<Self> {
         let text = &config.text;
-        let prefix = checkpoint.text_prefix()?;
         // Every tensor present with its planned shape and a float dtype (headers only), then
         // enough memory for all of them as f32, before the first conversion.
-        let specs = text_tensor_specs(text, plan);
-        let tensors = check_text_headers(checkpoint, prefix, &specs)?;
+        let (tensors, specs, prefix) = check_text_checkpoint(checkpoint, config, plan)?;
         check_total_allocation(checkpoint, &specs, prefix, "text")?;
 
-        let embed_tokens = tensors.load("embed_tokens.weight")?;
-        let embed_dtype = tensors.get("embed_tokens.weight").dtype;
-        let per_layer_embeddings = if text.hidden_size_per_layer_input > 0 {
-            Some(PleWeights {
-                table: tensors.load("embed_tokens_per_layer.weight")?,
-                model_projection: tensors.load("per_layer_model_projection.weight")?,
-                projection_norm: tensors.load("per_layer_projection_norm.weight")?,
-            })
-        } else {
-            None
-        };
-
-        let mut layers = Vec::with_capacity(plan.layers.len());
-        for layer in &plan.layers {
-            let names = LayerNames::new(layer.index);
-            let own_kv = layer.computes_own_kv();
-            let attention = AttentionWeights {
-                q_proj: tensors.load(&names.q_proj())?,
-                q_norm: tensors.load(&names.q_norm())?,
-                k_proj: own_kv.then(|| tensors.load(&names.k_proj())).transpose()?,
-                v_proj: (own_kv && !layer.key_equals_value)
-                    .then(|| tensors.load(&names.v_proj()))
-                    .transpose()?,
-                k_norm: own_kv.then(|| tensors.load(&names.k_norm())).transpose()?,
-                o_proj: tensors.load(&names.o_proj())?,
-            };
-            let mlp = MlpWeights {
-                gate_proj: tensors.load(&names.gate_proj())?,
-                up_proj: tensors.load(&names.up_proj())?,
-                down_proj: tensors.load(&names.down_proj())?,
-            };
-            let per_layer_embedding = layer
-                .has_per_layer_embedding
-                .then(|| -> Result<LayerPleWeights> {
-                    Ok(LayerPleWeights {
-                        input_gate: tensors.load(&names.per_layer_input_gate())?,
-                        projection: tensors.load(&names.per_layer_projection())?,
-                        post_norm: tensors.load(&names.post_per_layer_input_norm())?,
-                    })
-                })
-                .transpose()?;
-            let moe = layer
-                .has_moe
-                .then(|| -> Result<MoeWeights> {
-                    Ok(MoeWeights {
-                        router_proj: tensors.load(&names.router_proj())?,
-                        router_scale: tensors.load(&names.router_scale())?,
-                        per_expert_scale: tensors.load(&names.router_per_expert_scale())?,
-                        gate_up_proj: tensors.load(&names.experts_gate_up_proj())?,
-                        down_proj: tensors.load(&names.experts_down_proj())?,
-                        pre_feedforward_layernorm_2: tensors
-                            .load(&names.pre_feedforward_layernorm_2())?,
-                        post_feedforward_layernorm_1: tensors
-                            .load(&names.post_feedforward_layernorm_1())?,
-                        post_feedforward_layernorm_2: tensors
-                            .load(&names.post_feedforward_layernorm_2())?,
-                    })
-                })
-                .transpose()?;
-            layers.push(LayerWeights {
-                input_layernorm: tensors.load(&names.input_layernorm())?,
-                attention,
-                post_attention_layernorm: tensors.load(&names.post_attention_layernorm())?,
-                pre_feedforward_layernorm: tensors.load(&names.pre_feedforward_layernorm())?,
-                mlp,
-                post_feedforward_layernorm: tensors.load(&names.post_feedforward_layernorm())?,
-                moe,
-                per_layer_embedding,
-                layer_scalar: tensors.load::<Ix1>(&names.layer_scalar())?[0],
-            });
-        }
-
-        let final_norm = tensors.load("norm.weight")?;
-        let lm_head = if text.tie_word_embeddings {
-            None
-        } else {
-            Some(tensors.load("lm_head.weight")?)
-        };
+        let has_ple = text.hidden_size_per_layer_input > 0;
         Ok(TextWeights {
-            embed_tokens,
-            embed_dtype,
-            per_layer_embeddings,
-            layers,
-            final_norm,
-            lm_head,
+            embed_tokens: tensors.load("embed_tokens.weight")?,
+            embed_dtype: tensors.get("embed_tokens.weight").dtype,
+            per_layer_table: has_ple
+                .then(|| tensors.load("embed_tokens_per_layer.weight"))
+                .transpose()?,
+            per_layer_embeddings: load_ple_weights(&tensors, text)?,
+            layers: plan
+                .layers
+                .iter()
+                .map(|layer| load_layer(&tensors, layer))
+                .collect::<Result<_>>()?,
+            final_norm: tensors.load("norm.weight")?,
+            lm_head: (!text.tie_word_embeddings)
+                .then(|| tensors.load("lm_head.weight"))
+                .transpose()?,
         })
     }
+}
+
+/// Checks the header of every text tensor the plan needs ([`check_text_headers`] under the
+/// checkpoint's layout prefix); returns the checked tensors, their specs and the prefix.
+pub fn check_text_checkpoint<'a>(
+    checkpoint: &'a Checkpoint,
+    config: &ModelConfig,
+    plan: &ModelPlan,
+) -> Result<(TextTensors<'a>, Vec<TensorSpec>, &'static str)> {
+    let prefix = checkpoint.text_prefix()?;
+    let specs = text_tensor_specs(&config.text, plan);
+    let tensors = check_text_headers(checkpoint, prefix, &specs)?;
+    Ok((tensors, specs, prefix))
+}
+
+/// The model-level PLE weights (the table aside), when the model has PLE.
+pub fn load_ple_weights(tensors: &TextTensors, text: &TextConfig) -> Result<Option<PleWeights>> {
+    if text.hidden_size_per_layer_input == 0 {
+        return Ok(None);
+    }
+    Ok(Some(PleWeights {
+        model_projection: tensors.load("per_layer_model_projection.weight")?,
+        projection_norm: tensors.load("per_layer_projection_norm.weight")?,
+    }))
+}
+
+/// Loads the weights of one decoder layer, as f32.
+pub fn load_layer(tensors: &TextTensors, layer: &LayerPlan) -> Result<LayerWeights> {
+    let names = LayerNames::new(layer.index);
+    let own_kv = layer.computes_own_kv();
+    let attention = AttentionWeights {
+        q_proj: tensors.load(&names.q_proj())?,
+        q_norm: tensors.load(&names.q_norm())?,
+        k_proj: own_kv.then(|| tensors.load(&names.k_proj())).transpose()?,
+        v_proj: (own_kv && !layer.key_equals_value)
+            .then(|| tensors.load(&names.v_proj()))
+            .transpose()?,
+        k_norm: own_kv.then(|| tensors.load(&names.k_norm())).transpose()?,
+        o_proj: tensors.load(&names.o_proj())?,
+    };
+    let mlp = MlpWeights {
+        gate_proj: tensors.load(&names.gate_proj())?,
+        up_proj: tensors.load(&names.up_proj())?,
+        down_proj: tensors.load(&names.down_proj())?,
+    };
+    let per_layer_embedding = layer
+        .has_per_layer_embedding
+        .then(|| -> Result<LayerPleWeights> {
+            Ok(LayerPleWeights {
+                input_gate: tensors.load(&names.per_layer_input_gate())?,
+                projection: tensors.load(&names.per_layer_projection())?,
+                post_norm: tensors.load(&names.post_per_layer_input_norm())?,
+            })
+        })
+        .transpose()?;
+    let moe = layer
+        .has_moe
+        .then(|| -> Result<MoeWeights> {
+            Ok(MoeWeights {
+                router_proj: tensors.load(&names.router_proj())?,
+                router_scale: tensors.load(&names.router_scale())?,
+                per_expert_scale: tensors.load(&names.router_per_expert_scale())?,
+                gate_up_proj: tensors.load(&names.experts_gate_up_proj())?,
+                down_proj: tensors.load(&names.experts_down_proj())?,
+                pre_feedforward_layernorm_2: tensors.load(&names.pre_feedforward_layernorm_2())?,
+                post_feedforward_layernorm_1: tensors
+                    .load(&names.post_feedforward_layernorm_1())?,
+                post_feedforward_layernorm_2: tensors
+                    .load(&names.post_feedforward_layernorm_2())?,
+            })
+        })
+        .transpose()?;
+    Ok(LayerWeights {
+        input_layernorm: tensors.load(&names.input_layernorm())?,
+        attention,
+        post_attention_layernorm: tensors.load(&names.post_attention_layernorm())?,
+        pre_feedforward_layernorm: tensors.load(&names.pre_feedforward_layernorm())?,
+        mlp,
+        post_feedforward_layernorm: tensors.load(&names.post_feedforward_layernorm())?,
+        moe,
+        per_layer_embedding,
+        layer_scalar: tensors.load::<Ix1>(&names.layer_scalar())?[0],
+    })
 }

@@ -4,12 +4,10 @@
 //! The forward pass reports every intermediate through a [`Recorder`], which also checks it for
 //! NaN and infinity, so a non-finite value is reported at the first tensor where it appears.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
 use ndarray::{ArrayD, ArrayViewD, Dimension, IxDyn};
-use safetensors::tensor::View;
 use safetensors::Dtype;
 
 use crate::checkpoint::{SafetensorsFile, WeightDtype};
@@ -129,33 +127,88 @@ impl ActivationDump {
     }
 
     /// Writes the dump as safetensors, atomically: a temporary file next to `path` is written,
-    /// flushed and renamed, so an interrupted run never leaves a half-written dump.
+    /// flushed and renamed, so an interrupted run never leaves a half-written dump. Tensors are
+    /// written one at a time: the file is never held whole in memory (a large model's dump is
+    /// GBs).
     pub fn write(&self, path: &Path, metadata: &[(&str, &str)]) -> Result<()> {
-        let bytes = self.serialize(path, metadata)?;
-        write_atomically(path, &bytes)
+        write_atomically_with(path, |temporary| {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(temporary)?;
+            let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+            self.serialize_into(&mut writer, metadata)?;
+            let file = writer.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()
+        })
     }
 
     /// The dump as the bytes of a safetensors file (what [`ActivationDump::write`] writes).
     pub fn to_bytes(&self, metadata: &[(&str, &str)]) -> Result<Vec<u8>> {
-        self.serialize(Path::new("<in memory>"), metadata)
+        let mut bytes = Vec::new();
+        self.serialize_into(&mut bytes, metadata)
+            .map_err(|e| Error::Safetensors {
+                path: Path::new("<in memory>").to_path_buf(),
+                message: format!("cannot serialise the dump: {e}"),
+            })?;
+        Ok(bytes)
     }
 
-    fn serialize(&self, path: &Path, metadata: &[(&str, &str)]) -> Result<Vec<u8>> {
-        let views: Vec<(String, TensorBytes)> = self
-            .entries
-            .iter()
-            .map(|(name, tensor)| (name.clone(), TensorBytes::from(tensor)))
-            .collect();
-        let mut info: HashMap<String, String> = metadata
+    /// Writes the safetensors format: the 8-byte little-endian header length, the JSON header
+    /// (`__metadata__`, then per tensor its dtype, shape and `data_offsets`; padded with spaces
+    /// to a multiple of 8 bytes), then every tensor's little-endian bytes in the order the
+    /// header lists them (by name). One tensor's bytes are made at a time.
+    fn serialize_into(
+        &self,
+        out: &mut impl std::io::Write,
+        metadata: &[(&str, &str)],
+    ) -> std::io::Result<()> {
+        let mut entries: Vec<&(String, DumpTensor)> = self.entries.iter().collect();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut header = serde_json::Map::new();
+        let mut info: std::collections::BTreeMap<String, String> = metadata
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         info.entry("format".into())
             .or_insert_with(|| "gemma4-activation-dump".into());
-        safetensors::serialize(views, Some(info)).map_err(|e| Error::Safetensors {
-            path: path.to_path_buf(),
-            message: format!("cannot serialise the dump: {e}"),
-        })
+        header.insert("__metadata__".into(), serde_json::json!(info));
+        let mut offset = 0usize;
+        for (name, tensor) in &entries {
+            let (dtype, size) = match tensor {
+                DumpTensor::F32(_) => ("F32", 4),
+                DumpTensor::I64(_) => ("I64", 8),
+            };
+            let length = tensor.shape().iter().product::<usize>() * size;
+            header.insert(
+                name.clone(),
+                serde_json::json!({
+                    "dtype": dtype,
+                    "shape": tensor.shape(),
+                    "data_offsets": [offset, offset + length],
+                }),
+            );
+            offset += length;
+        }
+        let mut header =
+            serde_json::to_vec(&serde_json::Value::Object(header)).expect("a JSON map serialises");
+        header.resize(header.len().next_multiple_of(8), b' ');
+        out.write_all(&(header.len() as u64).to_le_bytes())?;
+        out.write_all(&header)?;
+        for (_, tensor) in &entries {
+            let bytes: Vec<u8> = match tensor {
+                DumpTensor::F32(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                DumpTensor::I64(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            };
+            out.write_all(&bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps only the tensors `filter` selects (and `input_ids`, always kept).
+    pub fn retain(&mut self, filter: &TensorFilter) {
+        self.entries
+            .retain(|(name, _)| name == "input_ids" || filter.keeps(name));
     }
 
     /// Reads a dump. Float tensors stored as F32, BF16, F16 or F64 are widened (or narrowed) to
@@ -319,15 +372,31 @@ pub fn input_ids_tensor(token_ids: &[usize]) -> ArrayD<i64> {
     .expect("a 1-D shape holds its own length")
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+/// Writes `bytes` to `path` atomically ([`write_atomically_with`]).
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    write_atomically_with(path, |temporary| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(temporary)?;
+        file.write_all(bytes)?;
+        file.sync_all()
+    })
+}
+
+/// Writes `path` through a temporary file in the same directory and a rename: `write` fills
+/// the (created, empty) temporary file and flushes it to disk.
 ///
 /// The temporary file (`.<name>.<pid>.<n>.partial`, unique per process and call) is written,
 /// flushed to disk and renamed over `path`; on any failure it is removed and `path` is left
 /// as it was. A process killed midway leaves at most the hidden `.partial` file, never a
 /// half-written file under `path`. An existing `path` that is not a regular file (a directory,
 /// a device such as `/dev/null`, a pipe) is refused rather than replaced.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
+pub fn write_atomically_with(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<()> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static CALLS: AtomicU64 = AtomicU64::new(0);
     let io_error = |source| Error::Io {
@@ -353,14 +422,12 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     ));
     let mut created = false;
     let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
+        std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&temporary)?;
         created = true;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
+        write(&temporary)?;
         std::fs::rename(&temporary, path)?;
         created = false;
         // Make the rename itself durable (best effort: not every file system syncs directories).
@@ -457,17 +524,30 @@ pub fn model_order_key(name: &str) -> (u32, u64, u32, String) {
 /// attached, stores it under its contract name.
 pub struct Recorder<'a> {
     dump: Option<&'a mut ActivationDump>,
+    filter: TensorFilter,
 }
 
 impl<'a> Recorder<'a> {
     /// A recorder that stores into `dump`.
     pub fn new(dump: &'a mut ActivationDump) -> Self {
-        Recorder { dump: Some(dump) }
+        Recorder {
+            dump: Some(dump),
+            filter: TensorFilter::all(),
+        }
+    }
+
+    /// The same recorder storing only the tensors `filter` keeps (all are still checked).
+    pub fn keeping(mut self, filter: &TensorFilter) -> Self {
+        self.filter = filter.clone();
+        self
     }
 
     /// A recorder that only checks finiteness.
     pub fn checking_only() -> Self {
-        Recorder { dump: None }
+        Recorder {
+            dump: None,
+            filter: TensorFilter::all(),
+        }
     }
 
     /// Checks `tensor` for NaN/inf (an error naming it and the first bad index) and stores it.
@@ -488,7 +568,7 @@ impl<'a> Recorder<'a> {
                 value,
             });
         }
-        if let Some(dump) = self.dump.as_deref_mut() {
+        if let Some(dump) = self.dump.as_deref_mut().filter(|_| self.filter.keeps(name)) {
             dump.insert_f32(name, tensor.to_owned());
         }
         Ok(())
@@ -496,7 +576,7 @@ impl<'a> Recorder<'a> {
 
     /// Stores an index tensor (no finiteness to check).
     pub fn record_indices(&mut self, name: &str, tensor: ArrayD<i64>) {
-        if let Some(dump) = self.dump.as_deref_mut() {
+        if let Some(dump) = self.dump.as_deref_mut().filter(|_| self.filter.keeps(name)) {
             dump.insert_i64(name, tensor);
         }
     }
@@ -511,48 +591,129 @@ fn all_finite(values: &[f32]) -> bool {
         .all(|block| block.iter().fold(true, |ok, v| ok & v.is_finite()))
 }
 
-/// Little-endian bytes of a dump tensor, for the safetensors writer.
-struct TensorBytes {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
+/// Which dump tensors to keep (`gemma4 dump --tensors PATTERN`): comma-separated patterns in
+/// which `*` stands for any run of characters inside one dot-separated part and `**` for any
+/// run at all, e.g. `logits,layers.*.output` (every layer's output) or `vision.**`; a pattern
+/// without `*` names one tensor. The empty filter keeps everything. Every tensor is
+/// still computed and checked finite; only the kept ones are stored.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TensorFilter {
+    patterns: Vec<String>,
 }
 
-impl From<&DumpTensor> for TensorBytes {
-    fn from(tensor: &DumpTensor) -> Self {
-        match tensor {
-            DumpTensor::F32(a) => TensorBytes {
-                dtype: Dtype::F32,
-                shape: a.shape().to_vec(),
-                bytes: a.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            },
-            DumpTensor::I64(a) => TensorBytes {
-                dtype: Dtype::I64,
-                shape: a.shape().to_vec(),
-                bytes: a.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            },
+impl TensorFilter {
+    /// Keeps every tensor.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Parses `logits,layers.*.output`: an error for an empty pattern (`a,,b`) or one with
+    /// characters no tensor name has.
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut patterns = Vec::new();
+        for pattern in text.split(',').map(str::trim) {
+            if pattern.is_empty() {
+                return Err(Error::input(format!(
+                    "--tensors `{text}`: an empty pattern (names are separated by single commas)"
+                )));
+            }
+            if let Some(bad) = pattern
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '*')))
+            {
+                return Err(Error::input(format!(
+                    "--tensors: pattern `{pattern}` holds `{bad}`; tensor names (shared contracts \
+                     §2) have letters, digits, `_` and `.`; `*` matches within one dot-separated \
+                     part, `**` across parts"
+                )));
+            }
+            patterns.push(pattern.to_string());
+        }
+        Ok(TensorFilter { patterns })
+    }
+
+    /// Does the filter keep the tensor `name`?
+    pub fn keeps(&self, name: &str) -> bool {
+        self.patterns.is_empty() || self.patterns.iter().any(|p| glob_matches(p, name))
+    }
+
+    /// The patterns that select none of `names` (a typo the caller should refuse).
+    pub fn unmatched<'a>(&'a self, names: &[&str]) -> Vec<&'a str> {
+        self.patterns
+            .iter()
+            .filter(|p| !names.iter().any(|name| glob_matches(p, name)))
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// Is this the keep-everything filter?
+    pub fn is_all(&self) -> bool {
+        self.patterns.is_empty()
+    }
+}
+
+/// Does `name` match `pattern`? `*` matches any run of characters within one dot-separated
+/// part of the name (`layers.*.output` is every layer's output, not `layers.0.attn.output`);
+/// `**` matches any run, dots included (`**.output` is every tensor ending in `.output`).
+fn glob_matches(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    // Classic backtracking wildcard matching over bytes (names are ASCII).
+    fn matches(p: &[u8], n: &[u8]) -> bool {
+        match p.first() {
+            None => n.is_empty(),
+            Some(b'*') => {
+                let across_dots = p.get(1) == Some(&b'*');
+                let rest = if across_dots { &p[2..] } else { &p[1..] };
+                for skip in 0..=n.len() {
+                    if skip > 0 && !across_dots && n[skip - 1] == b'.' {
+                        break;
+                    }
+                    if matches(rest, &n[skip..]) {
+                        return true;
+                    }
+                }
+                false
+            }
+            Some(&c) => n.first() == Some(&c) && matches(&p[1..], &n[1..]),
         }
     }
-}
-
-impl View for TensorBytes {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.bytes)
-    }
-    fn data_len(&self) -> usize {
-        self.bytes.len()
-    }
+    matches(p, n)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tensor_filter_patterns() {
+        let filter = TensorFilter::parse("logits,layers.*.output,**top_k_index").unwrap();
+        for kept in [
+            "logits",
+            "layers.0.output",
+            "layers.12.output",
+            "layers.3.router.top_k_index",
+        ] {
+            assert!(filter.keeps(kept), "{kept}");
+        }
+        for dropped in [
+            "layers.0.attn.output",
+            "final_norm",
+            "logits2",
+            "vision.layers.0.output",
+        ] {
+            assert!(!filter.keeps(dropped), "{dropped}");
+        }
+        let across = TensorFilter::parse("**.output").unwrap();
+        assert!(across.keeps("vision.layers.0.output") && across.keeps("layers.1.mlp.output"));
+        assert!(!across.keeps("logits"));
+        assert!(TensorFilter::all().keeps("anything"));
+        assert_eq!(
+            filter.unmatched(&["logits", "layers.0.output"]),
+            vec!["**top_k_index"]
+        );
+        assert!(TensorFilter::parse("a,,b").is_err());
+        assert!(TensorFilter::parse("layers.[0-3].output").is_err());
+    }
 
     #[test]
     fn recorder_names_the_first_non_finite_element_wherever_it_is() {

@@ -6,7 +6,7 @@
 //! 31B / 26B-A4B, while the same bf16 checkpoint loaded in float32 uses the unrounded 39.1918
 //! / 50.596 / 73.321 / 53.066 ([`ComputeDtype`]). The tied LM head uses the table unscaled.
 
-use ndarray::Array2;
+use ndarray::{Array2, ArrayView2};
 
 use crate::compute_dtype::ComputeDtype;
 use crate::faults::{fault_active, Fault};
@@ -21,14 +21,10 @@ pub fn embedding_scale(n: usize, compute: ComputeDtype) -> f32 {
     compute.round(scale)
 }
 
-/// Rows `ids` of `table` (`[V, D]`), each multiplied by `scale`. Returns `[T, D]`.
-/// The ids were checked against the table size by the caller.
-pub fn scaled_embedding(table: &Array2<f32>, ids: &[usize], scale: f32) -> Array2<f32> {
-    let mut out = Array2::<f32>::zeros((ids.len(), table.ncols()));
-    for (t, &id) in ids.iter().enumerate() {
-        out.row_mut(t).assign(&table.row(id).mapv(|v| v * scale));
-    }
-    out
+/// The embedding table's rows of the tokens, `rows` `[T, D]` (looked up by the loader:
+/// `weight_stream::DecoderWeights::embedding_rows`), each multiplied by `scale`. Returns `[T, D]`.
+pub fn scaled_embedding(rows: ArrayView2<f32>, scale: f32) -> Array2<f32> {
+    rows.mapv(|v| v * scale)
 }
 
 #[cfg(test)]

@@ -16,12 +16,14 @@
 //! 6. [`model`]: the whole forward pass, logits, softcapping and greedy decoding;
 //! 7. [`dump`]: the activation dump format other ports compare against;
 //! 8. [`faults`]: known porting bugs, switchable for diagnosis and mutation testing;
-//! 9. [`parameter_count`]: exact parameter counts from a config alone.
+//! 9. [`parameter_count`]: exact parameter counts from a config alone;
+//! 10. [`weight_stream`] and [`memory_plan`]: verifying checkpoints larger than memory, one
+//!     layer's weights in memory at a time, with the peak known before the run starts.
 //!
 //! Images (shared spec: multimodal §1, §3), before step 4:
-//! 10. [`vision`]: the image tower, from a file to soft tokens (its own reading order);
-//! 11. [`projector`]: soft tokens into the text width (shared with the audio tower);
-//! 12. [`merge`]: soft tokens written over their placeholder runs, and [`mask`]'s image blocks
+//! 11. [`vision`]: the image tower, from a file to soft tokens (its own reading order);
+//! 12. [`projector`]: soft tokens into the text width (shared with the audio tower);
+//! 13. [`merge`]: soft tokens written over their placeholder runs, and [`mask`]'s image blocks
 //!     (bidirectional on sliding layers of the large models).
 
 pub mod attention;
@@ -40,6 +42,7 @@ pub mod layer_plan;
 pub mod linear;
 pub mod mask;
 pub mod memory;
+pub mod memory_plan;
 pub mod merge;
 pub mod mlp;
 pub mod model;
@@ -50,6 +53,7 @@ pub mod projector;
 pub mod rms_norm;
 pub mod rope;
 pub mod vision;
+pub mod weight_stream;
 
 pub use compute_dtype::ComputeDtype;
 pub use config::ModelConfig;

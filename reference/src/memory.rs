@@ -24,11 +24,33 @@ pub fn available_memory() -> Option<u64> {
     }
 }
 
-/// `GEMMA4_MEMORY_LIMIT`, in bytes, if set.
-fn memory_limit_from_env() -> Option<u64> {
+/// The `--max-memory` of this process, once set ([`set_memory_limit`]).
+static MEMORY_LIMIT_FLAG: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// Sets this process's memory limit in bytes (the CLI's `--max-memory`; the first call wins).
+/// It applies wherever `GEMMA4_MEMORY_LIMIT` does, the smaller of the two counting.
+pub fn set_memory_limit(bytes: u64) {
+    let _ = MEMORY_LIMIT_FLAG.set(bytes);
+}
+
+/// The `--max-memory` of this process, if set.
+pub fn memory_limit_flag() -> Option<u64> {
+    MEMORY_LIMIT_FLAG.get().copied()
+}
+
+/// `GEMMA4_MEMORY_LIMIT` in bytes, if set.
+pub fn memory_limit_env() -> Option<u64> {
     std::env::var("GEMMA4_MEMORY_LIMIT")
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// The smaller of `--max-memory` and `GEMMA4_MEMORY_LIMIT`, if either is set.
+fn memory_limit_from_env() -> Option<u64> {
+    match (memory_limit_flag(), memory_limit_env()) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// Allocations up to this size (16 MiB) are not checked against `/proc/meminfo` (reading it
@@ -37,7 +59,7 @@ fn memory_limit_from_env() -> Option<u64> {
 pub const SMALL_ALLOCATION_BYTES: u64 = 16 << 20;
 
 /// Parses the `MemAvailable:  123456 kB` line of `/proc/meminfo` into bytes.
-fn mem_available_from_meminfo(text: &str) -> Option<u64> {
+pub(crate) fn mem_available_from_meminfo(text: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let mut fields = line["MemAvailable:".len()..].split_whitespace();
     let value: u64 = fields.next()?.parse().ok()?;
@@ -79,7 +101,7 @@ pub fn check_allocation(path: &Path, tensor: &str, bytes: Option<u64>, what: &st
                 tensor,
                 format!(
                     "{what} needs {bytes} bytes, but only {available} bytes of memory are available \
-                     (MemAvailable, or GEMMA4_MEMORY_LIMIT); refusing to allocate"
+                     (MemAvailable, GEMMA4_MEMORY_LIMIT or --max-memory); refusing to allocate"
                 ),
             ));
         }

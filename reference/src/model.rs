@@ -14,19 +14,19 @@ use std::path::Path;
 use ndarray::{s, Array1, Array2, ArrayView1};
 
 use crate::audio::tower::{soft_tokens_of_frames, AudioTower};
-use crate::checkpoint::{Checkpoint, TextWeights};
+use crate::checkpoint::Checkpoint;
 use crate::compute_dtype::ComputeDtype;
 use crate::config::{AttentionType, CheckpointLayout, ModelConfig, RopeParameters};
 use crate::decoder_layer::decoder_layer;
-use crate::dump::{input_ids_tensor, ActivationDump, Recorder};
+use crate::dump::{input_ids_tensor, ActivationDump, Recorder, TensorFilter};
 use crate::embedding::{embedding_scale, scaled_embedding};
 use crate::error::{Error, Result};
 use crate::faults::{fault_active, Fault};
 use crate::kv_cache::KvCache;
 use crate::layer_plan::ModelPlan;
-use crate::linear::linear;
 use crate::mask::ImageBlocks;
 use crate::memory::{array_bytes, available_memory};
+use crate::memory_plan::{memory_limit, MemoryPlan};
 use crate::merge::{
     audio_placeholder_runs, clip_prefix, image_placeholder_runs, merge_soft_tokens, Prompt,
 };
@@ -34,13 +34,15 @@ use crate::ple::per_layer_inputs;
 use crate::rms_norm::rms_norm;
 use crate::rope::inverse_frequencies;
 use crate::vision::VisionTower;
+use crate::weight_stream::{DecoderWeights, Residence};
 
-/// A loaded Gemma 4 model: config, layer plan and f32 weights of the text decoder, and the
-/// vision tower when it was asked for ([`Gemma4TextModel::load_for`]).
+/// A loaded Gemma 4 model: config, layer plan and f32 weights of the text decoder (in memory,
+/// or streamed from disk layer by layer: [`crate::weight_stream`]), and the towers when they
+/// were asked for ([`Gemma4TextModel::load_for`]).
 pub struct Gemma4TextModel {
     pub config: ModelConfig,
     pub plan: ModelPlan,
-    pub weights: TextWeights,
+    pub weights: DecoderWeights,
     /// The vision tower, loaded only for prompts with images.
     pub vision: Option<VisionTower>,
     /// The audio tower, loaded only for prompts with audio.
@@ -48,20 +50,40 @@ pub struct Gemma4TextModel {
     /// The arithmetic this run imitates: which dtype the embedding scales are rounded to
     /// ([`ComputeDtype`]; float32 unless declared otherwise).
     pub compute_dtype: ComputeDtype,
+    /// The memory plan the model was loaded under ([`Gemma4TextModel::load_with`]).
+    pub memory_plan: Option<MemoryPlan>,
+}
+
+/// How a run wants the model loaded: where the weights live, and what the run will do (for its
+/// memory plan, checked before the first weight is read).
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// In memory, streamed, or whichever fits ([`Residence::Auto`]).
+    pub residence: Residence,
+    /// Greedy steps the run will take (they grow the KV cache and the dump).
+    pub decode_steps: usize,
+    /// The dump tensors the run keeps.
+    pub tensors: TensorFilter,
 }
 
 impl Gemma4TextModel {
-    /// Loads `dir/config.json` and the checkpoint's text weights.
+    /// Loads `dir/config.json` and the checkpoint's text weights, in memory.
     pub fn load(dir: &Path) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let checkpoint = Checkpoint::open(dir)?;
-        Self::from_checkpoint(config, &checkpoint)
+        Self::from_checkpoint(config, checkpoint, Residence::InMemory)
     }
 
-    /// Derives the layer plan of `config` and loads the text weights it needs from `checkpoint`.
-    pub fn from_checkpoint(config: ModelConfig, checkpoint: &Checkpoint) -> Result<Self> {
+    /// Derives the layer plan of `config` and loads the text weights it needs from `checkpoint`
+    /// (in memory, or opened for streaming; `Auto` loads them in memory).
+    pub fn from_checkpoint(
+        config: ModelConfig,
+        checkpoint: Checkpoint,
+        residence: Residence,
+    ) -> Result<Self> {
         let plan = ModelPlan::from_config(&config.text);
-        let weights = TextWeights::load(checkpoint, &config, &plan)?;
+        let streamed = residence == Residence::Streamed;
+        let weights = DecoderWeights::load(checkpoint, &config, &plan, streamed)?;
         Ok(Gemma4TextModel {
             config,
             plan,
@@ -69,21 +91,56 @@ impl Gemma4TextModel {
             vision: None,
             audio: None,
             compute_dtype: ComputeDtype::Float32,
+            memory_plan: None,
         })
     }
 
+    /// Where the text weights are: in memory or streamed from disk.
+    pub fn residence(&self) -> Residence {
+        if self.weights.is_streamed() {
+            Residence::Streamed
+        } else {
+            Residence::InMemory
+        }
+    }
+
     /// Loads `dir` with the towers `prompt` needs: the text decoder, and the vision tower when
-    /// the prompt has images (an error naming what is missing if the checkpoint has none).
+    /// the prompt has images (an error naming what is missing if the checkpoint has none). The
+    /// weights go in memory when they fit ([`LoadOptions`] with `Auto`).
     pub fn load_for(dir: &Path, prompt: &Prompt) -> Result<Self> {
+        Self::load_with(dir, prompt, &LoadOptions::default())
+    }
+
+    /// [`Gemma4TextModel::load_for`] with explicit options: the run's [`MemoryPlan`] is made
+    /// from the config alone and checked against the memory limit
+    /// ([`crate::memory_plan::memory_limit`]) before any weight is read; `Auto` picks in memory
+    /// when that fits, else streamed; a plan that does not fit at all is an error giving its
+    /// parts.
+    pub fn load_with(dir: &Path, prompt: &Prompt, options: &LoadOptions) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let checkpoint = Checkpoint::open(dir)?;
-        let mut model = Self::from_checkpoint(config, &checkpoint)?;
-        if !prompt.images.is_empty() {
-            model.vision = Some(VisionTower::load(&checkpoint, &model.config)?);
-        }
-        if !prompt.audio.is_empty() {
-            model.audio = Some(AudioTower::load(&checkpoint, &model.config)?);
-        }
+        let plan = ModelPlan::from_config(&config.text);
+        let memory = MemoryPlan::of_dump(
+            &config,
+            &plan,
+            prompt,
+            options.decode_steps,
+            &options.tensors,
+        );
+        let residence = memory
+            .choose(options.residence, memory_limit())
+            .map_err(|e| Error::input(format!("model {}: {e}", dir.display())))?;
+        // The towers read the checkpoint before the text decoder may take it over.
+        let vision = (!prompt.images.is_empty())
+            .then(|| VisionTower::load(&checkpoint, &config))
+            .transpose()?;
+        let audio = (!prompt.audio.is_empty())
+            .then(|| AudioTower::load(&checkpoint, &config))
+            .transpose()?;
+        let mut model = Self::from_checkpoint(config, checkpoint, residence)?;
+        model.vision = vision;
+        model.audio = audio;
+        model.memory_plan = Some(memory);
         Ok(model)
     }
 
@@ -114,14 +171,14 @@ impl Gemma4TextModel {
         ple_token_ids(&self.config, token_ids)
     }
 
-    /// The scaled main embedding `x⁰` `[T, D]` (text §4).
-    pub fn embed(&self, token_ids: &[usize]) -> Array2<f32> {
+    /// The scaled main embedding `x⁰` `[T, D]` (text §4): the table's rows of the tokens
+    /// (read from disk for a streamed model), times `√D`.
+    pub fn embed(&self, token_ids: &[usize]) -> Result<Array2<f32>> {
         let scale = embedding_scale(self.config.text.hidden_size, self.compute_dtype);
-        scaled_embedding(
-            &self.weights.embed_tokens,
-            &self.embedding_token_ids(token_ids),
-            scale,
-        )
+        let rows = self
+            .weights
+            .embedding_rows(&self.embedding_token_ids(token_ids))?;
+        Ok(scaled_embedding(rows.view(), scale))
     }
 
     /// RoPE parameters of a layer type (with the `rope_theta_swapped` fault applied if on).
@@ -143,7 +200,7 @@ impl Gemma4TextModel {
     /// placeholders (multimodal §3.2). The towers' tensors and `embeddings` go to `recorder`.
     pub fn embed_prompt(&self, prompt: &Prompt, recorder: &mut Recorder) -> Result<Array2<f32>> {
         self.validate_token_ids(&prompt.tokens)?;
-        let mut embeddings = self.embed(&prompt.tokens);
+        let mut embeddings = self.embed(&prompt.tokens)?;
         if !prompt.images.is_empty() {
             let vision = self.vision.as_ref().ok_or_else(|| {
                 Error::input(
@@ -206,7 +263,7 @@ impl Gemma4TextModel {
         recorder: &mut Recorder,
     ) -> Result<Array2<f32>> {
         self.validate_token_ids(token_ids)?;
-        let embeddings = self.embed(token_ids);
+        let embeddings = self.embed(token_ids)?;
         recorder.record("embeddings", embeddings.view().into_dyn())?;
         self.forward_from_embeddings(embeddings, token_ids, cache, recorder)
     }
@@ -228,10 +285,14 @@ impl Gemma4TextModel {
         let blocks = ImageBlocks::of(&self.config, token_ids, first_position);
 
         // Per-Layer Embeddings, computed once for all layers.
-        let ple = match &self.weights.per_layer_embeddings {
+        let ple = match self.weights.per_layer_embeddings() {
             Some(ple_weights) if !fault_active(Fault::PleMissing) => {
+                let table_rows = self
+                    .weights
+                    .per_layer_rows(&self.ple_token_ids(token_ids))?
+                    .expect("a model with PLE weights has a PLE table");
                 let ple = per_layer_inputs(
-                    &self.ple_token_ids(token_ids),
+                    table_rows.view(),
                     &embeddings,
                     ple_weights,
                     text.num_hidden_layers,
@@ -252,11 +313,13 @@ impl Gemma4TextModel {
             .collect();
 
         let mut hidden = embeddings;
-        for (layer, weights) in self.plan.layers.iter().zip(&self.weights.layers) {
+        for layer in &self.plan.layers {
+            // A streamed model reads this layer's weights now and drops them after it.
+            let weights = self.weights.layer(layer)?;
             let layer_input = ple.as_ref().map(|p| p.slice(s![.., layer.index, ..]));
             hidden = decoder_layer(
                 layer,
-                weights,
+                &weights,
                 text,
                 &hidden,
                 layer_input,
@@ -269,15 +332,12 @@ impl Gemma4TextModel {
         }
         cache.advance(tokens);
 
-        let normed = rms_norm(&hidden, &self.weights.final_norm, text.rms_norm_eps);
+        let normed = rms_norm(&hidden, self.weights.final_norm(), text.rms_norm_eps);
         recorder.record("final_norm", normed.view().into_dyn())?;
         // Tied LM head: the embedding table, without the √D scale (text §11).
-        let head = self
+        let mut logits = self
             .weights
-            .lm_head
-            .as_ref()
-            .unwrap_or(&self.weights.embed_tokens);
-        let mut logits = linear(normed.view(), head);
+            .lm_head(normed.view(), text.tie_word_embeddings)?;
         if let (Some(cap), false) = (
             text.final_logit_softcapping,
             fault_active(Fault::SoftcapMissing),
@@ -301,10 +361,21 @@ impl Gemma4TextModel {
     /// [`Gemma4TextModel::dump`] of a prompt with images: the vision tensors of each image, then
     /// the text tensors of the merged sequence, then the decode rows.
     pub fn dump_prompt(&self, prompt: &Prompt, decode_steps: usize) -> Result<ActivationDump> {
+        self.dump_prompt_keeping(prompt, decode_steps, &TensorFilter::all())
+    }
+
+    /// [`Gemma4TextModel::dump_prompt`] keeping only the tensors `filter` selects (and
+    /// `input_ids`): every tensor is still computed and checked.
+    pub fn dump_prompt_keeping(
+        &self,
+        prompt: &Prompt,
+        decode_steps: usize,
+        filter: &TensorFilter,
+    ) -> Result<ActivationDump> {
         let mut dump = ActivationDump::new();
         dump.insert_i64("input_ids", input_ids_tensor(&prompt.tokens));
         let mut cache = self.new_cache();
-        let mut recorder = Recorder::new(&mut dump);
+        let mut recorder = Recorder::new(&mut dump).keeping(filter);
         // `embed_prompt` validates the token ids first.
         let embeddings = self.embed_prompt(prompt, &mut recorder)?;
         let logits =
@@ -318,6 +389,7 @@ impl Gemma4TextModel {
                 continuation.mapv(|t| t as i64).into_dyn(),
             );
         }
+        dump.retain(filter);
         Ok(dump)
     }
 

@@ -31,17 +31,18 @@ use crate::gelu::gelu_tanh;
 use crate::linear::linear;
 use crate::rms_norm::{rms_norm, rms_norm_rows};
 
-/// Builds `ple` `[T, L, P]` from the PLE ids (`[T]`, placeholders already mapped to pad) and the
-/// scaled main embedding `x⁰` (`[T, D]`); `compute` is the dtype `√P` is rounded to.
+/// Builds `ple` `[T, L, P]` from the PLE table's rows of the tokens (`table_rows` `[T, L·P]`,
+/// placeholders already mapped to the pad row; looked up by the loader) and the scaled main
+/// embedding `x⁰` (`[T, D]`); `compute` is the dtype `√P` is rounded to.
 pub fn per_layer_inputs(
-    ple_ids: &[usize],
+    table_rows: ArrayView2<f32>,
     scaled_embeddings: &Array2<f32>,
     weights: &PleWeights,
     num_layers: usize,
     eps: f64,
     compute: ComputeDtype,
 ) -> Array3<f32> {
-    let tokens = ple_ids.len();
+    let tokens = table_rows.nrows();
     let width = weights.projection_norm.len(); // P
     let hidden_size = scaled_embeddings.ncols(); // D
 
@@ -51,7 +52,7 @@ pub fn per_layer_inputs(
     } else {
         embedding_scale(width, compute)
     };
-    let token_part = scaled_embedding(&weights.table, ple_ids, token_scale);
+    let token_part = scaled_embedding(table_rows, token_scale);
 
     // Context part: project the scaled embedding, times D^(-1/2), then RMSNorm over P.
     let projection_scale = if fault_active(Fault::PleNoProjectionScale) {

@@ -8,6 +8,7 @@ mod bench;
 mod bench_towers;
 mod fuzz;
 mod golden;
+mod memory;
 mod mutants;
 mod process;
 mod synth;
@@ -38,6 +39,9 @@ enum Task {
     Fuzz(fuzz::FuzzArgs),
     /// Write a random-weight checkpoint with the real dimensions of a released model.
     Synth(synth::SynthArgs),
+    /// Verify a real-dimension checkpoint with the layer-streamed reference (and the optimized
+    /// engine), recording peak memory and time in docs/performance.md.
+    Memory(memory::MemoryArgs),
     /// Measure prefill/decode speed and peak memory of the engines, and the vision and audio
     /// towers' speed; write docs/performance.md.
     Bench(bench::BenchArgs),
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
         Task::Mutants(args) => mutants::run(&args).map_err(Into::into),
         Task::Fuzz(args) => fuzz::run(&args).map_err(Into::into),
         Task::Synth(args) => synth::run(&args).map_err(Into::into),
+        Task::Memory(args) => memory::run(&args).map_err(Into::into),
         Task::Bench(args) => bench::run(&args).map_err(Into::into),
         Task::BenchEngine(args) => bench::run_engine(&args).map_err(Into::into),
     };
