@@ -285,7 +285,7 @@ pub fn checkpoint_forward(data: &[u8]) {
     let checkpoint = Checkpoint::from_files(Path::new("fuzz-input"), vec![file])
         .expect("one file has no duplicate names");
     let model = match Gemma4TextModel::from_checkpoint(
-        config,
+        config.clone(),
         checkpoint,
         gemma4_reference::weight_stream::Residence::InMemory,
     ) {
@@ -312,6 +312,35 @@ pub fn checkpoint_forward(data: &[u8]) {
                 logits.iter().all(|v| v.is_finite()),
                 "non-finite logits returned as Ok"
             );
+            // The same checkpoint streamed layer by layer: the same dump, bit for bit.
+            let file = SafetensorsFile::from_bytes(Path::new(SAFETENSORS_PATH), weights.to_vec())
+                .expect("parsed once already");
+            let checkpoint = Checkpoint::from_files(Path::new("fuzz-input"), vec![file])
+                .expect("one file has no duplicate names");
+            let streamed = Gemma4TextModel::from_checkpoint(
+                config,
+                checkpoint,
+                gemma4_reference::weight_stream::Residence::Streamed,
+            )
+            .expect("loads in memory, so opens for streaming");
+            let streamed_dump = streamed
+                .dump(&tokens, 1)
+                .expect("runs in memory, so streamed");
+            assert_eq!(
+                format!("{:?}", dump.names_in_model_order()),
+                format!("{:?}", streamed_dump.names_in_model_order())
+            );
+            for name in dump.names_in_model_order() {
+                let bits = |d: &gemma4_reference::ActivationDump| match d.get(name) {
+                    Some(DumpTensor::F32(a)) => a.iter().map(|v| v.to_bits() as i64).collect(),
+                    Some(DumpTensor::I64(a)) => a.iter().copied().collect::<Vec<i64>>(),
+                    None => Vec::new(),
+                };
+                assert!(
+                    bits(&dump) == bits(&streamed_dump),
+                    "`{name}` differs when streamed"
+                );
+            }
         }
         Err(gemma4_reference::Error::NonFinite { tensor, .. }) => assert!(!tensor.is_empty()),
         Err(gemma4_reference::Error::Input { .. }) => {}

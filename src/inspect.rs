@@ -257,7 +257,8 @@ pub fn image_sizes(height: usize, width: usize) -> Vec<ImageAtBudget> {
         .collect()
 }
 
-fn thousands(n: u64) -> String {
+/// `1234567` as `1,234,567`.
+pub fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {

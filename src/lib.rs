@@ -10,6 +10,7 @@ pub mod chat_template;
 pub mod compare;
 pub mod compare_decode;
 pub mod compare_diagnosis;
+pub mod compare_routing;
 pub mod compare_structure;
 pub mod comparison;
 pub mod conform;

@@ -12,6 +12,7 @@ use gemma4::golden::load_cases;
 use gemma4_optimized::synthetic::{write_checkpoint, TinyConfig};
 use gemma4_reference::checkpoint::WeightDtype;
 use gemma4_reference::dump::TensorFilter;
+use gemma4_reference::forced_routing::ForcedRouting;
 use gemma4_reference::memory_plan::MemoryPlan;
 use gemma4_reference::merge::Prompt;
 use gemma4_reference::model::LoadOptions;
@@ -538,4 +539,39 @@ fn tensors_keeps_only_what_is_asked_and_compare_accepts_it() {
     );
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("empty pattern"), "{stderr}");
+}
+
+#[test]
+fn a_streamed_model_gets_a_noise_envelope_like_an_in_memory_one() {
+    use gemma4::compare_diagnosis::clean_noise_envelope;
+    let dir = common::golden_model("e2b_like");
+    let prompt = Prompt::text(&[2, 17, 301, 5, 9, 40]);
+    let envelope_of = |residence| {
+        let options = LoadOptions {
+            residence,
+            ..LoadOptions::default()
+        };
+        let model = Gemma4TextModel::load_with(&dir, &prompt, &options).unwrap();
+        let clean = model.dump_prompt(&prompt, 0).unwrap();
+        clean_noise_envelope(&model, &dir, &prompt, 0, &clean, &ForcedRouting::default())
+    };
+    let (in_memory, streamed) = (
+        envelope_of(Residence::InMemory),
+        envelope_of(Residence::Streamed),
+    );
+    // The streamed probes perturb each layer as it is read, with their own noise draws: the
+    // deviations are not equal but of the same size (two draws differ by up to about 2x on
+    // the golden models; a layer left unperturbed shows as a factor of 8 at its output).
+    for tensor in [
+        "layers.0.attn.q",
+        "layers.0.output",
+        "layers.3.output",
+        "logits",
+    ] {
+        let (a, b) = (in_memory[tensor], streamed[tensor]);
+        assert!(
+            (1e-8..1e-4).contains(&a) && (a / 4.0..a * 4.0).contains(&b),
+            "`{tensor}`: in memory {a:e}, streamed {b:e}"
+        );
+    }
 }

@@ -19,6 +19,7 @@ use crate::config::TextConfig;
 use crate::dump::Recorder;
 use crate::error::Result;
 use crate::faults::{fault_active, Fault};
+use crate::forced_routing::steer;
 use crate::kv_cache::KvCache;
 use crate::layer_plan::LayerPlan;
 use crate::mask::ImageBlocks;
@@ -105,6 +106,13 @@ pub fn decoder_layer(
                 &h1
             };
             let routing = route(router_input, moe_weights, moe_config, eps);
+            // Diagnosis only (`gemma4 compare`): a no-op outside a forced-routing scope.
+            let routing = steer(
+                layer.index,
+                positions,
+                routing,
+                moe_weights.per_expert_scale.view(),
+            );
             recorder.record_indices(
                 &name("router.top_k_index"),
                 routing.top_k_index.mapv(|e| e as i64).into_dyn(),

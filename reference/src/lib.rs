@@ -15,7 +15,8 @@
 //!    [`mask`], [`kv_cache`]), [`mlp`] (with [`gelu`]) and [`moe`];
 //! 6. [`model`]: the whole forward pass, logits, softcapping and greedy decoding;
 //! 7. [`dump`]: the activation dump format other ports compare against;
-//! 8. [`faults`]: known porting bugs, switchable for diagnosis and mutation testing;
+//! 8. [`faults`]: known porting bugs, switchable for diagnosis and mutation testing, and
+//!    [`forced_routing`]: a MoE port's near-tie expert choices imposed for a fair comparison;
 //! 9. [`parameter_count`]: exact parameter counts from a config alone;
 //! 10. [`weight_stream`] and [`memory_plan`]: verifying checkpoints larger than memory, one
 //!     layer's weights in memory at a time, with the peak known before the run starts.
@@ -36,6 +37,7 @@ pub mod dump;
 pub mod embedding;
 pub mod error;
 pub mod faults;
+pub mod forced_routing;
 pub mod gelu;
 pub mod kv_cache;
 pub mod layer_plan;

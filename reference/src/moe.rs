@@ -15,7 +15,7 @@
 //! The layer then adds this to the dense (shared) MLP branch, each after its own post-norm
 //! (`post_feedforward_layernorm_2` here, `_1` for the dense branch; see `decoder_layer`).
 
-use ndarray::{s, Array1, Array2};
+use ndarray::{s, Array1, Array2, ArrayView1};
 
 use crate::checkpoint::MoeWeights;
 use crate::config::MoeConfig;
@@ -31,6 +31,34 @@ pub struct Routing {
     pub top_k_index: Array2<usize>,
     /// `[T, k]`: their final weights (renormalised, per-expert scale applied).
     pub top_k_weights: Array2<f32>,
+    /// `[T, E]`: the router's probabilities `p` over all experts.
+    pub probabilities: Array2<f32>,
+}
+
+impl Routing {
+    /// Sets token `t`'s choice to `chosen` (ranked here by descending probability, ties to the
+    /// lower expert index) with the weights `w_e = p_e / Σ_{e'∈S} p_e' · per_expert_scale[e]`.
+    pub fn choose(&mut self, t: usize, chosen: &[usize], per_expert_scale: ArrayView1<f32>) {
+        let probabilities = self.probabilities.row(t);
+        let mut ranked = chosen.to_vec();
+        ranked.sort_by(|&a, &b| {
+            probabilities[b]
+                .total_cmp(&probabilities[a])
+                .then(a.cmp(&b))
+        });
+        let total: f32 = ranked.iter().map(|&e| probabilities[e]).sum();
+        for (slot, &expert) in ranked.iter().enumerate() {
+            let mut weight = probabilities[expert];
+            if !fault_active(Fault::RouterNoRenormalize) {
+                weight /= total;
+            }
+            if !fault_active(Fault::RouterPerExpertScaleIgnored) {
+                weight *= per_expert_scale[expert];
+            }
+            self.top_k_index[[t, slot]] = expert;
+            self.top_k_weights[[t, slot]] = weight;
+        }
+    }
 }
 
 /// Chooses `k` experts per token from the un-normalised residual `h1` (`[T, D]`).
@@ -46,8 +74,11 @@ pub fn route(h1: &Array2<f32>, weights: &MoeWeights, moe: &MoeConfig, eps: f64) 
     let logits = linear(router_input.view(), &weights.router_proj); // [T, E]
 
     let (tokens, k) = (h1.nrows(), moe.top_k_experts);
-    let mut top_k_index = Array2::<usize>::zeros((tokens, k));
-    let mut top_k_weights = Array2::<f32>::zeros((tokens, k));
+    let mut routing = Routing {
+        top_k_index: Array2::zeros((tokens, k)),
+        top_k_weights: Array2::zeros((tokens, k)),
+        probabilities: Array2::zeros(logits.dim()),
+    };
     for t in 0..tokens {
         let probabilities = softmax(logits.row(t).to_owned());
         // Experts by descending probability; ties keep the lower expert index first.
@@ -57,24 +88,10 @@ pub fn route(h1: &Array2<f32>, weights: &MoeWeights, moe: &MoeConfig, eps: f64) 
                 .total_cmp(&probabilities[a])
                 .then(a.cmp(&b))
         });
-        let chosen = &order[..k];
-        let total: f32 = chosen.iter().map(|&e| probabilities[e]).sum();
-        for (slot, &expert) in chosen.iter().enumerate() {
-            let mut weight = probabilities[expert];
-            if !fault_active(Fault::RouterNoRenormalize) {
-                weight /= total;
-            }
-            if !fault_active(Fault::RouterPerExpertScaleIgnored) {
-                weight *= weights.per_expert_scale[expert];
-            }
-            top_k_index[[t, slot]] = expert;
-            top_k_weights[[t, slot]] = weight;
-        }
+        routing.probabilities.row_mut(t).assign(&probabilities);
+        routing.choose(t, &order[..k], weights.per_expert_scale.view());
     }
-    Routing {
-        top_k_index,
-        top_k_weights,
-    }
+    routing
 }
 
 /// Weighted sum of the chosen experts' GeGLU outputs. `x`: `[T, D]` (the experts' pre-normed

@@ -23,6 +23,7 @@
 
 use std::collections::HashMap;
 use std::ops::Deref;
+use std::sync::Arc;
 
 use ndarray::{s, Array1, Array2, ArrayView2};
 
@@ -64,6 +65,11 @@ impl Residence {
 /// few enough reads (32 for a 262144-token vocabulary) to cost nothing.
 pub const LM_HEAD_BLOCK_ROWS: usize = 8192;
 
+/// A change applied to each layer's weights as a streamed model reads them (layer index,
+/// weights): how a streamed model's weights are perturbed (`compare`'s float-noise probes)
+/// without holding them.
+pub type LayerTransform = Arc<dyn Fn(usize, &mut LayerWeights) + Send + Sync>;
+
 /// The text decoder's weights: in memory, or on disk and read as the forward pass goes.
 pub enum DecoderWeights {
     InMemory(TextWeights),
@@ -80,6 +86,8 @@ pub struct StreamedTextWeights {
     embed_dtype: WeightDtype,
     per_layer_embeddings: Option<PleWeights>,
     final_norm: Array1<f32>,
+    /// Applied to every layer as it is read.
+    transform: Option<LayerTransform>,
 }
 
 impl StreamedTextWeights {
@@ -97,6 +105,7 @@ impl StreamedTextWeights {
             embed_dtype,
             per_layer_embeddings,
             final_norm,
+            transform: None,
         })
     }
 
@@ -217,10 +226,37 @@ impl DecoderWeights {
             DecoderWeights::InMemory(weights) => {
                 Ok(LayerRef::Borrowed(&weights.layers[layer.index]))
             }
-            DecoderWeights::Streamed(streamed) => Ok(LayerRef::Read(Box::new(load_layer(
-                &streamed.tensors(),
-                layer,
-            )?))),
+            DecoderWeights::Streamed(streamed) => {
+                let mut weights = load_layer(&streamed.tensors(), layer)?;
+                if let Some(transform) = &streamed.transform {
+                    transform(layer.index, &mut weights);
+                }
+                Ok(LayerRef::Read(Box::new(weights)))
+            }
+        }
+    }
+
+    /// The model-level PLE weights, mutably (to perturb them).
+    pub fn per_layer_embeddings_mut(&mut self) -> Option<&mut PleWeights> {
+        match self {
+            DecoderWeights::InMemory(weights) => weights.per_layer_embeddings.as_mut(),
+            DecoderWeights::Streamed(streamed) => streamed.per_layer_embeddings.as_mut(),
+        }
+    }
+
+    /// The final norm's weight, mutably (to perturb it).
+    pub fn final_norm_mut(&mut self) -> &mut Array1<f32> {
+        match self {
+            DecoderWeights::InMemory(weights) => &mut weights.final_norm,
+            DecoderWeights::Streamed(streamed) => &mut streamed.final_norm,
+        }
+    }
+
+    /// Has a streamed model apply `transform` to every layer it reads (nothing for an
+    /// in-memory model, whose weights are changed in place instead).
+    pub fn set_layer_transform(&mut self, transform: LayerTransform) {
+        if let DecoderWeights::Streamed(streamed) = self {
+            streamed.transform = Some(transform);
         }
     }
 

@@ -6,6 +6,8 @@
 
 mod bench;
 mod bench_towers;
+mod book;
+mod figures;
 mod fuzz;
 mod golden;
 mod memory;
@@ -45,6 +47,12 @@ enum Task {
     /// Measure prefill/decode speed and peak memory of the engines, and the vision and audio
     /// towers' speed; write docs/performance.md.
     Bench(bench::BenchArgs),
+    /// Draw the book's figures (docs/figures/*.svg) and its generated tables from the reference
+    /// code, or verify them with --check.
+    Figures(figures::FiguresArgs),
+    /// Build the book (docs/, mdBook) with the API pages it links, and check it in headless
+    /// Chromium: every page loads without console errors, every image has a size, no broken link.
+    Book(book::BookArgs),
     /// (internal) One engine, one workload, one JSON line: the child process of `bench`.
     #[command(hide = true)]
     BenchEngine(bench::BenchEngineArgs),
@@ -59,6 +67,8 @@ fn main() -> ExitCode {
         Task::Synth(args) => synth::run(&args).map_err(Into::into),
         Task::Memory(args) => memory::run(&args).map_err(Into::into),
         Task::Bench(args) => bench::run(&args).map_err(Into::into),
+        Task::Figures(args) => figures::run(&args),
+        Task::Book(args) => book::run(&args),
         Task::BenchEngine(args) => bench::run_engine(&args).map_err(Into::into),
     };
     match result {
