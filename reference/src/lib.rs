@@ -26,6 +26,10 @@
 //! 12. [`projector`]: soft tokens into the text width (shared with the audio tower);
 //! 13. [`merge`]: soft tokens written over their placeholder runs, and [`mask`]'s image blocks
 //!     (bidirectional on sliding layers of the large models).
+//!
+//! Audio (E2B, E4B; shared spec: multimodal §2, §3), also before step 4:
+//! 14. [`audio`]: the conformer tower, from a WAV file to soft tokens (its own reading order),
+//!     whose soft tokens go through [`projector`] and [`merge`] as images do.
 
 pub mod attention;
 pub mod audio;

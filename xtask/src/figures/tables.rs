@@ -41,6 +41,7 @@ pub fn all(released: &[(&str, ModelConfig)], root: &Path) -> Result<Vec<Generate
         block("rope.md", "rope-pairs", rope_pairs(released)),
         block("kv-cache.md", "kv-sharing", kv_sharing(released)),
         block("kv-cache.md", "kv-cache-sizes", kv_cache_sizes(released)),
+        block("vision.md", "vision-towers", vision_towers(root)?),
         block("vision.md", "image-budgets", image_budgets()?),
         block("audio.md", "audio-soft-tokens", audio_soft_tokens()),
         block("faults.md", "fault-catalogue", fault_catalogue()),
@@ -415,6 +416,76 @@ fn kv_cache_sizes(released: &[(&str, ModelConfig)]) -> String {
         ],
         rows,
     )
+}
+
+/// The two vision towers, from the released `vision_config`s (E2B's is E4B's, 31B's is 26B-A4B's).
+fn vision_towers(root: &Path) -> Result<String> {
+    let mut towers = Vec::new();
+    for folder in ["e2b", "e4b", "31b", "26b-a4b"] {
+        let path = root
+            .join("tests/data/released")
+            .join(folder)
+            .join("config.json");
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        let vision = json
+            .get("vision_config")
+            .cloned()
+            .ok_or_else(|| format!("{} has no vision_config", path.display()))?;
+        towers.push(vision);
+    }
+    if towers[0] != towers[1] || towers[2] != towers[3] {
+        return Err("E2B/E4B or 31B/26B-A4B no longer share a vision tower: the chapter's two columns are wrong".into());
+    }
+    let labels = [
+        "width `Dv`, encoder layers",
+        "heads × head dim",
+        "MLP width (gated GELU-tanh)",
+        "clipped linears / standardize",
+        "patch, pooling kernel, position tables, 2D RoPE θ",
+    ];
+    let (small, large) = (tower_facts(&towers[0]), tower_facts(&towers[2]));
+    let body = labels
+        .iter()
+        .zip(small.into_iter().zip(large))
+        .map(|(label, (small, large))| vec![label.to_string(), small, large])
+        .collect();
+    Ok(table(
+        &[
+            "",
+            "on-device tower (E2B, E4B)",
+            "large tower (31B, 26B-A4B)",
+        ],
+        body,
+    ))
+}
+
+/// The rows of the `vision-towers` table for one `vision_config`.
+fn tower_facts(tower: &serde_json::Value) -> [String; 5] {
+    let get = |key: &str| tower.get(key).map_or("?".to_string(), |v| v.to_string());
+    let yes_no = |key: &str| match tower.get(key).and_then(|v| v.as_bool()) {
+        Some(true) => "yes",
+        _ => "no",
+    };
+    let theta = tower
+        .pointer("/rope_parameters/rope_theta")
+        .map_or("?".to_string(), |v| v.to_string());
+    [
+        format!("{}, {}", get("hidden_size"), get("num_hidden_layers")),
+        format!("{} × {}", get("num_attention_heads"), get("head_dim")),
+        get("intermediate_size"),
+        format!(
+            "{} / {}",
+            yes_no("use_clipped_linears"),
+            yes_no("standardize")
+        ),
+        format!(
+            "{}, {}, {}, {}",
+            get("patch_size"),
+            get("pooling_kernel_size"),
+            get("position_embedding_size"),
+            theta
+        ),
+    ]
 }
 
 fn image_budgets() -> Result<String> {
