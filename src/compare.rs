@@ -17,13 +17,15 @@
 use std::path::{Path, PathBuf};
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use gemma4_reference::checkpoint::WeightDtype;
 use gemma4_reference::dump::{ActivationDump, DumpTensor};
 use gemma4_reference::embedding::embedding_scale;
 use gemma4_reference::faults::with_faults;
-use gemma4_reference::forced_routing::{with_forced_routing, ForcedRouting};
+use gemma4_reference::forced_routing::{with_forced_routing, with_refereed_routing, ForcedRouting};
 use gemma4_reference::merge::Prompt;
 use gemma4_reference::model::{argmax, LoadOptions};
 use gemma4_reference::weight_stream::Residence;
@@ -35,7 +37,9 @@ use crate::compare_decode::{comparable_decode_rows, is_near_tie, DecodeAlignment
 use crate::compare_diagnosis::{
     clean_noise_envelope, diagnose, Diagnosis, FaultLibrary, ScoredTensor,
 };
-use crate::compare_routing::{force_ties, judge_layer, router_index_layer, LayerTies};
+use crate::compare_routing::{
+    candidate_referee, force_ties, judge_layer, router_index_layer, LayerTies,
+};
 use crate::compare_structure::{error_structure, ErrorStructure};
 use crate::comparison::{
     bf16_rounded, compare_dumps, compare_dumps_exact_bf16_embeddings, is_index_tensor,
@@ -293,15 +297,39 @@ pub fn run_compare(
                 });
                 dump.map(|dump| (dump, log))
             };
-            let mut forced = ForcedRouting::default();
-            let (mut expected, mut router_log) =
-                run_reference(&loaded, &forced).map_err(model_error)?;
+            // The first run follows the candidate's near-tie expert choices as it reaches each
+            // MoE layer (crate::compare_routing::candidate_referee): one run, however many
+            // layers tipped a tie.
+            let routing_notes = Rc::new(RefCell::new(Vec::new()));
+            let referee = {
+                let precision = dump_precision(&candidate);
+                let num_layers = loaded.config.text.num_hidden_layers;
+                let vision_layers = vision_layers_in_dump(&candidate);
+                candidate_referee(
+                    &candidate,
+                    move |layer| {
+                        tolerance_with_vision(
+                            &format!("layers.{layer}.router.top_k_weights"),
+                            precision,
+                            num_layers,
+                            vision_layers,
+                        )
+                    },
+                    Rc::clone(&routing_notes),
+                )
+            };
+            let (dump, first_log) =
+                with_refereed_routing(ForcedRouting::default(), Some(referee), || {
+                    with_faults(&[], || loaded.dump_prompt(prompt, decode_steps))
+                });
+            let (mut expected, mut router_log) = (dump.map_err(model_error)?, first_log);
+            let mut forced = router_log.imposed().clone();
+            let mut routing_notes = routing_notes.take();
             let mut facts = ModelFacts::of_model(&loaded);
             let mut report = compare(&expected, &candidate, &facts);
             // A streamed model is re-read from disk by every extra run: it gets the two
             // float-noise probes (streamed too), not the fault library (dozens of runs).
             let streamed = loaded.weights.is_streamed();
-            let mut routing_notes = Vec::new();
             for _ in 0..MAX_ROUTER_RERUNS {
                 if let Some(layer) = first_router_set_divergence(&report) {
                     let tolerance = report
@@ -315,6 +343,13 @@ pub fn run_compare(
                             ties,
                             allowance,
                         } => {
+                            if streamed {
+                                // Each extra run re-reads the checkpoint: say why it is made.
+                                eprintln!(
+                                    "gemma4 compare: layer {layer}: {} token(s) chose other experts by a near tie; running the reference again with the candidate's choices there",
+                                    ties.len()
+                                );
+                            }
                             routing_notes.push(force_ties(&mut forced, layer, &ties, allowance));
                             (expected, router_log) =
                                 run_reference(&loaded, &forced).map_err(model_error)?;
@@ -334,6 +369,12 @@ pub fn run_compare(
                 // Judged again with this model's float-noise envelope (two reference runs on
                 // perturbed weights): a chaotic random model can amplify an independent float32
                 // implementation's rounding beyond the fixed tolerance.
+                if streamed {
+                    eprintln!(
+                        "gemma4 compare: beyond the fixed tolerance at {}; measuring this model's float-noise envelope (two more reference runs)",
+                        report.first_divergence.as_deref().unwrap_or("a tensor")
+                    );
+                }
                 facts.noise_envelope = Some(clean_noise_envelope(
                     &loaded,
                     model,

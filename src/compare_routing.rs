@@ -20,18 +20,21 @@
 //! of two logit errors, as `ln p_d − ln p_c` is) and `τ` the fixed tolerance of that layer's
 //! `top_k_weights`. The factor 4 leaves room for the tipping token's own noise being larger
 //! than the largest elsewhere in the layer (two logits moving apart, each up to twice the
-//! typical worst). When every differing token is such a tie, the reference is re-run with those
-//! tokens' experts forced to the candidate's choice
-//! ([`gemma4_reference::forced_routing`]) and the comparison starts over; the report names
-//! every forced token. A router bug (the wrong input, a missing scale, a wrong top-k) changes
+//! typical worst). The reference applies the rule as it reaches each MoE layer
+//! ([`candidate_referee`]): when every differing token of the layer is such a tie, it follows
+//! the candidate's experts there ([`gemma4_reference::forced_routing`]) and goes on, so one run
+//! follows every tipped tie; the report names every followed token. ([`judge_layer`] applies
+//! the same rule to a finished run, the fallback `compare` re-runs with [`force_ties`].) A router bug (the wrong input, a missing scale, a wrong top-k) changes
 //! the set of many tokens by wide gaps, or leaves no agreeing token to measure noise on, and is
 //! still reported.
 
-use gemma4_reference::dump::{ActivationDump, DumpTensor};
-use gemma4_reference::forced_routing::{ForcedRouting, RouterLog};
-use ndarray::{ArrayView2, Ix2};
+use gemma4_reference::dump::ActivationDump;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
 
-use crate::comparison::router_ranking_aligned;
+use gemma4_reference::forced_routing::{ForcedRouting, Referee, RouterLog};
+use ndarray::{Array2, ArrayView1, ArrayView2, Ix2};
 
 /// How much wider than the measured router noise a tipped tie may be (see the module docs).
 const TIE_NOISE_FACTOR: f64 = 4.0;
@@ -83,9 +86,17 @@ pub fn judge_layer(
 ) -> LayerTies {
     let index_name = format!("layers.{layer}.router.top_k_index");
     let weights_name = format!("layers.{layer}.router.top_k_weights");
-    let ids = |dump: &ActivationDump| -> Option<ndarray::Array2<i64>> {
+    let ids = |dump: &ActivationDump| -> Option<Array2<i64>> {
         dump.get(&index_name)?
             .as_i64()?
+            .view()
+            .into_dimensionality::<Ix2>()
+            .ok()
+            .map(|a| a.to_owned())
+    };
+    let weights = |dump: &ActivationDump| -> Option<Array2<f32>> {
+        dump.get(&weights_name)?
+            .as_f32()?
             .view()
             .into_dimensionality::<Ix2>()
             .ok()
@@ -96,16 +107,62 @@ pub fn judge_layer(
             "{index_name} is not a [T, k] index tensor on both sides"
         ));
     };
-    if expected_ids.dim() != candidate_ids.dim() {
+    let (Some(expected_weights), Some(candidate_weights)) = (weights(expected), weights(candidate))
+    else {
+        return LayerTies::Not(format!(
+            "{weights_name} is missing on one side: the router noise cannot be measured"
+        ));
+    };
+    judge_sets(
+        layer,
+        RouterChoice {
+            ids: expected_ids.view(),
+            weights: expected_weights.view(),
+        },
+        RouterChoice {
+            ids: candidate_ids.view(),
+            weights: candidate_weights.view(),
+        },
+        |t| log.probabilities(layer, t).map(|p| p.view()),
+        tolerance,
+    )
+}
+
+/// One side's router choice for the rows of a layer: `top_k_index` and `top_k_weights`, both
+/// `[T, k]`, each row in that side's own order.
+#[derive(Clone, Copy, Debug)]
+pub struct RouterChoice<'a> {
+    pub ids: ArrayView2<'a, i64>,
+    pub weights: ArrayView2<'a, f32>,
+}
+
+/// The judgement of [`judge_layer`] on arrays: `expected` is the reference's choice, with its
+/// router probabilities `[E]` of row `t` given by `probabilities(t)`, `candidate` the port's.
+pub fn judge_sets<'p>(
+    layer: usize,
+    expected: RouterChoice,
+    candidate: RouterChoice,
+    probabilities: impl Fn(usize) -> Option<ArrayView1<'p, f32>>,
+    tolerance: f64,
+) -> LayerTies {
+    let index_name = format!("layers.{layer}.router.top_k_index");
+    let weights_name = format!("layers.{layer}.router.top_k_weights");
+    if expected.ids.dim() != candidate.ids.dim() {
         return LayerTies::Not(format!("{index_name} differs in shape"));
     }
-    let set = |row: ndarray::ArrayView1<i64>| {
+    if expected.weights.dim() != expected.ids.dim() || candidate.weights.dim() != expected.ids.dim()
+    {
+        return LayerTies::Not(format!(
+            "{weights_name} does not match {index_name} in shape"
+        ));
+    }
+    let set = |row: ArrayView1<i64>| {
         let mut s: Vec<i64> = row.to_vec();
         s.sort_unstable();
         s
     };
-    let (agreeing, differing): (Vec<usize>, Vec<usize>) = (0..expected_ids.nrows())
-        .partition(|&t| set(expected_ids.row(t)) == set(candidate_ids.row(t)));
+    let (agreeing, differing): (Vec<usize>, Vec<usize>) = (0..expected.ids.nrows())
+        .partition(|&t| set(expected.ids.row(t)) == set(candidate.ids.row(t)));
     if differing.is_empty() {
         return LayerTies::Not(format!(
             "{index_name}: the same experts, ranked differently"
@@ -117,36 +174,9 @@ pub fn judge_layer(
         ));
     }
 
-    // δ: the router noise on the tokens whose set agrees (the candidate's weights put in the
-    // expected ranking first).
-    let aligned = router_ranking_aligned(&weights_name, expected, candidate);
-    let weights = |dump: &ActivationDump| -> Option<ndarray::Array2<f32>> {
-        dump.get(&weights_name)?
-            .as_f32()?
-            .view()
-            .into_dimensionality::<Ix2>()
-            .ok()
-            .map(|a| a.to_owned())
-    };
-    let candidate_weights = match aligned {
-        Some(DumpTensor::F32(a)) => a.into_dimensionality::<Ix2>().ok(),
-        _ => weights(candidate),
-    };
-    let (Some(expected_weights), Some(candidate_weights)) = (weights(expected), candidate_weights)
-    else {
-        return LayerTies::Not(format!(
-            "{weights_name} is missing on one side: the router noise cannot be measured"
-        ));
-    };
-    if expected_weights.dim() != expected_ids.dim() || candidate_weights.dim() != expected_ids.dim()
-    {
-        return LayerTies::Not(format!(
-            "{weights_name} does not match {index_name} in shape"
-        ));
-    }
-    let Some(noise) =
-        log_weight_noise(expected_weights.view(), candidate_weights.view(), &agreeing)
-    else {
+    // δ: the router noise on the tokens whose set agrees, each candidate weight set against the
+    // expected weight of the same expert.
+    let Some(noise) = log_weight_noise(expected, candidate, &agreeing) else {
         return LayerTies::Not(format!(
             "{weights_name} holds a zero, negative or non-finite weight where the experts agree"
         ));
@@ -155,12 +185,12 @@ pub fn judge_layer(
 
     let mut ties = Vec::new();
     for &t in &differing {
-        let Some(probabilities) = log.probabilities(layer, t) else {
+        let Some(probabilities) = probabilities(t) else {
             return LayerTies::Not(format!(
                 "the reference's router probabilities of layer {layer}, token {t} were not recorded"
             ));
         };
-        let (expected_set, candidate_set) = (set(expected_ids.row(t)), set(candidate_ids.row(t)));
+        let (expected_set, candidate_set) = (set(expected.ids.row(t)), set(candidate.ids.row(t)));
         let expected_only: Vec<usize> = expected_set
             .iter()
             .filter(|e| !candidate_set.contains(e))
@@ -215,17 +245,20 @@ pub fn judge_layer(
     }
 }
 
-/// `max |ln c − ln e|` over `rows` of two `[T, k]` weight tensors (`None` when a weight there is
-/// not positive and finite: no noise estimate then).
+/// `max |ln c − ln e|` over `rows` of the two sides' weights, each candidate weight set against
+/// the expected weight of the same expert (`None` when a weight there is not positive and
+/// finite: no noise estimate then).
 fn log_weight_noise(
-    expected: ArrayView2<f32>,
-    candidate: ArrayView2<f32>,
+    expected: RouterChoice,
+    candidate: RouterChoice,
     rows: &[usize],
 ) -> Option<f64> {
     let mut noise = 0.0f64;
     for &t in rows {
-        for (&e, &c) in expected.row(t).iter().zip(candidate.row(t)) {
-            let (e, c) = (f64::from(e), f64::from(c));
+        for (slot, &expert) in expected.ids.row(t).iter().enumerate() {
+            let other = candidate.ids.row(t).iter().position(|&c| c == expert)?;
+            let e = f64::from(expected.weights[[t, slot]]);
+            let c = f64::from(candidate.weights[[t, other]]);
             if !(e > 0.0 && c > 0.0 && e.is_finite() && c.is_finite()) {
                 return None;
             }
@@ -246,10 +279,17 @@ pub fn force_ties(
     ties: &[TippedTie],
     allowance: f64,
 ) -> String {
+    for tie in ties {
+        forced.force(layer, tie.position, tie.candidate_set.clone());
+    }
+    describe_ties(layer, ties, allowance)
+}
+
+/// The report's note on `ties` followed at `layer`.
+fn describe_ties(layer: usize, ties: &[TippedTie], allowance: f64) -> String {
     let described: Vec<String> = ties
         .iter()
         .map(|tie| {
-            forced.force(layer, tie.position, tie.candidate_set.clone());
             format!(
                 "token {} chose {:?} over {:?} (log-probability gap {:.2e})",
                 tie.position, tie.candidate_only, tie.expected_only, tie.gap
@@ -257,10 +297,109 @@ pub fn force_ties(
         })
         .collect();
     format!(
-        "layers.{layer}.router: the candidate chose other experts at {} token(s), each a near tie in the reference's router (gap within {allowance:.2e}, 4 × the router noise on the layer's other tokens): {}; the reference was re-run with those tokens' experts forced to the candidate's choice, and everything after is judged against that run",
+        "layers.{layer}.router: the candidate chose other experts at {} token(s), each a near tie in the reference's router (gap within {allowance:.2e}, 4 × the router noise on the layer's other tokens): {}; the reference followed the candidate's choice there, and everything after is judged against that run",
         ties.len(),
         described.join("; ")
     )
+}
+
+/// A [`Referee`] that follows `candidate`'s expert choices wherever they differ from the
+/// reference's by near ties only (the rule of [`judge_sets`], applied to each MoE layer as the
+/// reference reaches it), so that one reference run follows every tipped tie of the prompt.
+/// `tolerance(layer)` is the fixed tolerance of that layer's `top_k_weights`; each layer it
+/// follows adds its note to `notes`. A layer whose differences are not all near ties is left
+/// alone (the comparison then reports it).
+pub fn candidate_referee(
+    candidate: &ActivationDump,
+    tolerance: impl Fn(usize) -> f64,
+    notes: Rc<RefCell<Vec<String>>>,
+) -> Referee {
+    let mut layers: BTreeMap<usize, (Array2<i64>, Array2<f32>, f64)> = BTreeMap::new();
+    for name in candidate.names_in_model_order() {
+        let Some(layer) = router_index_layer(name) else {
+            continue;
+        };
+        let weights_name = format!("layers.{layer}.router.top_k_weights");
+        let ids = candidate.get(name).and_then(|t| t.as_i64()).and_then(|a| {
+            a.view()
+                .into_dimensionality::<Ix2>()
+                .ok()
+                .map(|a| a.to_owned())
+        });
+        let weights = candidate
+            .get(&weights_name)
+            .and_then(|t| t.as_f32())
+            .and_then(|a| {
+                a.view()
+                    .into_dimensionality::<Ix2>()
+                    .ok()
+                    .map(|a| a.to_owned())
+            });
+        if let (Some(ids), Some(weights)) = (ids, weights) {
+            layers.insert(layer, (ids, weights, tolerance(layer)));
+        }
+    }
+    Box::new(move |layer, positions, routing| {
+        let Some((candidate_ids, candidate_weights, tolerance)) = layers.get(&layer) else {
+            return Vec::new();
+        };
+        // The rows the candidate has (prompt positions; decode steps are not in its dump).
+        let rows: Vec<usize> = (0..positions.len())
+            .filter(|&r| positions[r] < candidate_ids.nrows())
+            .collect();
+        let k = routing.top_k_index.ncols();
+        if rows.is_empty()
+            || candidate_ids.ncols() != k
+            || candidate_weights.dim() != candidate_ids.dim()
+        {
+            return Vec::new();
+        }
+        let ours_ids = Array2::from_shape_fn((rows.len(), k), |(i, s)| {
+            routing.top_k_index[[rows[i], s]] as i64
+        });
+        let ours_weights = Array2::from_shape_fn((rows.len(), k), |(i, s)| {
+            routing.top_k_weights[[rows[i], s]]
+        });
+        let theirs_ids = Array2::from_shape_fn((rows.len(), k), |(i, s)| {
+            candidate_ids[[positions[rows[i]], s]]
+        });
+        let theirs_weights = Array2::from_shape_fn((rows.len(), k), |(i, s)| {
+            candidate_weights[[positions[rows[i]], s]]
+        });
+        let verdict = judge_sets(
+            layer,
+            RouterChoice {
+                ids: ours_ids.view(),
+                weights: ours_weights.view(),
+            },
+            RouterChoice {
+                ids: theirs_ids.view(),
+                weights: theirs_weights.view(),
+            },
+            |i| rows.get(i).map(|&r| routing.probabilities.row(r)),
+            *tolerance,
+        );
+        let LayerTies::NearTies {
+            layer,
+            mut ties,
+            allowance,
+        } = verdict
+        else {
+            return Vec::new();
+        };
+        let decisions = ties
+            .iter_mut()
+            .map(|tie| {
+                let row = rows[tie.position];
+                tie.position = positions[row];
+                (row, tie.candidate_set.clone())
+            })
+            .collect();
+        notes
+            .borrow_mut()
+            .push(describe_ties(layer, &ties, allowance));
+        decisions
+    })
 }
 
 #[cfg(test)]

@@ -6,9 +6,10 @@
 //! the k-th place, float rounding decides which one is chosen, and a correct port may pick the
 //! other one. From there on its activations are those of a *different* (equally valid)
 //! computation: the MoE output of that token changes by `w·(y_a − y_b)`, far beyond rounding.
-//! To keep judging such a port, `compare` re-runs the reference with that token's experts
-//! forced to the port's choice (see `gemma4::compare_routing`); everything the port computes
-//! afterwards must then match that run.
+//! To keep judging such a port, `compare` has the reference follow that token's experts to the
+//! port's choice, as it reaches the layer ([`Referee`], see `gemma4::compare_routing`), or
+//! re-runs it with them forced ([`ForcedRouting`]); everything the port computes afterwards must
+//! then match that run.
 //!
 //! Like [`crate::faults`], the hook is per thread and scoped ([`with_forced_routing`]); outside
 //! a scope the model routes as usual and nothing is recorded. Inside the model it is one call,
@@ -50,11 +51,12 @@ impl ForcedRouting {
 }
 
 /// The router's probabilities `softmax(r · router.projᵀ)` `[E]` of every token routed inside a
-/// [`with_forced_routing`] scope, by `(layer, position)`. A position routed twice (a prompt
-/// dumped twice) keeps its last row.
+/// [`with_forced_routing`] scope, by `(layer, position)`, and the expert sets that were imposed.
+/// A position routed twice (a prompt dumped twice) keeps its last row.
 #[derive(Clone, Debug, Default)]
 pub struct RouterLog {
     probabilities: BTreeMap<(usize, usize), Array1<f32>>,
+    imposed: ForcedRouting,
 }
 
 impl RouterLog {
@@ -62,10 +64,23 @@ impl RouterLog {
     pub fn probabilities(&self, layer: usize, position: usize) -> Option<&Array1<f32>> {
         self.probabilities.get(&(layer, position))
     }
+
+    /// Every expert set that was imposed (given in advance or decided by the referee): running
+    /// again under exactly these reproduces the run.
+    pub fn imposed(&self) -> &ForcedRouting {
+        &self.imposed
+    }
 }
+
+/// Decides during the run which tokens to steer: given the MoE layer, the absolute positions of
+/// the rows being routed and the router's own choice for them, returns `(row, experts)` pairs to
+/// impose. `gemma4 compare` uses one to follow a port's near-tie choices layer by layer in a
+/// single run, instead of one run per layer.
+pub type Referee = Box<dyn Fn(usize, &[usize], &Routing) -> Vec<(usize, Vec<usize>)>>;
 
 struct Scope {
     forced: ForcedRouting,
+    referee: Option<Referee>,
     log: RouterLog,
 }
 
@@ -76,9 +91,20 @@ thread_local! {
 /// Runs `body` with `forced` imposed on the router in this thread, and returns what the router
 /// saw meanwhile. The previous scope (if any) is restored afterwards, also on panic.
 pub fn with_forced_routing<R>(forced: ForcedRouting, body: impl FnOnce() -> R) -> (R, RouterLog) {
+    with_refereed_routing(forced, None, body)
+}
+
+/// [`with_forced_routing`], and `referee` consulted at every MoE layer for more tokens to steer
+/// (those `forced` already fixes excepted).
+pub fn with_refereed_routing<R>(
+    forced: ForcedRouting,
+    referee: Option<Referee>,
+    body: impl FnOnce() -> R,
+) -> (R, RouterLog) {
     let previous = SCOPE.with(|scope| {
         scope.replace(Some(Scope {
             forced,
+            referee,
             log: RouterLog::default(),
         }))
     });
@@ -104,9 +130,10 @@ pub fn with_forced_routing<R>(forced: ForcedRouting, body: impl FnOnce() -> R) -
 }
 
 /// The router's step for diagnosis: inside a [`with_forced_routing`] scope, records each token's
-/// probabilities and replaces the choice of the tokens it forces (their weights computed from
-/// the same probabilities by the same rule, [`Routing::choose`]); outside a scope, `routing`
-/// unchanged. `positions` are the rows' absolute positions.
+/// probabilities and replaces the choice of the tokens it forces, then of those its referee (if
+/// any) picks (their weights computed from the same probabilities by the same rule,
+/// [`Routing::choose`]); outside a scope, `routing` unchanged. `positions` are the rows'
+/// absolute positions.
 pub fn steer(
     layer: usize,
     positions: &[usize],
@@ -115,20 +142,38 @@ pub fn steer(
 ) -> Routing {
     SCOPE.with(|scope| {
         let mut scope = scope.borrow_mut();
-        let Some(scope) = scope.as_mut() else {
+        let Some(Scope {
+            forced,
+            referee,
+            log,
+        }) = scope.as_mut()
+        else {
             return;
         };
+        let k = routing.top_k_index.ncols();
         for (row, &position) in positions.iter().enumerate() {
-            scope
-                .log
-                .probabilities
+            log.probabilities
                 .insert((layer, position), routing.probabilities.row(row).to_owned());
-            if let Some(experts) = scope.forced.get(layer, position) {
-                if experts.len() == routing.top_k_index.ncols() {
+            if let Some(experts) = forced.get(layer, position) {
+                if experts.len() == k {
                     let experts = experts.to_vec();
                     routing.choose(row, &experts, per_expert_scale);
+                    log.imposed.force(layer, position, experts);
                 }
             }
+        }
+        let Some(referee) = referee else {
+            return;
+        };
+        for (row, experts) in referee(layer, positions, &routing) {
+            let Some(&position) = positions.get(row) else {
+                continue;
+            };
+            if forced.get(layer, position).is_some() || experts.len() != k {
+                continue;
+            }
+            routing.choose(row, &experts, per_expert_scale);
+            log.imposed.force(layer, position, experts);
         }
     });
     routing
