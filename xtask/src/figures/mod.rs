@@ -62,17 +62,16 @@ pub struct GeneratedBlock {
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
 /// Every figure of the book, drawn now.
-pub fn figures(root: &Path) -> Result<Vec<Figure>> {
-    let released = released_models(root)?;
+pub fn figures(root: &Path, released: &[(&'static str, ModelConfig)]) -> Result<Vec<Figure>> {
     let drawn = [
-        ("layer-plans", layer_plans::draw(&released)),
-        ("ple-data-flow", ple::draw(&released)),
+        ("layer-plans", layer_plans::draw(released)),
+        ("ple-data-flow", ple::draw(released)),
         ("attention-masks", masks::draw(root)),
-        ("rope-frequencies", rope::draw(&released)),
-        ("kv-cache-per-token", kv_cache::draw_per_token(&released)),
-        ("kv-cache-vs-context", kv_cache::draw_vs_context(&released)),
+        ("rope-frequencies", rope::draw(released)),
+        ("kv-cache-per-token", kv_cache::draw_per_token(released)),
+        ("kv-cache-vs-context", kv_cache::draw_vs_context(released)),
         ("moe-routing", moe::draw(root)),
-        ("softcap", softcap::draw(&released)),
+        ("softcap", softcap::draw(released)),
         ("image-budgets", image::draw_budgets()),
         ("image-pooling", image::draw_pooling()),
         ("audio-front-end", audio::draw(root)),
@@ -84,23 +83,45 @@ pub fn figures(root: &Path) -> Result<Vec<Figure>> {
 }
 
 /// Every generated table of the book, computed now.
-pub fn generated_blocks(root: &Path) -> Result<Vec<GeneratedBlock>> {
-    let released = released_models(root)?;
-    tables::all(&released, root)
+pub fn generated_blocks(
+    root: &Path,
+    released: &[(&'static str, ModelConfig)],
+) -> Result<Vec<GeneratedBlock>> {
+    tables::all(released, root)
+}
+
+/// The released models: their labels and folders under `tests/data/released/`.
+const RELEASED: [(&str, &str); 4] = [
+    ("E2B", "e2b"),
+    ("E4B", "e4b"),
+    ("31B", "31b"),
+    ("26B-A4B", "26b-a4b"),
+];
+
+/// The four released `config.json` files as published, unparsed (for the tables that quote
+/// their fields).
+pub fn released_json(root: &Path) -> Result<Vec<serde_json::Value>> {
+    RELEASED
+        .iter()
+        .map(|(_, folder)| {
+            let path = root
+                .join("tests/data/released")
+                .join(folder)
+                .join("config.json");
+            let text = fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            Ok(serde_json::from_str(&text)?)
+        })
+        .collect()
 }
 
 /// The four released models' configs (`tests/data/released/*/config.json`, as published).
 pub fn released_models(root: &Path) -> Result<Vec<(&'static str, ModelConfig)>> {
     let dir = root.join("tests/data/released");
-    [
-        ("E2B", "e2b"),
-        ("E4B", "e4b"),
-        ("31B", "31b"),
-        ("26B-A4B", "26b-a4b"),
-    ]
-    .into_iter()
-    .map(|(label, folder)| Ok((label, ModelConfig::from_dir(&dir.join(folder))?)))
-    .collect()
+    RELEASED
+        .into_iter()
+        .map(|(label, folder)| Ok((label, ModelConfig::from_dir(&dir.join(folder))?)))
+        .collect()
 }
 
 /// Runs `cargo xtask figures [--check]`.
@@ -126,7 +147,8 @@ pub fn run(args: &FiguresArgs) -> Result<()> {
 fn stale_outputs(root: &Path, write: bool) -> Result<Vec<String>> {
     let docs = root.join("docs");
     let mut stale = Vec::new();
-    for figure in figures(root)? {
+    let released = released_models(root)?;
+    for figure in figures(root, &released)? {
         let path = docs.join("figures").join(format!("{}.svg", figure.name));
         if fs::read_to_string(&path).ok().as_deref() != Some(figure.svg.as_str()) {
             stale.push(display(root, &path));
@@ -136,7 +158,7 @@ fn stale_outputs(root: &Path, write: bool) -> Result<Vec<String>> {
             }
         }
     }
-    for block in generated_blocks(root)? {
+    for block in generated_blocks(root, &released)? {
         let path = docs.join(block.chapter);
         let text = fs::read_to_string(&path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -229,7 +251,8 @@ mod tests {
             .filter(|entry| entry.path().extension().is_some_and(|e| e == "md"))
             .map(|entry| fs::read_to_string(entry.path()).unwrap())
             .collect();
-        for figure in figures(&root).unwrap() {
+        let released = released_models(&root).unwrap();
+        for figure in figures(&root, &released).unwrap() {
             let reference = format!("(figures/{}.svg)", figure.name);
             assert!(
                 chapters.contains(&reference),

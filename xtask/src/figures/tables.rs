@@ -75,16 +75,10 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 
 /// The released `config.json` values, read from the files themselves (`text_config`).
 fn released_configs(released: &[(&str, ModelConfig)], root: &Path) -> Result<String> {
-    let folders = ["e2b", "e4b", "31b", "26b-a4b"];
-    let mut texts = Vec::new();
-    for folder in folders {
-        let path = root
-            .join("tests/data/released")
-            .join(folder)
-            .join("config.json");
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
-        texts.push(json.get("text_config").cloned().unwrap_or(json));
-    }
+    let texts: Vec<serde_json::Value> = super::released_json(root)?
+        .into_iter()
+        .map(|json| json.get("text_config").cloned().unwrap_or(json))
+        .collect();
     let show = |value: Option<&serde_json::Value>| match value {
         None | Some(serde_json::Value::Null) => "null".to_string(),
         Some(serde_json::Value::String(text)) => format!("`\"{text}\"`"),
@@ -420,19 +414,15 @@ fn kv_cache_sizes(released: &[(&str, ModelConfig)]) -> String {
 
 /// The two vision towers, from the released `vision_config`s (E2B's is E4B's, 31B's is 26B-A4B's).
 fn vision_towers(root: &Path) -> Result<String> {
-    let mut towers = Vec::new();
-    for folder in ["e2b", "e4b", "31b", "26b-a4b"] {
-        let path = root
-            .join("tests/data/released")
-            .join(folder)
-            .join("config.json");
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
-        let vision = json
-            .get("vision_config")
-            .cloned()
-            .ok_or_else(|| format!("{} has no vision_config", path.display()))?;
-        towers.push(vision);
-    }
+    let towers: Vec<serde_json::Value> = super::released_json(root)?
+        .into_iter()
+        .zip(super::RELEASED.iter().map(|(label, _)| label))
+        .map(|(json, label)| {
+            json.get("vision_config")
+                .cloned()
+                .ok_or_else(|| format!("the released {label} config has no vision_config"))
+        })
+        .collect::<std::result::Result<_, _>>()?;
     if towers[0] != towers[1] || towers[2] != towers[3] {
         return Err("E2B/E4B or 31B/26B-A4B no longer share a vision tower: the chapter's two columns are wrong".into());
     }
