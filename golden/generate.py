@@ -588,6 +588,58 @@ CASES: list[Case] = [
         text_between=[3, 4, 6],
         exercises=["two_clips", "clips_of_other_lengths_padded_in_a_batch", "decode_after_audio"],
     ),
+    # An E4B-like model hearing: the 5:1 pattern whose last unshared layer is full (the released
+    # E4B layout), two KV heads, PLE, KV sharing across both layer types; a 2.6 s clip (65 soft
+    # tokens: more than five 12-frame attention chunks after subsampling) whose valid-frame count
+    # leaves a residue of 3 mod 4.
+    Case(
+        name="e4b_audio",
+        family="e4b",
+        layout="conditional_generation",
+        config_spelling="released",
+        dtype="float32",
+        seed=1043,
+        prompt_len=0,
+        text=text_config(
+            num_key_value_heads=2,
+            num_hidden_layers=8,
+            layer_types=[SLIDING, SLIDING, SLIDING, SLIDING, SLIDING, FULL, SLIDING, FULL],
+            hidden_size_per_layer_input=8,
+            num_kv_shared_layers=2,
+            intermediate_size=112,
+            sliding_window=7,
+        ),
+        vision={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "intermediate_size": 64,
+            "use_clipped_linears": True,
+            "position_embedding_size": 64,
+        },
+        audio={
+            "hidden_size": 48,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "subsampling_conv_channels": [128, 8],
+            "output_proj_dims": 40,
+        },
+        special_tokens=MULTIMODAL_TOKENS,
+        clips=["voice_26s"],
+        text_between=[4, 7],
+        clip_bounds=(0.8, 2.0),
+        exercises=[
+            "audio_tower",
+            "e4b_family_audio",
+            "clipped_linears_that_clip",
+            "chunked_local_attention_longer_than_a_chunk",
+            "soft_tokens_merged",
+            "ple_pad_row_at_placeholders",
+            "decode_after_audio",
+        ],
+    ),
     Case(
         name="e2b_image_and_audio",
         family="e2b",
@@ -655,7 +707,7 @@ def clip_of(name: str) -> np.ndarray:
     pitch under a syllabic envelope, plus a little noise) or a chirp."""
     rng = np.random.default_rng(sum(map(ord, name)))
     if name.startswith("voice"):
-        seconds = {"voice_1s": 1.0, "voice_073s": 0.73}[name]
+        seconds = {"voice_1s": 1.0, "voice_073s": 0.73, "voice_26s": 2.6}[name]
         t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
         pitch = 140 + 40 * np.sin(2 * np.pi * 1.7 * t)
         phase = 2 * np.pi * np.cumsum(pitch) / SAMPLE_RATE

@@ -127,11 +127,23 @@ impl DecodeAlignment {
             };
             row_agrees(candidate_row, expected_row).unwrap_or(false)
         };
-        // Rows first; then the token ids (a port with a bug upstream has no row within
+        let expected_convention = own_convention(expected, tolerance);
+        // A candidate whose first decode row is its own last prompt row follows the generate
+        // convention: that says more than how its rows resemble the expected dump's. A model
+        // whose logits hardly depend on the latest token has near-identical rows, and a wrong
+        // candidate's first row can then agree with an expected row one step ahead (e4b_audio
+        // with attention scaled by 1/sqrt(d): realigned by one step and judged as a false
+        // decode mismatch).
+        let known = starts_with_last_prompt_row(candidate, tolerance).then_some(
+            match expected_convention {
+                DecodeConvention::Generate => 0i8,
+                DecodeConvention::StepsOnly => -1,
+            },
+        );
+        // Then rows; then the token ids (a port with a bug upstream has no row within
         // tolerance, but its greedy choices usually survive the bug).
-        let shift = [0i8, 1, -1]
-            .into_iter()
-            .find(|&shift| rows_line_up(shift))
+        let shift = known
+            .or_else(|| [0i8, 1, -1].into_iter().find(|&shift| rows_line_up(shift)))
             .or_else(|| {
                 [0i8, 1, -1]
                     .into_iter()
@@ -143,7 +155,6 @@ impl DecodeAlignment {
             -1 => (0, 1),
             _ => (0, 0),
         };
-        let expected_convention = own_convention(expected, tolerance);
         Some(DecodeAlignment {
             expected_start,
             candidate_start,
@@ -182,6 +193,23 @@ impl DecodeAlignment {
     pub fn candidate_side<'a>(&self, dump: &'a ActivationDump) -> Cow<'a, ActivationDump> {
         slice_decode_rows(dump, self.candidate_start, self.rows)
     }
+}
+
+/// Whether the dump's `decode_logits[0]` is its own `logits[T−1]` within `tolerance` (false
+/// when it lacks either): the mark of the generate convention.
+fn starts_with_last_prompt_row(dump: &ActivationDump, tolerance: f64) -> bool {
+    let (Some(decode), Some(logits)) = (
+        logits_rows(dump),
+        dump.get("logits")
+            .and_then(DumpTensor::as_f32)
+            .and_then(|l| l.view().into_dimensionality::<Ix2>().ok()),
+    ) else {
+        return false;
+    };
+    decode.nrows() > 0
+        && logits.nrows() > 0
+        && decode.ncols() == logits.ncols()
+        && row_error(decode.row(0), logits.row(logits.nrows() - 1)) <= tolerance
 }
 
 /// The convention a dump follows by itself: `generate` when its `decode_logits[0]` is its own
@@ -447,6 +475,38 @@ mod tests {
         lost.insert_i64("greedy_continuation", tokens);
         let alignment = DecodeAlignment::detect(&ours, &lost, 1e-6).unwrap();
         assert!(!alignment.shifted());
+    }
+
+    #[test]
+    fn decode_alignment_trusts_a_candidate_that_starts_with_its_last_prompt_row() {
+        // Expected: rows 1.. all alike (logits that hardly depend on the latest token).
+        let mut expected = generate_dump(5);
+        let mut rows = expected
+            .get("decode_logits")
+            .unwrap()
+            .as_f32()
+            .unwrap()
+            .clone();
+        let flat = rows.slice(ndarray::s![1, ..]).to_owned();
+        for s in 2..5 {
+            rows.slice_mut(ndarray::s![s, ..]).assign(&flat);
+        }
+        expected.insert_f32("decode_logits", rows.clone());
+        // A wrong candidate in the generate convention whose prompt ends on that same flat row:
+        // its row 0 agrees with the expected row 1, but it is its own last prompt row.
+        let mut candidate = expected.clone();
+        let mut logits = candidate.get("logits").unwrap().as_f32().unwrap().clone();
+        logits.slice_mut(ndarray::s![2, ..]).assign(&flat);
+        candidate.insert_f32("logits", logits);
+        let mut candidate_rows = rows.clone();
+        candidate_rows.slice_mut(ndarray::s![0, ..]).assign(&flat);
+        candidate.insert_f32("decode_logits", candidate_rows);
+        let alignment = DecodeAlignment::detect(&expected, &candidate, 1e-6).unwrap();
+        assert!(!alignment.shifted(), "{:?}", alignment.note());
+        // A steps-only candidate (its row 0 is not its last prompt row) is still realigned.
+        let old = steps_only(&generate_dump(5));
+        let alignment = DecodeAlignment::detect(&generate_dump(5), &old, 1e-6).unwrap();
+        assert_eq!(alignment.expected_start, 1);
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct Inspection {
     pub image_sizes: Vec<ImageAtBudget>,
     /// The audio tower, when the model has one.
     pub audio: Option<AudioInspection>,
+    /// With `--audio-seconds`: the samples, frames and soft tokens of a clip of that length.
+    pub audio_clip: Option<AudioClip>,
     /// The reference's memory plan for a dump of [`PLAN_TOKENS`] tokens and [`PLAN_DECODE`]
     /// greedy steps (every tensor kept), from the config alone.
     pub reference_memory: MemoryPlan,
@@ -66,6 +68,36 @@ pub struct AudioInspection {
     pub parameters: u64,
     /// With weights: the audio tensors checked.
     pub tensors_checked: Option<usize>,
+}
+
+/// What the audio front end makes of a clip of a given length (shared spec: multimodal §2.1,
+/// §2.6): 16 kHz samples (cut to 30 s), valid log-mel frames, soft tokens.
+#[derive(Debug, serde::Serialize)]
+pub struct AudioClip {
+    pub seconds: f64,
+    /// `round(seconds · 16 000)`.
+    pub samples: usize,
+    /// The samples the front end keeps (at most 30 s).
+    pub samples_used: usize,
+    /// Valid frames: `(N + 160 − 321) div 160 + 1`.
+    pub frames: usize,
+    /// `⌈⌈F/2⌉/2⌉`, at most 750.
+    pub soft_tokens: usize,
+}
+
+/// The front end's arithmetic on a clip of `seconds` (16 kHz).
+pub fn audio_clip(seconds: f64) -> AudioClip {
+    use gemma4_reference::audio::features::{
+        soft_token_count, truncated_length, valid_frame_count, SAMPLE_RATE,
+    };
+    let samples = (seconds * f64::from(SAMPLE_RATE)).round() as usize;
+    AudioClip {
+        seconds,
+        samples,
+        samples_used: truncated_length(samples),
+        frames: valid_frame_count(samples),
+        soft_tokens: soft_token_count(samples),
+    }
 }
 
 /// The vision tower's plan (shared spec: multimodal §0, §1).
@@ -235,6 +267,7 @@ pub fn inspect_config(config: ModelConfig) -> Inspection {
         tensors_not_used_by_text_model: 0,
         vision,
         image_sizes: Vec::new(),
+        audio_clip: None,
     }
 }
 
@@ -414,6 +447,25 @@ pub fn format_inspection(inspection: &Inspection) -> String {
             c.output_proj_dims,
             text.hidden_size,
             thousands(audio.parameters),
+        ));
+    }
+    if let Some(clip) = &inspection.audio_clip {
+        out.push_str(&format!(
+            "\naudio clip of {} s: {} samples at 16 kHz{}, {} valid log-mel frames (10 ms hop), {} soft tokens{}\n",
+            clip.seconds,
+            clip.samples,
+            if clip.samples_used < clip.samples {
+                format!(" (cut to the first {} = 30 s)", clip.samples_used)
+            } else {
+                String::new()
+            },
+            clip.frames,
+            clip.soft_tokens,
+            if inspection.audio.is_none() {
+                " (this model has no audio tower: it cannot take the clip)"
+            } else {
+                ""
+            },
         ));
     }
     if !inspection.image_sizes.is_empty() {

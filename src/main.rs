@@ -338,6 +338,19 @@ struct InspectArgs {
     /// Also print the resized size and soft-token count of a WIDTHxHEIGHT image at every budget.
     #[arg(long, value_parser = parse_image_size)]
     image_size: Option<(usize, usize)>,
+    /// Also print the samples, log-mel frames and soft tokens of an audio clip of this many
+    /// seconds (16 kHz; clips are cut to 30 s).
+    #[arg(long, value_parser = parse_seconds)]
+    audio_seconds: Option<f64>,
+}
+
+/// A clip length in seconds: a finite number ≥ 0.
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0 && *s <= 1e6)
+        .ok_or_else(|| format!("`{text}` is not a number of seconds between 0 and 1000000"))
 }
 
 /// `WIDTHxHEIGHT` (e.g. `640x480`) as `(width, height)`.
@@ -356,6 +369,7 @@ fn parse_image_size(text: &str) -> Result<(usize, usize), String> {
 }
 
 fn main() -> ExitCode {
+    gemma4_optimized::allocator::reuse_freed_buffers();
     let cli = Cli::parse();
     match cli.command {
         Command::Conform(args) => {
@@ -542,6 +556,9 @@ fn inspect_command(args: InspectArgs) -> ExitCode {
         Ok(mut inspection) => {
             if let Some((width, height)) = args.image_size {
                 inspection.image_sizes = gemma4::inspect::image_sizes(height, width);
+            }
+            if let Some(seconds) = args.audio_seconds {
+                inspection.audio_clip = Some(gemma4::inspect::audio_clip(seconds));
             }
             if args.json {
                 println!(

@@ -240,6 +240,54 @@ fn audio_front_end_window_and_mel_filters_match_hf() {
     );
 }
 
+/// `gemma4 inspect --audio-seconds S` reports Hugging Face's valid frames and soft tokens for
+/// every fixture clip (S = samples / 16 000, which `{}` prints exactly enough to round back to
+/// the same sample count), and refuses a negative length.
+#[test]
+fn inspect_audio_seconds_matches_hf_counts() {
+    let model = common::golden_case("e2b_audio").model_dir();
+    for (name, clip) in clips() {
+        let samples = number(&clip, "samples");
+        let seconds = format!("{}", samples as f64 / 16_000.0);
+        let (code, stdout, stderr) = common::run_gemma4(
+            &[
+                "inspect",
+                "--json",
+                "--model",
+                &model.to_string_lossy(),
+                "--audio-seconds",
+                &seconds,
+            ],
+            &[],
+        );
+        assert_eq!(code, 0, "{name}: {stderr}");
+        let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let got = &report["audio_clip"];
+        assert_eq!(got["samples"].as_u64(), Some(samples as u64), "{name}");
+        assert_eq!(
+            got["frames"].as_u64(),
+            Some(number(&clip, "valid_frames") as u64),
+            "{name}: valid frames"
+        );
+        assert_eq!(
+            got["soft_tokens"].as_u64(),
+            Some(number(&clip, "soft_tokens") as u64),
+            "{name}: soft tokens"
+        );
+    }
+    let (code, _, stderr) = common::run_gemma4(
+        &[
+            "inspect",
+            "--model",
+            &model.to_string_lossy(),
+            "--audio-seconds=-1",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("is not a number of seconds"), "{stderr}");
+}
+
 #[test]
 fn audio_front_end_frames_mask_and_soft_tokens_match_hf() {
     let tensors = Tensors::read();

@@ -96,7 +96,7 @@ fn judge(fixture: &Fixture, candidate: &ActivationDump) -> CompareReport {
     compare_and_diagnose(&fixture.clean, candidate, &fixture.facts, &fixture.library)
 }
 
-const CASES: [&str; 9] = [
+const CASES: [&str; 10] = [
     "e2b_like",
     "e4b_like",
     "31b_like",
@@ -106,6 +106,7 @@ const CASES: [&str; 9] = [
     "e2b_vision",
     "31b_vision",
     "e2b_audio",
+    "e4b_audio",
 ];
 
 #[test]
@@ -297,6 +298,11 @@ fn diagnosis_names_each_fault_31b_vision() {
 #[test]
 fn diagnosis_names_each_fault_e2b_audio() {
     assert_each_fault_diagnosed("e2b_audio");
+}
+
+#[test]
+fn diagnosis_names_each_fault_e4b_audio() {
+    assert_each_fault_diagnosed("e4b_audio");
 }
 
 #[test]

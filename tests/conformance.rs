@@ -199,6 +199,10 @@ conformance_tests!(e2b_vision, "e2b_vision", ple: true, moe: false);
 conformance_tests!(e2b_vision_two_images, "e2b_vision_two_images", ple: true, moe: false);
 conformance_tests!(case_31b_vision, "31b_vision", ple: false, moe: false);
 conformance_tests!(case_31b_vision_two_images, "31b_vision_two_images", ple: false, moe: false);
+conformance_tests!(e2b_audio, "e2b_audio", ple: true, moe: false);
+conformance_tests!(e2b_audio_two_clips, "e2b_audio_two_clips", ple: true, moe: false);
+conformance_tests!(e2b_image_and_audio, "e2b_image_and_audio", ple: true, moe: false);
+conformance_tests!(e4b_audio, "e4b_audio", ple: true, moe: false);
 
 /// The vision tensors of every vision case, per part of the tower.
 macro_rules! vision_conformance_tests {
@@ -243,6 +247,63 @@ vision_conformance_tests!(vision_e2b_vision, "e2b_vision");
 vision_conformance_tests!(vision_e2b_vision_two_images, "e2b_vision_two_images");
 vision_conformance_tests!(vision_31b_vision, "31b_vision");
 vision_conformance_tests!(vision_31b_vision_two_images, "31b_vision_two_images");
+vision_conformance_tests!(vision_e2b_image_and_audio, "e2b_image_and_audio");
+
+/// The audio tensors of every audio case, per part of the tower (shared spec: multimodal §2):
+/// the log-mel features of each clip, the subsampling output, every conformer layer, the soft
+/// tokens in the text width.
+macro_rules! audio_conformance_tests {
+    ($module:ident, $case:literal) => {
+        mod $module {
+            use super::*;
+
+            #[test]
+            fn audio_features_match_oracle() {
+                assert_conforms(
+                    $case,
+                    Engine::Reference,
+                    |n| n.starts_with("audio.") && n.ends_with("features"),
+                    "log-mel feature",
+                );
+            }
+
+            #[test]
+            fn audio_subsampling_matches_oracle() {
+                assert_conforms(
+                    $case,
+                    Engine::Reference,
+                    |n| n.starts_with("audio.") && n.ends_with("subsample"),
+                    "subsampling",
+                );
+            }
+
+            #[test]
+            fn audio_conformer_layers_match_oracle() {
+                assert_conforms(
+                    $case,
+                    Engine::Reference,
+                    |n| n.starts_with("audio.") && n.contains("layers."),
+                    "conformer layer",
+                );
+            }
+
+            #[test]
+            fn audio_soft_tokens_match_oracle() {
+                assert_conforms(
+                    $case,
+                    Engine::Reference,
+                    |n| n.starts_with("audio.") && n.ends_with("soft_tokens"),
+                    "soft token",
+                );
+            }
+        }
+    };
+}
+
+audio_conformance_tests!(audio_e2b_audio, "e2b_audio");
+audio_conformance_tests!(audio_e2b_audio_two_clips, "e2b_audio_two_clips");
+audio_conformance_tests!(audio_e2b_image_and_audio, "e2b_image_and_audio");
+audio_conformance_tests!(audio_e4b_audio, "e4b_audio");
 
 #[test]
 fn golden_cases_cover_every_variant_family() {

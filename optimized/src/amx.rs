@@ -27,8 +27,14 @@
 //!
 //! Blocking: a task's rows are cut into blocks of [`BLOCK_ROWS`] = 32; each token group computes
 //! its 32 × 32 results over the whole reduction, then stores them (16 × 16 transposes into the
-//! `[tokens, rows]` output). The block's weights come from memory for the first group and from L2
-//! for the others; the next block's are prefetched into L2 meanwhile.
+//! `[tokens, rows]` output; a row-major output takes whole groups straight from the tiles). The
+//! block's weights come from memory for the first group and from L2 for the others; the next
+//! block's are prefetched into L2 meanwhile, and each step's operands into L1 two steps ahead.
+//!
+//! What limits it on this project's Xeon (a C microbenchmark): `tdpbf16ps` on tiles in registers
+//! runs at 3.1 TFLOP/s per core, but one `tileloadd` takes about as long as four products, and
+//! the 2 × 2 arrangement needs one load per product; so the kernel runs at 650–720 GFLOP/s per
+//! core on the towers' shapes (from 400–560 before the load order and the L1 prefetches).
 //!
 //! Exactness: each `y[t, n]` is one fixed chain — per 32-column step, the hardware's sum of the
 //! step's 32 products added to the running f32 sum — so it does not depend on the blocking or the
@@ -261,6 +267,9 @@ unsafe fn gemm_rows_amx_into<const ROW_MAJOR: bool>(
                 zero_results(n);
                 for s in 0..whole_steps {
                     ahead.step();
+                    if s + PREFETCH_STEPS < whole_steps {
+                        prefetch_step(n, a, row_bytes, b, s + PREFETCH_STEPS);
+                    }
                     step(
                         n,
                         a.add(s * STEP_COLUMNS * 2),
@@ -277,8 +286,17 @@ unsafe fn gemm_rows_amx_into<const ROW_MAJOR: bool>(
                         b.add(whole_steps * 16 * PAIR_STRIDE),
                     );
                 }
-                store_results(n, results.as_mut_ptr());
                 let group_tokens = (tokens - g * TOKEN_GROUP).min(TOKEN_GROUP);
+                if ROW_MAJOR && group_tokens == TOKEN_GROUP {
+                    // A whole group: the tiles store straight into the output rows.
+                    store_results(
+                        n,
+                        y.add((r0 - rows.start) * y_stride + g * TOKEN_GROUP),
+                        y_stride,
+                    );
+                    continue;
+                }
+                store_results(n, results.as_mut_ptr(), TOKEN_GROUP);
                 if ROW_MAJOR {
                     for r in 0..n {
                         std::ptr::copy_nonoverlapping(
@@ -320,6 +338,28 @@ impl Ahead {
     }
 }
 
+/// How many 32-column steps ahead [`prefetch_step`] asks for a step's operands.
+const PREFETCH_STEPS: usize = 2;
+
+/// Asks for step `s`'s operands in L1: the block's `n` weight rows' 64 bytes at column `32·s`
+/// and the token group's 2 KB of pairs. On this project's Xeon a `tileloadd` is the kernel's
+/// limit (four loads alone took 68 ns per step even from L1, four `tdpbf16ps` alone 21 ns; a C
+/// microbenchmark), and a load that misses L1 waits longer still: with these prefetches a
+/// 64-row × 256-token task went from 560 to 650–680 GFLOP/s on one core at 4304 columns and
+/// from 668 to 690–716 at 1152.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch_step(n: usize, a: *const u8, row_bytes: usize, b: *const u8, s: usize) {
+    let a = a.add(s * STEP_COLUMNS * 2);
+    for r in 0..n {
+        _mm_prefetch::<_MM_HINT_T0>(a.add(r * row_bytes) as *const i8);
+    }
+    let b = b.add(s * 16 * PAIR_STRIDE);
+    for line in 0..(16 * PAIR_STRIDE) / 64 {
+        _mm_prefetch::<_MM_HINT_T0>(b.add(line * 64) as *const i8);
+    }
+}
+
 /// Zeroes the `C` tiles of a block of `n` rows.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -331,18 +371,21 @@ unsafe fn zero_results(n: usize) {
 }
 
 /// One 32-column step: `C += A · B` for the block's rows from `a` (rows `lda` bytes apart) and
-/// the group's 16 pairs × 32 tokens from `b`.
+/// the group's 16 pairs × 32 tokens from `b`. Each tile load comes just before the first
+/// product that needs it, so the products on the tiles already loaded run while the next one
+/// loads (tiles are not renamed: a load cannot start before the products that still read the
+/// tile's old contents): 987 against 860 GFLOP/s for all four loads first (C microbenchmark).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn step(n: usize, a: *const u8, lda: usize, b: *const u8) {
     if n > 16 {
         asm!(
             "tileloadd tmm4, [{a} + {lda}*1]",
-            "tileloadd tmm5, [{a_second} + {lda}*1]",
             "tileloadd tmm6, [{b} + {ldb}*1]",
-            "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
             "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
             "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{a_second} + {lda}*1]",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
             a = in(reg) a,
@@ -356,8 +399,8 @@ unsafe fn step(n: usize, a: *const u8, lda: usize, b: *const u8) {
         asm!(
             "tileloadd tmm4, [{a} + {lda}*1]",
             "tileloadd tmm6, [{b} + {ldb}*1]",
-            "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
             "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
             "tdpbf16ps tmm1, tmm4, tmm7",
             a = in(reg) a,
             lda = in(reg) lda,
@@ -368,12 +411,13 @@ unsafe fn step(n: usize, a: *const u8, lda: usize, b: *const u8) {
     }
 }
 
-/// Stores the `C` tiles to `results` (`[32 rows][32 tokens]` f32, 128 bytes per row): tile
-/// `2h + v` holds rows `16h..`, tokens `16v..`.
+/// Stores the `C` tiles (the block's `n` rows × 32 tokens, f32) to `results`, rows `row_stride`
+/// floats apart (the scratch's 32, or the output's own stride when a whole group goes straight
+/// into a row-major output): tile `2h + v` holds rows `16h..`, tokens `16v..`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn store_results(n: usize, results: *mut f32) {
-    let stride = TOKEN_GROUP * 4;
+unsafe fn store_results(n: usize, results: *mut f32, row_stride: usize) {
+    let stride = row_stride * 4;
     asm!(
         "tilestored [{p} + {s}*1], tmm0",
         "tilestored [{p} + {s}*1 + 64], tmm1",
@@ -385,7 +429,7 @@ unsafe fn store_results(n: usize, results: *mut f32) {
         asm!(
             "tilestored [{p} + {s}*1], tmm2",
             "tilestored [{p} + {s}*1 + 64], tmm3",
-            p = in(reg) results.add(16 * TOKEN_GROUP),
+            p = in(reg) results.add(16 * row_stride),
             s = in(reg) stride,
             options(nostack),
         );

@@ -40,6 +40,7 @@
 //! Validation (config, layer plan, checkpoint headers, tensor shapes and dtypes, token ids) is the
 //! reference's own code, so both engines reject bad input with the same error.
 
+pub mod allocator;
 pub mod amx;
 pub mod attention;
 pub mod audio;

@@ -514,6 +514,39 @@ mod tests {
     }
 
     #[test]
+    fn clamp_matches_the_scalar_clamp_nan_and_infinities_included() {
+        let mut x = random(1000, 3);
+        for (i, v) in x.iter_mut().enumerate().step_by(37) {
+            *v = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.75][i % 4];
+        }
+        for (lo, hi) in [
+            (-0.5, 0.25),
+            (f32::NAN, 0.1),
+            (-0.1, f32::NAN),
+            (-f32::INFINITY, 0.3),
+        ] {
+            let mut out = vec![0.0; x.len()];
+            clamp_into(&x, &mut out, lo, hi);
+            let mut in_place = x.clone();
+            clamp_in_place(&mut in_place, lo, hi);
+            for (i, &v) in x.iter().enumerate() {
+                let want = clamp_scalar(v, lo, hi);
+                for got in [out[i], in_place[i]] {
+                    assert!(
+                        got == want || (got.is_nan() && want.is_nan()),
+                        "x[{i}] = {v}, bounds [{lo}, {hi}]: got {got}, want {want}"
+                    );
+                }
+            }
+        }
+        // The scalar rule itself: NaN stays, bounds apply, a NaN bound is no bound.
+        assert!(clamp_scalar(f32::NAN, -1.0, 1.0).is_nan());
+        assert_eq!(clamp_scalar(5.0, -1.0, 1.0), 1.0);
+        assert_eq!(clamp_scalar(-5.0, -1.0, 1.0), -1.0);
+        assert_eq!(clamp_scalar(5.0, f32::NAN, f32::NAN), 5.0);
+    }
+
+    #[test]
     fn simd_dot_matches_f64_sum_every_dtype() {
         for n in [1, 7, 8, 31, 32, 33, 100, 1536] {
             let x = random(n, 1);
@@ -705,6 +738,68 @@ unsafe fn gelu8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     let e = exp8(_mm256_add_ps(y, y));
     let t = _mm256_div_ps(_mm256_sub_ps(e, one), _mm256_add_ps(e, one));
     _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, t))
+}
+
+/// `out[i] = clamp(x[i], lo, hi)` keeping NaN (the clipped linears' and the audio tower's clamps:
+/// `x` where it is NaN, else `min(max(x, lo), hi)`, as the reference's `if !x.is_nan()` guard).
+/// `out` may be `x` itself (pass the same slice through [`clamp_in_place`]). Vectorised with
+/// `maxps`/`minps` in the operand order that returns the activation on a NaN activation and on a
+/// NaN bound alike, which is what the scalar `f32::max`/`f32::min` chain does: the same values
+/// as the scalar loop (unit test; a zero equal to a zero bound may come out with the other sign). The scalar loop's NaN branch kept the compiler from vectorising
+/// it: on the E2B vision tower (fast mode, budget 280) it took 11% of the time (`perf`).
+pub fn clamp_into(x: &[f32], out: &mut [f32], lo: f32, hi: f32) {
+    assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::gemm512::has_avx512() {
+        // SAFETY: features checked; both pointers cover `len` elements.
+        return unsafe { clamp_avx512(x.as_ptr(), out.as_mut_ptr(), x.len(), lo, hi) };
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = clamp_scalar(v, lo, hi);
+    }
+}
+
+/// [`clamp_into`] in place.
+pub fn clamp_in_place(x: &mut [f32], lo: f32, hi: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::gemm512::has_avx512() {
+        let n = x.len();
+        let p = x.as_mut_ptr();
+        // SAFETY: features checked; reading and writing the same element in one lane is fine.
+        return unsafe { clamp_avx512(p, p, n, lo, hi) };
+    }
+    for v in x.iter_mut() {
+        *v = clamp_scalar(*v, lo, hi);
+    }
+}
+
+/// One element of [`clamp_into`]: NaN stays NaN.
+#[inline(always)]
+fn clamp_scalar(v: f32, lo: f32, hi: f32) -> f32 {
+    if v.is_nan() {
+        v
+    } else {
+        v.max(lo).min(hi)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn clamp_avx512(x: *const f32, out: *mut f32, n: usize, lo: f32, hi: f32) {
+    use std::arch::x86_64::*;
+    let (low, high) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let mut i = 0;
+    while i + 16 <= n {
+        // maxps/minps return their second operand when either is NaN: with the activation
+        // second, a NaN activation comes through both and a NaN bound leaves it as it is.
+        let v = _mm512_loadu_ps(x.add(i));
+        _mm512_storeu_ps(out.add(i), _mm512_min_ps(high, _mm512_max_ps(low, v)));
+        i += 16;
+    }
+    while i < n {
+        *out.add(i) = clamp_scalar(*x.add(i), lo, hi);
+        i += 1;
+    }
 }
 
 /// `x[i] ← exp(x[i])` for the softmax of attention (arguments `s − max s ≤ 0`): the AVX2
@@ -941,7 +1036,7 @@ pub(crate) unsafe fn exp_shifted_in_place_avx512(x: *mut f32, n: usize) -> f32 {
     total
 }
 
-/// [`exp8`] on 16 lanes (the same reduction, polynomial and exponent arithmetic).
+/// [`exp8`] on 16 lanes (the same reduction and polynomial; the power of two by `vscalefps`).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -964,11 +1059,9 @@ pub(crate) unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::_
     }
     let r2 = _mm512_mul_ps(r, r);
     let p = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
-    let pow2n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
-        _mm512_cvtps_epi32(n),
-        _mm512_set1_epi32(127),
-    )));
-    _mm512_mul_ps(p, pow2n)
+    // p · 2ⁿ in one `vscalefps` (n is integral and 2ⁿ normal for x in [−87, 88]: the same
+    // product as building 2ⁿ's exponent bits and multiplying, in one instruction instead of four).
+    _mm512_scalef_ps(p, n)
 }
 
 /// `exp` of 8 lanes for x in [−87, 88] (Cephes `expf`: x = n·ln2 + r, e^r by polynomial, 2^n by

@@ -563,7 +563,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     }
     let out = repo_root().join(&args.out);
     let existing = std::fs::read_to_string(&out).unwrap_or_default();
-    let (old_text, old_towers) = crate::bench_towers::split_report(&existing);
+    let (old_text, old_towers, rest) = crate::bench_towers::split_report(&existing);
     let text = match args.part.as_str() {
         "towers" => old_text,
         _ => run_text(args)?,
@@ -580,7 +580,12 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     } else {
         "\n"
     };
-    std::fs::write(&out, format!("{text}{separator}{towers}"))
+    let towers = if rest.is_empty() || towers.ends_with("\n\n") {
+        towers
+    } else {
+        towers + "\n"
+    };
+    std::fs::write(&out, format!("{text}{separator}{towers}{rest}"))
         .map_err(|e| format!("{}: {e}", out.display()))?;
     eprintln!("xtask bench: wrote {}", out.display());
     Ok(())

@@ -459,10 +459,45 @@ fn report(args: &BenchArgs, rows: &[Row], measured: &[Measured]) -> String {
 /// follows it, `--part towers` keeps what precedes it.
 pub const TOWERS_MARKER: &str = "<!-- cargo xtask bench: tower rows below -->\n";
 
-/// `existing` split into its text part and its tower part (from [`TOWERS_MARKER`] on).
-pub fn split_report(existing: &str) -> (String, String) {
-    match existing.find(TOWERS_MARKER) {
-        Some(at) => (existing[..at].to_string(), existing[at..].to_string()),
-        None => (existing.to_string(), String::new()),
+/// `existing` split into its text part, its tower part (from [`TOWERS_MARKER`] on) and what
+/// other tasks wrote after the tower part (`cargo xtask memory`'s section): the tower part holds
+/// one level-2 heading, so the next one starts the rest, which both `--part`s keep.
+pub fn split_report(existing: &str) -> (String, String, String) {
+    let Some(at) = existing.find(TOWERS_MARKER) else {
+        return (existing.to_string(), String::new(), String::new());
+    };
+    let towers = &existing[at..];
+    let end = towers
+        .match_indices("\n## ")
+        .nth(1)
+        .map_or(towers.len(), |(i, _)| i + 1);
+    (
+        existing[..at].to_string(),
+        towers[..end].to_string(),
+        towers[end..].to_string(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_report_keeps_the_sections_after_the_towers() {
+        let doc = format!(
+            "# Performance\ntext rows\n\n{TOWERS_MARKER}\n## Vision and audio towers\nrows\n### Raw results (towers)\nraw\n\n## Checkpoints larger than memory\nmemory rows\n"
+        );
+        let (text, towers, rest) = split_report(&doc);
+        assert_eq!(text, "# Performance\ntext rows\n\n");
+        assert!(
+            towers.starts_with(TOWERS_MARKER)
+                && towers.contains("### Raw results (towers)\nraw\n\n")
+        );
+        assert!(!towers.contains("Checkpoints"));
+        assert_eq!(rest, "## Checkpoints larger than memory\nmemory rows\n");
+        assert_eq!(format!("{text}{towers}{rest}"), doc);
+        // No section after the towers.
+        let (_, towers, rest) = split_report(&doc[..doc.find("## Checkpoints").unwrap()]);
+        assert!(towers.ends_with("raw\n\n") && rest.is_empty());
     }
 }

@@ -201,7 +201,7 @@ fn read_pins(requirements: &Path) -> Result<Vec<(String, String)>> {
 }
 
 /// Ensures `venv` exists with the pinned versions; returns its Python interpreter.
-fn ensure_venv(repo: &Path, venv: &Path) -> Result<PathBuf> {
+pub(crate) fn ensure_venv(repo: &Path, venv: &Path) -> Result<PathBuf> {
     let requirements = repo.join("golden/requirements.txt");
     let pins = read_pins(&requirements)?;
     let python = venv.join("bin/python");

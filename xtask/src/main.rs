@@ -12,6 +12,7 @@ mod fuzz;
 mod golden;
 mod memory;
 mod mutants;
+mod ports;
 mod process;
 mod synth;
 
@@ -53,12 +54,16 @@ enum Task {
     /// Build the book (docs/, mdBook) with the API pages it links, and check it in headless
     /// Chromium: every page loads without console errors, every image has a size, no broken link.
     Book(book::BookArgs),
+    /// Run real Gemma 4 ports (pinned PyPI releases) on the golden models and judge each with
+    /// `gemma4 compare`; write the table docs/ports.md.
+    Ports(ports::PortsArgs),
     /// (internal) One engine, one workload, one JSON line: the child process of `bench`.
     #[command(hide = true)]
     BenchEngine(bench::BenchEngineArgs),
 }
 
 fn main() -> ExitCode {
+    gemma4_optimized::allocator::reuse_freed_buffers();
     let cli = Cli::parse();
     let result: Result<(), Box<dyn Error>> = match cli.task {
         Task::Golden(args) => golden::run(&args).map_err(Into::into),
@@ -68,6 +73,7 @@ fn main() -> ExitCode {
         Task::Memory(args) => memory::run(&args).map_err(Into::into),
         Task::Bench(args) => bench::run(&args).map_err(Into::into),
         Task::Figures(args) => figures::run(&args),
+        Task::Ports(args) => ports::run(&args).map_err(Into::into),
         Task::Book(args) => book::run(&args),
         Task::BenchEngine(args) => bench::run_engine(&args).map_err(Into::into),
     };

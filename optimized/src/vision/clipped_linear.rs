@@ -50,11 +50,7 @@ impl ClippedLinear {
             let weights: Vec<&Matrix> = members.iter().map(|&i| &linears[i].weight).collect();
             let products = match bounds {
                 None => linear_group(x, tokens, &weights),
-                Some((lo, hi)) => {
-                    let mut clamped = x.to_vec();
-                    clamp_in_place(&mut clamped, lo, hi);
-                    linear_group(&clamped, tokens, &weights)
-                }
+                Some((lo, hi)) => linear_group(&clamped_copy(x, lo, hi), tokens, &weights),
             };
             for (&i, mut product) in members.iter().zip(products) {
                 if let Some(b) = linears[i].bounds {
@@ -74,13 +70,19 @@ impl ClippedLinear {
 /// stays NaN, bounds may be infinite (the reference's `clamp`).
 pub fn clamp_in_place(values: &mut [f32], lo: f32, hi: f32) {
     const CHUNK: usize = 16 * 1024;
-    values.par_chunks_mut(CHUNK).for_each(|chunk| {
-        for v in chunk {
-            if !v.is_nan() {
-                *v = v.max(lo).min(hi);
-            }
-        }
-    });
+    values
+        .par_chunks_mut(CHUNK)
+        .for_each(|chunk| crate::simd::clamp_in_place(chunk, lo, hi));
+}
+
+/// A clamped copy of `values` ([`clamp_in_place`] without first copying the input).
+pub fn clamped_copy(values: &[f32], lo: f32, hi: f32) -> Vec<f32> {
+    const CHUNK: usize = 16 * 1024;
+    let mut out = vec![0.0f32; values.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(values.par_chunks(CHUNK))
+        .for_each(|(out, values)| crate::simd::clamp_into(values, out, lo, hi));
+    out
 }
 
 #[cfg(test)]
