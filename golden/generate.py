@@ -142,6 +142,22 @@ def text_config(**overrides: Any) -> dict[str, Any]:
     return base
 
 
+def tiny_clipped_vision(positions: int = 64) -> dict[str, Any]:
+    """The tiny on-device vision tower (clipped linears) of the E2B/E4B-like multimodal models:
+    `positions` per axis of the position tables (64 where no image is larger, 1024 for the
+    vision cases' images)."""
+    return {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "intermediate_size": 64,
+        "use_clipped_linears": True,
+        "position_embedding_size": positions,
+    }
+
+
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 # Multimodal token ids inside the tiny vocabulary (the released ids are 255999..258884), so that
@@ -203,16 +219,7 @@ CASES: list[Case] = [
             intermediate_size=128,
             sliding_window=5,
         ),
-        vision={
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "intermediate_size": 64,
-            "use_clipped_linears": True,
-            "position_embedding_size": 64,
-        },
+        vision=tiny_clipped_vision(),
         # The subsampling projection's input width is (channels[0] // 4) * channels[1], which
         # equals the real flattened width (128 mel bins / 4) * channels[1] only when
         # channels[0] == 128: the first channel count must stay 128 for 128-bin features.
@@ -418,16 +425,7 @@ CASES: list[Case] = [
             intermediate_size=96,
             sliding_window=6,
         ),
-        vision={
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "intermediate_size": 64,
-            "use_clipped_linears": True,
-            "position_embedding_size": 1024,
-        },
+        vision=tiny_clipped_vision(positions=1024),
         special_tokens=MULTIMODAL_TOKENS,
         images=[("astronaut", 70)],
         text_between=[5, 9],
@@ -539,16 +537,7 @@ CASES: list[Case] = [
             intermediate_size=96,
             sliding_window=6,
         ),
-        vision={
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "intermediate_size": 64,
-            "use_clipped_linears": True,
-            "position_embedding_size": 1024,
-        },
+        vision=tiny_clipped_vision(positions=1024),
         # subsampling_conv_channels[0] stays 128: HF sizes the projection (channels[0] / 4) ·
         # channels[1], right only when channels[0] equals the 128 mel bins.
         audio={
@@ -609,16 +598,7 @@ CASES: list[Case] = [
             intermediate_size=112,
             sliding_window=7,
         ),
-        vision={
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "intermediate_size": 64,
-            "use_clipped_linears": True,
-            "position_embedding_size": 64,
-        },
+        vision=tiny_clipped_vision(),
         audio={
             "hidden_size": 48,
             "num_hidden_layers": 3,

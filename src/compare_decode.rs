@@ -134,7 +134,7 @@ impl DecodeAlignment {
         // candidate's first row can then agree with an expected row one step ahead (e4b_audio
         // with attention scaled by 1/sqrt(d): realigned by one step and judged as a false
         // decode mismatch).
-        let known = starts_with_last_prompt_row(candidate, tolerance).then_some(
+        let known = (starts_with_last_prompt_row(candidate, tolerance) == Some(true)).then_some(
             match expected_convention {
                 DecodeConvention::Generate => 0i8,
                 DecodeConvention::StepsOnly => -1,
@@ -195,42 +195,29 @@ impl DecodeAlignment {
     }
 }
 
-/// Whether the dump's `decode_logits[0]` is its own `logits[T−1]` within `tolerance` (false
-/// when it lacks either): the mark of the generate convention.
-fn starts_with_last_prompt_row(dump: &ActivationDump, tolerance: f64) -> bool {
-    let (Some(decode), Some(logits)) = (
-        logits_rows(dump),
-        dump.get("logits")
-            .and_then(DumpTensor::as_f32)
-            .and_then(|l| l.view().into_dimensionality::<Ix2>().ok()),
-    ) else {
-        return false;
-    };
-    decode.nrows() > 0
-        && logits.nrows() > 0
-        && decode.ncols() == logits.ncols()
-        && row_error(decode.row(0), logits.row(logits.nrows() - 1)) <= tolerance
+/// Whether the dump's `decode_logits[0]` is its own `logits[T−1]` within `tolerance` (the mark
+/// of the generate convention); `None` when the dump cannot tell (either tensor missing, empty,
+/// or of another width).
+fn starts_with_last_prompt_row(dump: &ActivationDump, tolerance: f64) -> Option<bool> {
+    let decode = logits_rows(dump)?;
+    let logits = dump
+        .get("logits")?
+        .as_f32()?
+        .view()
+        .into_dimensionality::<Ix2>()
+        .ok()?;
+    if decode.nrows() == 0 || logits.nrows() == 0 || decode.ncols() != logits.ncols() {
+        return None;
+    }
+    Some(row_error(decode.row(0), logits.row(logits.nrows() - 1)) <= tolerance)
 }
 
 /// The convention a dump follows by itself: `generate` when its `decode_logits[0]` is its own
 /// `logits[T−1]` within `tolerance` (or when it cannot tell), `steps_only` otherwise.
 pub fn own_convention(dump: &ActivationDump, tolerance: f64) -> DecodeConvention {
-    let (Some(decode), Some(logits)) = (
-        logits_rows(dump),
-        dump.get("logits")
-            .and_then(DumpTensor::as_f32)
-            .and_then(|l| l.view().into_dimensionality::<Ix2>().ok()),
-    ) else {
-        return DecodeConvention::Generate;
-    };
-    if decode.nrows() == 0 || logits.nrows() == 0 || decode.ncols() != logits.ncols() {
-        return DecodeConvention::Generate;
-    }
-    let last = logits.row(logits.nrows() - 1);
-    if row_error(decode.row(0), last) <= tolerance {
-        DecodeConvention::Generate
-    } else {
-        DecodeConvention::StepsOnly
+    match starts_with_last_prompt_row(dump, tolerance) {
+        Some(false) => DecodeConvention::StepsOnly,
+        Some(true) | None => DecodeConvention::Generate,
     }
 }
 

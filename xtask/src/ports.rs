@@ -261,14 +261,19 @@ pub fn run(args: &PortsArgs) -> Result<(), PortsError> {
         .filter(|c| c.images.is_empty() && c.audio.is_empty())
         .collect();
 
+    // Each case's layer plan, once for every port.
+    let plans: Vec<PathBuf> = cases
+        .iter()
+        .map(|case| write_plan(case, &gemma4, &work))
+        .collect::<Result<_, _>>()?;
     let mut rows = Vec::new();
     let mut latest = Vec::new();
     for port in &ports {
         let site = install(port, &python, &work)?;
         latest.push((port.id, later_release(port, &python)));
-        for case in &cases {
+        for (case, plan) in cases.iter().zip(&plans) {
             eprintln!("xtask ports: {} on {}", port.id, case.name);
-            let outcome = run_case(port, case, &python, &site, &gemma4, &work)?;
+            let outcome = run_case(port, case, plan, &python, &site, &gemma4, &work)?;
             rows.push(Row {
                 port,
                 case: case.name.clone(),
@@ -344,9 +349,39 @@ fn later_release(port: &Port, python: &Path) -> String {
 }
 
 /// The driver on one case, then `compare` on its dump.
+/// `gemma4 inspect --json` of the case's checkpoint (the normalised config and layer plan the
+/// drivers translate into each port's configuration), written under `work/plans/`.
+fn write_plan(case: &GoldenCase, gemma4: &Path, work: &Path) -> Result<PathBuf, PortsError> {
+    let plans = work.join("plans");
+    fs::create_dir_all(&plans).map_err(io_err(format!("creating {}", plans.display())))?;
+    let path = plans.join(format!("{}.plan.json", case.name));
+    let mut command = Command::new(gemma4);
+    command
+        .args(["inspect", "--json", "--model"])
+        .arg(case.model_dir());
+    let shown = format!("{command:?}");
+    let output = command
+        .output()
+        .map_err(|e| CommandFailure::could_not_start(shown.clone(), e))?;
+    if !output.status.success() {
+        return Err(PortsError::Command(CommandFailure {
+            command: shown,
+            detail: format!(
+                "failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+        }));
+    }
+    fs::write(&path, &output.stdout).map_err(io_err(format!("writing {}", path.display())))?;
+    Ok(path)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run_case(
     port: &Port,
     case: &GoldenCase,
+    plan_path: &Path,
     python: &Path,
     site: &Path,
     gemma4: &Path,
@@ -355,14 +390,6 @@ fn run_case(
     let model = case.model_dir();
     let dumps = work.join("dumps").join(port.id);
     fs::create_dir_all(&dumps).map_err(io_err(format!("creating {}", dumps.display())))?;
-    let plan_path = dumps.join(format!("{}.plan.json", case.name));
-    let plan = Command::new(gemma4)
-        .args(["inspect", "--json", "--model"])
-        .arg(&model)
-        .output()
-        .map_err(|e| CommandFailure::could_not_start("gemma4 inspect", e))?;
-    fs::write(&plan_path, &plan.stdout)
-        .map_err(io_err(format!("writing {}", plan_path.display())))?;
     let dump = dumps.join(format!("{}.safetensors", case.name));
     let _ = fs::remove_file(&dump);
     let scripts = repo_root().join("xtask/scripts/ports");
@@ -374,7 +401,7 @@ fn run_case(
         .arg("--case")
         .arg(&case.dir)
         .arg("--plan")
-        .arg(&plan_path)
+        .arg(plan_path)
         .arg("--out")
         .arg(&dump)
         .env("PYTHONPATH", python_path)
@@ -646,6 +673,10 @@ mod tests {
         }
     }
 
+    fn claude() -> &'static Port {
+        PORTS.iter().find(|p| p.id == "gemma4-pt-claude").unwrap()
+    }
+
     fn judged(conformant: bool, first: Option<&str>, diagnosis: Option<&str>) -> Outcome {
         Outcome::Judged {
             conformant,
@@ -678,7 +709,7 @@ mod tests {
 
     #[test]
     fn a_finding_no_run_observes_is_an_error() {
-        let claude = PORTS.iter().find(|p| p.id == "gemma4-pt-claude").unwrap();
+        let claude = claude();
         // The router bug observed: its finding matches.
         let rows = vec![row(
             claude,
@@ -701,7 +732,7 @@ mod tests {
 
     #[test]
     fn divergences_without_a_finding_are_listed_as_not_located() {
-        let claude = PORTS.iter().find(|p| p.id == "gemma4-pt-claude").unwrap();
+        let claude = claude();
         let rows = vec![
             row(
                 claude,

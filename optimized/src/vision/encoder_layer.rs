@@ -545,6 +545,39 @@ mod tests {
         paths
     }
 
+    /// Both engines' encoder layer on a `rows × columns` grid of random patches (layer weights
+    /// from `seed`, inputs from `input_seed`): ours and the reference's outputs, row-major.
+    fn both_layers(
+        config: &VisionConfig,
+        rows: usize,
+        columns: usize,
+        [seed, input_seed]: [u64; 2],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let positions: Vec<[usize; 2]> = (0..rows * columns)
+            .map(|i| [i % columns, i / columns])
+            .collect();
+        let n = positions.len();
+        let (ours, reference) = random_layer(config, seed);
+        let x = random_values(n * config.hidden_size, input_seed, 2.0);
+        let frequencies = inverse_frequencies_2d(config.head_dim, config.rope_theta);
+        let mut got = x.clone();
+        encoder_layer(
+            &mut got,
+            n,
+            &ours,
+            config,
+            &Rope2dTable::new(&frequencies, &positions),
+        );
+        let expected = reference_encoder_layer(
+            &crate::testing::to_array2(n, config.hidden_size, &x),
+            &positions,
+            &reference,
+            config,
+            &frequencies,
+        );
+        (got, row_major(&expected))
+    }
+
     /// More patches than one MLP chunk ([`MLP_CHUNK_PATCHES`]): three chunks, the last one
     /// partial, clipped (the GeGLU after the clamps) and not (the fused product), against the
     /// reference on the whole image. A chunk that skips, repeats or misplaces patches moves
@@ -552,37 +585,17 @@ mod tests {
     #[test]
     fn encoder_layer_in_mlp_chunks_matches_reference() {
         let (rows, columns) = (25, 44);
-        let positions: Vec<[usize; 2]> = (0..rows * columns)
-            .map(|i| [i % columns, i / columns])
-            .collect();
-        let n = positions.len();
+        let n = rows * columns;
         assert!(n > 2 * MLP_CHUNK_PATCHES && !n.is_multiple_of(MLP_CHUNK_PATCHES));
         for clipped in [true, false] {
-            let config = small_vision_config(clipped, 2);
-            let (ours, reference) = random_layer(&config, 77);
-            let x = random_values(n * config.hidden_size, 78, 2.0);
-            let frequencies = inverse_frequencies_2d(config.head_dim, config.rope_theta);
-            let mut got = x.clone();
-            encoder_layer(
-                &mut got,
-                n,
-                &ours,
-                &config,
-                &Rope2dTable::new(&frequencies, &positions),
-            );
-            let expected = reference_encoder_layer(
-                &crate::testing::to_array2(n, config.hidden_size, &x),
-                &positions,
-                &reference,
-                &config,
-                &frequencies,
-            );
+            let (got, expected) =
+                both_layers(&small_vision_config(clipped, 2), rows, columns, [77, 78]);
             // As the random-layer test below, with attention sums over 1100 patches instead of
             // ≤ 84 (f32 summation error grows with the count, still far below a misplaced row).
             assert_close(
                 &format!("encoder_layer ({n} patches, clipped {clipped})"),
                 &got,
-                &row_major(&expected),
+                &expected,
                 5e-6,
             );
         }
@@ -601,26 +614,13 @@ mod tests {
             kv_heads in prop::sample::select(vec![1usize, 2, 4]),
             seed in 0u64..1000,
         ) {
-            let config = small_vision_config(clipped, kv_heads);
-            let positions: Vec<[usize; 2]> = (0..rows * columns).map(|i| [i % columns, i / columns]).collect();
-            let n = positions.len();
-            let (ours, reference) = random_layer(&config, seed);
-            let x = random_values(n * config.hidden_size, seed + 9, 2.0);
-            let frequencies = inverse_frequencies_2d(config.head_dim, config.rope_theta);
-            let mut got = x.clone();
-            encoder_layer(&mut got, n, &ours, &config, &Rope2dTable::new(&frequencies, &positions));
-            let expected = reference_encoder_layer(
-                &crate::testing::to_array2(n, config.hidden_size, &x),
-                &positions,
-                &reference,
-                &config,
-                &frequencies,
-            );
+            let (got, expected) = both_layers(&small_vision_config(clipped, kv_heads), rows, columns, [seed, seed + 9]);
+            let n = rows * columns;
             // Same operations with products (≤ 48 terms) and attention sums (≤ 84 patches) in
             // other orders, amplified by the q/k norms and two post-norms; the residual (≈ 2)
             // dominates the scale. Measured ≤ 1e-6; a dropped clamp, a wrong norm or RoPE axis
             // moves outputs by ≥ 1e-3.
-            assert_close(&format!("encoder_layer ({n} patches, clipped {clipped}, KV heads {kv_heads})"), &got, &row_major(&expected), 5e-6);
+            assert_close(&format!("encoder_layer ({n} patches, clipped {clipped}, KV heads {kv_heads})"), &got, &expected, 5e-6);
         }
     }
 }

@@ -12,7 +12,15 @@ import warnings
 
 import torch
 
-from port_common import Recorder, arguments, greedy_decode_rows, save_dump, unsupported
+from port_common import (
+    Recorder,
+    arguments,
+    greedy_decode_rows,
+    plan_producers,
+    recording,
+    save_dump,
+    unsupported,
+)
 
 from gemma4_pt_claude.config import (
     AttentionType,
@@ -83,8 +91,7 @@ def text_config(plan: dict) -> TextConfig:
 def check_layout(config: TextConfig, plan: dict):
     """The port's own KV-sharing rule against the case's layer plan: a port that would read
     another producer cannot run this layout (reported as unsupported, not judged)."""
-    layers = plan["plan"]["layers"]
-    ours = [l["index"] if "Own" in l["kv_source"] else l["kv_source"]["SharedFrom"]["producer"] for l in layers]
+    ours = plan_producers(plan)
     theirs = build_kv_sharing_patterns(config.num_layers, config.attention_pattern, config.kv_sharing)
     if list(theirs) != ours:
         unsupported(f"unsupported layout: the port's KV-sharing producers {list(theirs)} differ from the config's {ours}")
@@ -129,34 +136,15 @@ def main():
     recorder = Recorder()
     decoder = model.text_decoder
     embedder = decoder.embedder
-    encode, encode_pli = embedder.encode, embedder.encode_per_layer_input
-
-    def recorded_encode(tokens):
-        x = encode(tokens)
-        recorder.put("embeddings", x[0])
-        return x
-
-    def recorded_pli(x, tokens):
-        result = encode_pli(x, tokens)
-        recorder.put("per_layer_inputs", result[0])
-        return result
-
-    embedder.encode, embedder.encode_per_layer_input = recorded_encode, recorded_pli
-    handles = [decoder.final_norm.register_forward_hook(lambda m, a, o: recorder.put("final_norm", o[0]))]
-    for i, block in enumerate(decoder.blocks):
-        handles.append(block.register_forward_hook(
-            lambda m, a, o, i=i: recorder.put(f"layers.{i}.output", o[1][0])))
+    methods = [(embedder, "encode", "embeddings"), (embedder, "encode_per_layer_input", "per_layer_inputs")]
     ids = torch.tensor([case.tokens])
     # The port's own cache, as its `generate` makes it (rolling caches on sliding layers).
     cache = init_cache(
         model.cfg, 1, len(case.tokens) + case.decode_steps, dtype=torch.float32,
         prefill_len=len(case.tokens),
     )
-    with torch.no_grad():
+    with recording(recorder, methods, decoder.final_norm, decoder.blocks, lambda o: o[1]), torch.no_grad():
         logits, cache = model(ids, cache=cache, **placeholder_masks(ids, plan))
-    for handle in handles:
-        handle.remove()
-    embedder.encode, embedder.encode_per_layer_input = encode, encode_pli
     recorder.put("logits", logits[0])
 
     state = {"cache": cache}

@@ -8,7 +8,15 @@ rows through the port's KV cache.
 
 import torch
 
-from port_common import Recorder, arguments, greedy_decode_rows, save_dump, unsupported
+from port_common import (
+    Recorder,
+    arguments,
+    greedy_decode_rows,
+    plan_producers,
+    recording,
+    save_dump,
+    unsupported,
+)
 
 from gemma4_pt_codex.config import create_kv_sharing_patterns
 from gemma4_pt_codex.convert import (
@@ -22,8 +30,7 @@ from gemma4_pt_codex.model import Gemma4Model
 def check_layout(model, plan: dict):
     """The port's KV-sharing producers against the case's layer plan (an unsupported layout is
     reported as such, not judged)."""
-    layers = plan["plan"]["layers"]
-    ours = [l["index"] if "Own" in l["kv_source"] else l["kv_source"]["SharedFrom"]["producer"] for l in layers]
+    ours = plan_producers(plan)
     text = model.config.text
     try:
         theirs = list(create_kv_sharing_patterns(text.kv_sharing, text.num_layers, tuple(text.layer_types)))
@@ -69,30 +76,10 @@ def main():
 
     recorder = Recorder()
     text = model.text
-    embed, build_pli = text.embed_tokens, text._build_per_layer_inputs
-
-    def recorded_embed(ids):
-        x = embed(ids)
-        recorder.put("embeddings", x[0])
-        return x
-
-    def recorded_pli(*a, **kw):
-        result = build_pli(*a, **kw)
-        if result is not None:
-            recorder.put("per_layer_inputs", result[0])
-        return result
-
-    text.embed_tokens, text._build_per_layer_inputs = recorded_embed, recorded_pli
-    handles = [text.final_norm.register_forward_hook(lambda m, a, o: recorder.put("final_norm", o[0]))]
-    for i, layer in enumerate(text.layers):
-        handles.append(layer.register_forward_hook(
-            lambda m, a, o, i=i: recorder.put(f"layers.{i}.output", o[0][0])))
+    methods = [(text, "embed_tokens", "embeddings"), (text, "_build_per_layer_inputs", "per_layer_inputs")]
     ids = torch.tensor([case.tokens])
-    with torch.no_grad():
+    with recording(recorder, methods, text.final_norm, text.layers, lambda o: o[0]), torch.no_grad():
         output = model(ids, return_kv_cache=True)
-    for handle in handles:
-        handle.remove()
-    text.embed_tokens, text._build_per_layer_inputs = embed, build_pli
     recorder.put("logits", output.logits[0])
 
     state = {"cache": output.kv_cache}

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,6 +72,44 @@ class Recorder:
         t = tensor.detach()
         t = t.float() if t.is_floating_point() else t.long()
         self.tensors[name] = t.contiguous().clone()
+
+
+def plan_producers(plan: dict) -> list[int]:
+    """The KV producer of every layer in the case's layer plan (a layer computing its own K/V is
+    its own producer): what a port's KV-sharing rule must reproduce to run the case."""
+    return [
+        layer["index"] if "Own" in layer["kv_source"] else layer["kv_source"]["SharedFrom"]["producer"]
+        for layer in plan["plan"]["layers"]
+    ]
+
+
+@contextmanager
+def recording(recorder: Recorder, methods, final_norm, layers, layer_output):
+    """Records one forward of a port without changing its code: each `(object, attribute,
+    name)` of `methods` is wrapped so that its result's first batch row is recorded as `name`
+    (a `None` result is not), and forward hooks record `final_norm` and `layers.{i}.output`
+    (`layer_output` picks the hidden states `[B, T, D]` out of a layer's output). Everything is
+    put back on leaving the block."""
+    originals = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in methods]
+    for (owner, attribute, original), (_, _, name) in zip(originals, methods):
+        def recorded(*args, original=original, name=name, **kwargs):
+            result = original(*args, **kwargs)
+            if result is not None:
+                recorder.put(name, result[0])
+            return result
+
+        setattr(owner, attribute, recorded)
+    handles = [final_norm.register_forward_hook(lambda m, a, o: recorder.put("final_norm", o[0]))]
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(
+            lambda m, a, o, i=i: recorder.put(f"layers.{i}.output", layer_output(o)[0])))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for owner, attribute, original in originals:
+            setattr(owner, attribute, original)
 
 
 def greedy_decode_rows(prefill_last_row: torch.Tensor, steps: int, step):
