@@ -28,6 +28,9 @@ use gemma4_reference::faults::with_faults;
 use gemma4_reference::forced_routing::{with_forced_routing, with_refereed_routing, ForcedRouting};
 use gemma4_reference::merge::Prompt;
 use gemma4_reference::model::{argmax, LoadOptions};
+use gemma4_reference::precision::{
+    active_precision_set, precision_about, with_precision, PrecisionScope, PrecisionSet,
+};
 use gemma4_reference::weight_stream::Residence;
 use gemma4_reference::{ComputeDtype, Gemma4TextModel, ModelPlan};
 use ndarray::{ArrayView2, Axis, Ix1, Ix2};
@@ -35,7 +38,7 @@ use safetensors::Dtype;
 
 use crate::compare_decode::{comparable_decode_rows, is_near_tie, DecodeAlignment};
 use crate::compare_diagnosis::{
-    clean_noise_envelope, diagnose, Diagnosis, FaultLibrary, ScoredTensor,
+    clean_noise_envelope, diagnose, Diagnosis, FaultLibrary, ScoredTensor, SEPARATION,
 };
 use crate::compare_routing::{
     candidate_referee, force_ties, judge_layer, router_index_layer, LayerTies,
@@ -69,9 +72,40 @@ pub struct ModelFacts {
     /// Per float tensor, how far float noise moves the expected dump on this model (see
     /// [`clean_noise_envelope`]): a tensor beyond its tolerance but within this is conformant.
     pub noise_envelope: Option<HashMap<String, f64>>,
+    /// The precision choices the expected dump imitates (`--precision`; float32: none). Its
+    /// noise envelope is then measured at that precision too: the probes round where the
+    /// runtime rounds, so the envelope holds the rounding-boundary flips an independent port
+    /// at that precision shows.
+    pub precision: PrecisionSet,
 }
 
+/// At a precision (`--precision`), a tensor may differ by this many times the noise envelope
+/// measured at that precision. The envelope is the larger deviation of two probe runs, and at a
+/// precision most of it comes from a few rounding-boundary flips, whose effect depends on where
+/// they land: one draw bounds another less tightly than float32 noise, which is spread over
+/// every element. Measured on the golden models with independent ports imitated at llama.cpp's
+/// precision (five weight-noise seeds at 1e-7, `tests/precision.rs`,
+/// `precision_margin_calibration`): their deviation reached 1.19 envelopes at most (7.5 when
+/// the probes do not dither their roundings); 2 leaves margin, and every fault of the catalogue
+/// whose effect on the logits exceeds the precision's own still stands out
+/// (`precision_hides_no_fault_*`).
+pub const PRECISION_ENVELOPE_MARGIN: f64 = 2.0;
+
 impl ModelFacts {
+    /// The noise envelope of `name` (times [`PRECISION_ENVELOPE_MARGIN`] at a precision other
+    /// than float32), if measured.
+    pub fn envelope(&self, name: &str) -> Option<f64> {
+        let margin = if self.precision.is_float32() {
+            1.0
+        } else {
+            PRECISION_ENVELOPE_MARGIN
+        };
+        self.noise_envelope
+            .as_ref()
+            .and_then(|envelope| envelope.get(name))
+            .map(|e| e * margin)
+    }
+
     /// The facts a loaded model provides.
     pub fn of_model(model: &Gemma4TextModel) -> Self {
         ModelFacts {
@@ -81,6 +115,7 @@ impl ModelFacts {
             embed_dtype: Some(model.weights.embed_dtype()),
             compute_dtype: Some(model.compute_dtype),
             noise_envelope: None,
+            precision: active_precision_set(),
         }
     }
 }
@@ -141,6 +176,11 @@ pub struct CompareReport {
     /// Set when the candidate is not conformant in `compute_dtype` but is in this other one (the
     /// diagnosis then names no fault: the port imitates another arithmetic).
     pub conformant_with_compute_dtype: Option<&'static str>,
+    /// The precision choices the expected dump imitates (`--precision`; `float32`: none).
+    pub judged_at_precision: String,
+    /// Set when the candidate is not conformant as judged but is at these precision choices:
+    /// a precision choice, not a bug (the diagnosis then names no fault).
+    pub precision_choice: Option<PrecisionVerdict>,
     /// Remarks on how the comparison was made.
     pub notes: Vec<String>,
     /// Where the expected dump came from (a file, or the reference on a model).
@@ -195,11 +235,37 @@ pub enum ExpectedSource<'a> {
     Reference { model: &'a Path, prompt: &'a Prompt },
 }
 
-/// How `gemma4 compare` judges (`--compute-dtype`, `--no-diagnosis`, `--weights`).
+/// The precision choices that reproduce a candidate (a precision choice, not a bug).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PrecisionVerdict {
+    /// The profile's name, or the choices' ids joined by `+`.
+    pub name: String,
+    /// The catalogue ids of its choices.
+    pub choices: Vec<&'static str>,
+    /// What it imitates.
+    pub about: String,
+    /// How closely each tried set reproduces the candidate, best first: the largest error
+    /// against that set's imitating run in units of the float32 allowance (tolerance or noise
+    /// envelope), and, for the best few, whether the candidate is conformant at that precision.
+    pub ranking: Vec<PrecisionFit>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PrecisionFit {
+    pub name: String,
+    /// Judged at that precision (only the best few are: `None` for the others).
+    pub conformant: Option<bool>,
+    pub misfit: f64,
+    pub worst_tensor: Option<String>,
+}
+
+/// How `gemma4 compare` judges (`--compute-dtype`, `--precision`, `--no-diagnosis`, `--weights`).
 #[derive(Clone, Copy, Debug)]
 pub struct CompareOptions {
     /// The arithmetic the reference imitates with `--model` (float32 by default).
     pub compute_dtype: ComputeDtype,
+    /// The precision choices the reference imitates with `--model` (none by default).
+    pub precision: PrecisionSet,
     /// With `--model`: name the likely fault of a diverging candidate.
     pub diagnose: bool,
     /// With `--model`: where the reference keeps its weights.
@@ -210,6 +276,7 @@ impl Default for CompareOptions {
     fn default() -> Self {
         CompareOptions {
             compute_dtype: ComputeDtype::Float32,
+            precision: PrecisionSet::FLOAT32,
             diagnose: true,
             residence: Residence::Auto,
         }
@@ -267,6 +334,9 @@ pub fn run_compare(
         }
         ExpectedSource::Reference { model, prompt } => {
             let tokens = &prompt.tokens;
+            // Every reference run of this comparison imitates the chosen precision (none:
+            // float32); the fault library passes it on to its worker threads.
+            let _precision = PrecisionScope::enter(&options.precision.choices());
             let model_error = |source| CompareError::Model {
                 path: model.to_path_buf(),
                 source,
@@ -411,10 +481,30 @@ pub fn run_compare(
                     conformant_in_other_arithmetic(&mut loaded, prompt, decode_steps, &candidate)
                         .map_err(model_error)?;
             }
+            // A port right at its own precision (a float16 KV cache, a GELU table) is not buggy:
+            // before any fault is named, the catalogue's precision choices are tried.
             if options.diagnose
                 && !streamed
                 && needs_diagnosis(&report)
                 && report.conformant_with_compute_dtype.is_none()
+            {
+                report.precision_choice = explain_by_precision(
+                    &loaded,
+                    model,
+                    prompt,
+                    decode_steps,
+                    &forced,
+                    (&expected, &report),
+                    &candidate,
+                    &facts,
+                )
+                .map_err(model_error)?;
+            }
+            if options.diagnose
+                && !streamed
+                && needs_diagnosis(&report)
+                && report.conformant_with_compute_dtype.is_none()
+                && report.precision_choice.is_none()
             {
                 let library = FaultLibrary::build(&loaded, model, prompt, decode_steps, expected);
                 attach_diagnosis(&mut report, &library, &candidate);
@@ -481,6 +571,143 @@ fn conformant_in_other_arithmetic(
         }
     }
     Ok(found)
+}
+
+/// How many of the best-reproducing precision hypotheses get their own noise envelope (two
+/// more reference runs each) to judge the candidate at that precision: the choices of one
+/// runtime differ in where they round, so the candidate's true precision reproduces it several
+/// times more closely than the others (measured on llama.cpp's dumps, docs/ports.md), and three
+/// leaves room for near ties between a profile and its own subsets.
+const PRECISION_FINALISTS: usize = 3;
+
+/// The precision choices that explain a candidate that is not conformant as judged (at
+/// `facts.precision`, float32 by default; `judged` is that expected dump and the candidate's
+/// report against it), if any. The reference runs once per hypothesis of
+/// [`PrecisionSet::hypotheses`] (every profile of a real runtime, every single choice). A set
+/// is a candidate explanation only if
+/// - its run leaves the tolerance exactly where the candidate does (its first divergence from
+///   the judged dump is the candidate's): a port that matches the judged reference until some
+///   later tensor does not round where that runtime rounds, whatever its later error; and
+/// - at that first divergent tensor it reproduces the candidate at least [`SEPARATION`] times
+///   better than the judged dump does (the error in units of the float32 allowance), as a
+///   fault must: a faint bug of a float32 port, seen in its logits alone, is no closer to a
+///   rounding run than to the exact one. (Only there: deeper in a model that amplifies every
+///   rounding, the flips of a port at that precision move it as far from our rounding run as
+///   the rounding itself moves it from the exact one; that is judged with the noise envelope
+///   at that precision.)
+///
+/// The candidates are ranked by that error; the best [`PRECISION_FINALISTS`] are judged as
+/// `--precision` would judge them, with the noise envelope measured at that precision, and the
+/// best-reproducing one at which the candidate is conformant is named.
+#[allow(clippy::too_many_arguments)]
+fn explain_by_precision(
+    model: &Gemma4TextModel,
+    model_dir: &Path,
+    prompt: &Prompt,
+    decode_steps: usize,
+    forced: &ForcedRouting,
+    judged: (&ActivationDump, &CompareReport),
+    candidate: &ActivationDump,
+    facts: &ModelFacts,
+) -> gemma4_reference::Result<Option<PrecisionVerdict>> {
+    let (expected, report) = judged;
+    let Some(first) = report.first_divergence.as_deref() else {
+        return Ok(None);
+    };
+    let misfit_at_first = |report: &CompareReport| {
+        let name_only = CompareReport {
+            tensors: report
+                .tensors
+                .iter()
+                .filter(|r| r.name == first)
+                .cloned()
+                .collect(),
+            ..report.clone()
+        };
+        reproduction_misfit(&name_only, facts.noise_envelope.as_ref()).0
+    };
+    let judged_misfit = misfit_at_first(report);
+    let mut runs = Vec::new();
+    for set in PrecisionSet::hypotheses() {
+        if set == facts.precision {
+            continue;
+        }
+        let (dump, _) = with_precision(&set.choices(), || {
+            with_forced_routing(forced.clone(), || {
+                with_faults(&[], || model.dump_prompt(prompt, decode_steps))
+            })
+        });
+        let dump = dump?;
+        let departs_where_the_candidate_does =
+            compare(expected, &dump, facts).first_divergence == report.first_divergence;
+        let fit = compare(&dump, candidate, facts);
+        let (misfit, worst_tensor) = reproduction_misfit(&fit, facts.noise_envelope.as_ref());
+        if departs_where_the_candidate_does && misfit_at_first(&fit) * SEPARATION <= judged_misfit {
+            runs.push((set, dump, misfit, worst_tensor));
+        }
+    }
+    runs.sort_by(|a, b| a.2.total_cmp(&b.2));
+    let mut ranking = Vec::new();
+    let mut named = None;
+    for (rank, (set, dump, misfit, worst_tensor)) in runs.into_iter().enumerate() {
+        let conformant = (rank < PRECISION_FINALISTS).then(|| {
+            let envelope = with_precision(&set.choices(), || {
+                clean_noise_envelope(model, model_dir, prompt, decode_steps, &dump, forced)
+            });
+            let at_precision = ModelFacts {
+                noise_envelope: Some(envelope),
+                precision: set,
+                ..facts.clone()
+            };
+            compare(&dump, candidate, &at_precision).conformant
+        });
+        if conformant == Some(true) && named.is_none() {
+            named = Some(set);
+        }
+        ranking.push(PrecisionFit {
+            name: set.name(),
+            conformant,
+            misfit,
+            worst_tensor,
+        });
+    }
+    Ok(named.map(|best| PrecisionVerdict {
+        name: best.name(),
+        choices: best.choices().iter().map(|c| c.id()).collect(),
+        about: precision_about(best),
+        ranking,
+    }))
+}
+
+/// How closely a run reproduces the candidate: the largest `max_rel` of a compared activation
+/// in units of its float32 allowance (tolerance, or the noise envelope where larger), and where.
+fn reproduction_misfit(
+    report: &CompareReport,
+    envelope: Option<&HashMap<String, f64>>,
+) -> (f64, Option<String>) {
+    report
+        .tensors
+        .iter()
+        .filter(|r| r.status != Status::Missing && !is_index_tensor(&r.name))
+        .map(|r| {
+            let noise = envelope
+                .and_then(|e| e.get(&r.name))
+                .copied()
+                .unwrap_or(0.0);
+            let allowance = r.tolerance.max(noise);
+            let misfit = if allowance > 0.0 {
+                r.max_rel / allowance
+            } else if r.max_rel == 0.0 {
+                0.0
+            } else {
+                f64::INFINITY
+            };
+            (misfit, Some(r.name.clone()))
+        })
+        .fold(
+            (0.0, None),
+            |best, next| if next.0 > best.0 { next } else { best },
+        )
 }
 
 /// Is there a divergence for the diagnosis to explain? (Not when the dumps are of different
@@ -679,14 +906,7 @@ pub fn compare(
     notes.extend(decode_alignment.as_ref().and_then(DecodeAlignment::note));
     // A greedy choice is a near tie within the fixed tolerance, or, once this model's
     // float-noise envelope is known, within how far that noise moves the decode logits.
-    let tie_tolerance = |name: &str| {
-        let envelope = facts
-            .noise_envelope
-            .as_ref()
-            .and_then(|envelope| envelope.get(name).copied())
-            .unwrap_or(0.0);
-        tolerance(name).max(envelope)
-    };
+    let tie_tolerance = |name: &str| tolerance(name).max(facts.envelope(name).unwrap_or(0.0));
     if let Some(cut) = decode_rows_to_judge(&expected_view, &candidate_view, &tie_tolerance) {
         notes.push(cut.note.clone());
         cut.apply(expected_view.to_mut());
@@ -737,9 +957,9 @@ pub fn compare(
         .filter(|r| r.status != Status::Missing && !is_index_tensor(&r.name))
         .count();
     let mut tensors = tensors;
-    if let Some(envelope) = &facts.noise_envelope {
+    if facts.noise_envelope.is_some() {
         for r in tensors.iter_mut().filter(|r| r.status == Status::Fail) {
-            let allowance = envelope.get(&r.name).copied().unwrap_or(0.0);
+            let allowance = facts.envelope(&r.name).unwrap_or(0.0);
             if r.index_mismatch.is_none() && r.tolerance > 0.0 && r.max_rel <= allowance {
                 r.status = Status::WithinNoise;
                 r.noise_allowance = Some(allowance);
@@ -759,13 +979,27 @@ pub fn compare(
             })
             .collect();
         if !admitted.is_empty() {
+            let at_precision = if facts.precision.is_float32() {
+                String::new()
+            } else {
+                format!(
+                    ", with the reference rounding where {} rounds and each rounding dithered, so that the envelope holds the rounding-boundary flips a port at that precision shows, times {PRECISION_ENVELOPE_MARGIN}",
+                    facts.precision
+                )
+            };
             notes.push(format!(
-                "{} tensors exceed the fixed tolerance but stay within this model's float-noise envelope (how far the reference itself moves when every weight is perturbed by {:.0e}, times 3·√(K/192) − 2 for products wider than K = 192, an upper estimate of an independent float32 implementation's rounding; this model amplifies rounding differences there): {}",
+                "{} tensors exceed the fixed tolerance but stay within this model's float-noise envelope (how far the reference itself moves when every weight is perturbed by {:.0e}, times 3·√(K/192) − 2 for products wider than K = 192, an upper estimate of an independent float32 implementation's rounding{at_precision}; this model amplifies rounding differences there): {}",
                 admitted.len(),
                 crate::compare_diagnosis::PROBE_NOISE,
                 admitted.join(", ")
             ));
         }
+    }
+    if let (false, Some(resolution)) = (facts.precision.is_float32(), facts.envelope("logits")) {
+        notes.push(format!(
+            "judged at {}: on this model a port's logits may differ by up to {resolution:.2e} (relative) from the reference rounding where it rounds; a bug that moves them less cannot be told from that rounding here, and shows in the float32 verdict only",
+            facts.precision
+        ));
     }
     let first = tensors.iter().find(|r| {
         !matches!(
@@ -829,6 +1063,8 @@ pub fn compare(
         decode_alignment,
         compute_dtype: facts.compute_dtype.map(ComputeDtype::name),
         conformant_with_compute_dtype: None,
+        judged_at_precision: facts.precision.name(),
+        precision_choice: None,
         notes,
         tensors,
         expected_source: String::new(),
@@ -1104,6 +1340,32 @@ pub fn format_report(report: &CompareReport) -> String {
                 "rounded to that dtype, as Hugging Face does when the model runs in it"
             }
         ));
+    }
+    if let Some(verdict) = &report.precision_choice {
+        out.push_str(&format!(
+            "\nDIAGNOSIS: a precision choice, not a bug — the candidate is CONFORMANT when the reference imitates {} ({}; choices: {}). Judged at {} it differs by that rounding only. Rerun with --precision {} to judge the port at its precision.\n",
+            verdict.name,
+            verdict.about,
+            verdict.choices.join(", "),
+            report.judged_at_precision,
+            verdict.name,
+        ));
+        out.push_str("  precision choices tried (error against each imitating run, in float32 allowances):\n");
+        for fit in &verdict.ranking {
+            out.push_str(&format!(
+                "    {:<40} {:>10.2}  {}{}\n",
+                fit.name,
+                fit.misfit,
+                match fit.conformant {
+                    Some(true) => "conformant at it",
+                    Some(false) => "not conformant at it",
+                    None => "not judged",
+                },
+                fit.worst_tensor
+                    .as_ref()
+                    .map_or_else(String::new, |t| format!(" (worst: {t})"))
+            ));
+        }
     }
     if let Some(d) = &report.diagnosis_details {
         out.push('\n');

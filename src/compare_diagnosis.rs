@@ -43,6 +43,7 @@ use gemma4_reference::layer_plan::KvSource;
 use gemma4_reference::mask::ImageBlocks;
 use gemma4_reference::merge::Prompt;
 use gemma4_reference::model::{is_placeholder, LoadOptions};
+use gemma4_reference::precision::{active_precision, with_precision, with_rounding_dither};
 use gemma4_reference::ComputeDtype;
 use gemma4_reference::{Gemma4TextModel, ModelPlan};
 use rayon::prelude::*;
@@ -221,10 +222,17 @@ impl FaultLibrary {
         decode_steps: usize,
         clean: ActivationDump,
     ) -> FaultLibrary {
+        // The precision choices this thread imitates (`compare --precision`), passed on to the
+        // worker threads with each fault.
+        let precision = active_precision();
         // 1. One exact run per applicable fault.
         let exact: Vec<Result<ExactRun, String>> = Fault::ALL
             .par_iter()
-            .map(|&fault| exact_run(model, model_dir, prompt, decode_steps, fault, &clean))
+            .map(|&fault| {
+                with_precision(&precision, || {
+                    exact_run(model, model_dir, prompt, decode_steps, fault, &clean)
+                })
+            })
             .collect();
 
         // 2. The noise probes, one perturbed copy of the weights at a time. The copy is loaded
@@ -237,7 +245,12 @@ impl FaultLibrary {
             else {
                 continue;
             };
-            if let Ok(dump) = with_faults(&[], || probe.dump_prompt(prompt, decode_steps)) {
+            let dithered = |body: &dyn Fn() -> Option<ActivationDump>| {
+                with_precision(&precision, || with_rounding_dither(seed, body))
+            };
+            if let Some(dump) =
+                dithered(&|| with_faults(&[], || probe.dump_prompt(prompt, decode_steps)).ok())
+            {
                 clean_probes.push(dump);
             }
             let runs: Vec<Option<ActivationDump>> = Fault::ALL
@@ -245,14 +258,16 @@ impl FaultLibrary {
                 .zip(&exact)
                 .map(|(&fault, run)| {
                     let run = run.as_ref().ok()?;
-                    with_faults(&[fault], || {
-                        if run.plan_changed {
-                            probe_model(model, model_dir, prompt, seed)?
-                                .dump_prompt(prompt, decode_steps)
-                                .ok()
-                        } else {
-                            probe.dump_prompt(prompt, decode_steps).ok()
-                        }
+                    dithered(&|| {
+                        with_faults(&[fault], || {
+                            if run.plan_changed {
+                                probe_model(model, model_dir, prompt, seed)?
+                                    .dump_prompt(prompt, decode_steps)
+                                    .ok()
+                            } else {
+                                probe.dump_prompt(prompt, decode_steps).ok()
+                            }
+                        })
                     })
                 })
                 .collect();
@@ -300,17 +315,58 @@ pub fn clean_noise_envelope(
     clean: &ActivationDump,
     forced: &ForcedRouting,
 ) -> HashMap<String, f64> {
+    // At a precision, the probes keep the clean run's expert choices on the prompt: their
+    // dithered roundings tip near-tie routing decisions far more often than float32 noise
+    // does, and a tipped choice is judged by the router's near-tie rule, not by the envelope.
+    let forced = if active_precision().is_empty() {
+        forced.clone()
+    } else {
+        routing_of(clean, forced)
+    };
     let probes = PROBE_SEEDS
         .iter()
         .filter_map(|&seed| {
             let probe = with_faults(&[], || probe_model(model, model_dir, prompt, seed))?;
             let (dump, _) = with_forced_routing(forced.clone(), || {
-                with_faults(&[], || probe.dump_prompt(prompt, decode_steps))
+                with_rounding_dither(seed, || {
+                    with_faults(&[], || probe.dump_prompt(prompt, decode_steps))
+                })
             });
             dump.ok()
         })
         .collect();
     Hypothesis::new(clean.clone(), probes).envelope
+}
+
+/// `forced` with, for every MoE layer and prompt position of `dump` it does not already force,
+/// the experts `dump` chose there (`layers.{ℓ}.router.top_k_index`, `[T, k]`).
+fn routing_of(dump: &ActivationDump, forced: &ForcedRouting) -> ForcedRouting {
+    let mut routing = forced.clone();
+    for name in dump.names_in_model_order() {
+        let Some(layer) = name
+            .strip_prefix("layers.")
+            .and_then(|rest| rest.strip_suffix(".router.top_k_index"))
+            .and_then(|index| index.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let Some(DumpTensor::I64(choices)) = dump.get(name) else {
+            continue;
+        };
+        if choices.ndim() != 2 {
+            continue;
+        }
+        for (position, row) in choices.outer_iter().enumerate() {
+            if routing.get(layer, position).is_none() {
+                let experts = row
+                    .iter()
+                    .filter_map(|&e| usize::try_from(e).ok())
+                    .collect();
+                routing.force(layer, position, experts);
+            }
+        }
+    }
+    routing
 }
 
 /// A fault's exact run.
@@ -630,6 +686,23 @@ fn not_applicable(fault: Fault, model: &Gemma4TextModel, prompt: &Prompt) -> Opt
             !ImageBlocks::of(&model.config, tokens, 0).is_empty(),
             "no bidirectional image block: the model is not a \"vision\" one, or the tokens hold no image placeholder",
         ),
+        Fault::PleProjectionScaleFoldedBf16 => {
+            let projection = model.weights.per_layer_embeddings().map(|ple| &ple.model_projection);
+            let scale = (text.hidden_size as f32).powf(-0.5);
+            reason(!no_ple, "the model has no Per-Layer Embeddings")
+                .or_else(|| {
+                    reason(
+                        projection.is_some_and(|w| w.iter().all(|v| v.to_bits() & 0xffff == 0)),
+                        "the PLE projection is not stored in bfloat16 (folding the scale in float32 is float32 noise)",
+                    )
+                })
+                .or_else(|| {
+                    reason(
+                        scale.log2().fract() != 0.0,
+                        "D^-1/2 is a power of two: folding it into the weights is exact",
+                    )
+                })
+        }
         Fault::LayerScalarIgnored => reason(
             model
                 .weights

@@ -15,6 +15,7 @@ use gemma4::reference::memory_plan::{format_bytes, peak_resident_bytes};
 use gemma4::reference::weight_stream::Residence;
 use gemma4::reference::ComputeDtype;
 use gemma4::tokens::parse_token_list;
+use gemma4_reference::precision::PrecisionSet;
 
 #[derive(Parser)]
 #[command(
@@ -321,6 +322,14 @@ struct CompareArgs {
     /// or f16 judge a port that runs the model in that dtype (embedding scales rounded to it).
     #[arg(long, default_value = "float32")]
     compute_dtype: ComputeDtype,
+    /// With --model: judge the port at a runtime's precision choices instead of float32 — a
+    /// profile (llama-cpp-cpu, llama-cpp-cpu-no-flash-attention, llama-cpp-cpu-q8-cache,
+    /// llama-cpp-cpu-f32-cache-no-flash-attention) or choice ids separated by commas (kv_cache_f16, kv_cache_q8_0,
+    /// attention_f16_operands, flash_attention_f16, gelu_f16_table, bf16_activations). The
+    /// reference rounds where that runtime rounds, and each tensor may differ by twice what
+    /// the rounding moves it (docs/conformance.md, "Precision choices").
+    #[arg(long, default_value = "float32")]
+    precision: PrecisionSet,
     #[command(flatten)]
     memory: MemoryArgs,
     #[command(flatten)]
@@ -526,6 +535,7 @@ fn compare(args: CompareArgs) -> ExitCode {
     };
     let options = CompareOptions {
         compute_dtype: args.compute_dtype,
+        precision: args.precision,
         diagnose: !args.no_diagnosis,
         residence: args.memory.weights,
     };

@@ -13,6 +13,8 @@ use gemma4::golden::GoldenCase;
 use gemma4_reference::faults::{with_faults, Fault};
 use gemma4_reference::{ActivationDump, Gemma4TextModel};
 
+use common::logits_only;
+
 /// A golden case's model, clean reference dump and fault library, built once per test binary.
 struct Fixture {
     case: GoldenCase,
@@ -79,17 +81,6 @@ fn candidate(
             .dump_prompt(&prompt, case.decode_steps)
             .expect("reference runs")
     })
-}
-
-/// Only `logits`, `decode_logits` and `greedy_continuation`: what most runtimes expose.
-fn logits_only(dump: &ActivationDump) -> ActivationDump {
-    let mut partial = ActivationDump::new();
-    for name in ["logits", "decode_logits", "greedy_continuation"] {
-        if let Some(tensor) = dump.get(name) {
-            partial.insert(name, tensor.clone());
-        }
-    }
-    partial
 }
 
 fn judge(fixture: &Fixture, candidate: &ActivationDump) -> CompareReport {

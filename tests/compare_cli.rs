@@ -70,16 +70,8 @@ fn write_dump_low_precision(dir: &Path, name: &str, dump: &ActivationDump, dtype
     path
 }
 
-/// Every golden case: Hugging Face's dumps (`generate`'s decode rows), made in float32 except
-/// `e2b_bf16` (a bf16 computation) and `e4b_bf16_as_f32` (a bf16 checkpoint loaded in float32).
-const CASES: [&str; 6] = [
-    "e2b_like",
-    "e4b_like",
-    "31b_like",
-    "26b_a4b_like",
-    "e2b_bf16",
-    "e4b_bf16_as_f32",
-];
+/// Every text golden case (their Hugging Face dumps hold `generate`'s decode rows).
+const CASES: [&str; 6] = common::TEXT_CASES;
 
 #[test]
 fn compare_cli_hf_dump_conformant_exit_0_every_case() {
@@ -688,5 +680,58 @@ fn compare_cli_greedy_choice_not_a_tie_reported_as_ids_e4b_like() {
             ))
             && text.contains("not a near tie"),
         "{text}"
+    );
+}
+
+/// `--precision`: a port at llama.cpp's precision (the reference imitating it) is named a
+/// precision choice at float32 (exit 1, no fault) and is conformant judged at that precision
+/// (exit 0); an unknown precision is unusable input (exit 2) naming the known ones.
+#[test]
+fn compare_cli_precision_choice_named_then_judged_31b_like() {
+    use gemma4_reference::precision::{with_precision, PrecisionChoice};
+    let case = golden_case("31b_like");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let at_precision = with_precision(
+        &[
+            PrecisionChoice::KvCacheF16,
+            PrecisionChoice::FlashAttentionF16,
+            PrecisionChoice::GeluF16Table,
+        ],
+        || reference_dump(&case, &[], case.decode_steps),
+    );
+    let candidate = write_dump(dir.path(), "llama.safetensors", &at_precision);
+    let model = case.model_dir();
+    let tokens = token_list(&case);
+    let common = [
+        "--model",
+        path_str(&model),
+        "--tokens",
+        tokens.as_str(),
+        "--candidate",
+        path_str(&candidate),
+    ];
+
+    let (code, stdout, stderr) = run_compare(&[&common[..], &["--json"]].concat());
+    assert_eq!(code, 1, "stderr: {stderr}");
+    let report = json(&stdout);
+    assert_eq!(report["diagnosis"], Value::Null, "{stdout}");
+    assert_eq!(
+        report["precision_choice"]["name"], "llama-cpp-cpu",
+        "{stdout}"
+    );
+    assert_eq!(report["judged_at_precision"], "float32");
+    let (_, text, _) = run_compare(&common);
+    assert!(text.contains("a precision choice, not a bug"), "{text}");
+
+    let (code, stdout, stderr) =
+        run_compare(&[&common[..], &["--json", "--precision", "llama-cpp-cpu"]].concat());
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(json(&stdout)["judged_at_precision"], "llama-cpp-cpu");
+
+    let (code, _, stderr) = run_compare(&[&common[..], &["--precision", "fp8_cache"]].concat());
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("fp8_cache") && stderr.contains("llama-cpp-cpu"),
+        "{stderr}"
     );
 }

@@ -24,6 +24,10 @@ use crate::kv_cache::KvCache;
 use crate::layer_plan::LayerPlan;
 use crate::linear::linear;
 use crate::mask::{key_is_visible, ImageBlocks};
+use crate::precision::{
+    flash_attention_row, precision_active, round_f16, store_cache_row, PrecisionChoice,
+    FLASH_ATTENTION_TILE_ROWS,
+};
 use crate::rms_norm::rms_norm_heads;
 use crate::rope::apply_rope;
 
@@ -84,6 +88,11 @@ pub fn attention(
         }
         recorder.record(&format!("{prefix}.k"), keys.view().into_dyn())?;
         recorder.record(&format!("{prefix}.v"), values.view().into_dyn())?;
+        // A runtime with a float16 or Q8_0 cache reads back what it stored, the prompt's own
+        // keys and values included (precision choices; float32: unchanged).
+        for row in keys.outer_iter_mut().chain(values.outer_iter_mut()) {
+            store_cache_row(row.into_slice().expect("contiguous [K, d] row"));
+        }
         cache.append(layer.index, keys, values);
     }
 
@@ -109,6 +118,11 @@ pub fn attention(
         1.0
     };
     let group_size = heads / kv_heads;
+    // Precision choices of the attention arithmetic (float32 when none is on).
+    let flash_vector_path = precision_active(PrecisionChoice::FlashAttentionF16)
+        && (tokens < FLASH_ATTENTION_TILE_ROWS || precision_active(PrecisionChoice::KvCacheQ8_0));
+    let f16_operands =
+        !flash_vector_path && precision_active(PrecisionChoice::AttentionF16Operands);
     let mut output = Array3::<f32>::zeros((tokens, heads, head_dim));
     for n in 0..heads {
         // Contiguous GQA groups: query head n reads KV head ⌊n / (H/K)⌋.
@@ -118,7 +132,34 @@ pub fn attention(
             n / group_size
         };
         for (i, &query_position) in positions.iter().enumerate() {
-            let query = queries.slice(ndarray::s![i, n, ..]);
+            if flash_vector_path {
+                // Precision choice: ggml's flash-attention vector path (precision.rs).
+                let visible: Vec<usize> = (0..key_count)
+                    .filter(|&j| key_is_visible(layer, query_position, j, blocks))
+                    .collect();
+                let rows = |cache: &Array3<f32>| -> Vec<Vec<f32>> {
+                    visible
+                        .iter()
+                        .map(|&j| cache.slice(ndarray::s![j, kv_head, ..]).to_vec())
+                        .collect()
+                };
+                let (key_rows, value_rows) = (rows(all_keys), rows(all_values));
+                let row = flash_attention_row(
+                    &queries.slice(ndarray::s![i, n, ..]).to_vec(),
+                    &key_rows.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+                    &value_rows.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+                    scale,
+                );
+                output
+                    .slice_mut(ndarray::s![i, n, ..])
+                    .assign(&ndarray::ArrayView1::from(&row));
+                continue;
+            }
+            let mut query = queries.slice(ndarray::s![i, n, ..]).to_owned();
+            if f16_operands {
+                // Precision choice: q meets a float16 cache as a float16 operand.
+                query.mapv_inplace(round_f16);
+            }
             // Scores of the visible keys; masked keys are left out of the softmax entirely.
             let mut scores: Vec<(usize, f32)> = Vec::with_capacity(key_count);
             for j in 0..key_count {
@@ -135,7 +176,12 @@ pub fn attention(
             let total: f32 = weights.iter().sum();
             let mut out = output.slice_mut(ndarray::s![i, n, ..]);
             for (&(j, _), &w) in scores.iter().zip(&weights) {
-                out.scaled_add(w / total, &all_values.slice(ndarray::s![j, kv_head, ..]));
+                let mut probability = w / total;
+                if f16_operands {
+                    // Precision choice: p meets a float16 cache as a float16 operand.
+                    probability = round_f16(probability);
+                }
+                out.scaled_add(probability, &all_values.slice(ndarray::s![j, kv_head, ..]));
             }
         }
     }

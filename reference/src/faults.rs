@@ -96,6 +96,8 @@ fault_catalogue! {
     AudioPowerSpectrum => ("audio_power_spectrum", "multimodal §2.1 step 4, §5 item 9", "power instead of magnitude spectrum"),
     AudioNoLeftPad => ("audio_no_left_pad", "multimodal §2.1 step 1, §5 item 9", "the 160-sample left pad of the front end missing"),
     AudioProjectThenNorm => ("audio_project_then_norm", "multimodal §2.5, §5 item 6", "audio projector in the other order (project, then norm)"),
+    // Faults found in real ports (docs/ports.md).
+    PleProjectionScaleFoldedBf16 => ("ple_projection_scale_folded_bf16", "text §4 step 2", "the D^-1/2 of the PLE context projection folded into its bfloat16 weights (each weight times bf16(D^-1/2), rounded to bf16 again) instead of scaling the product"),
 }
 
 impl Fault {

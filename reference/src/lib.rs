@@ -15,7 +15,9 @@
 //!    [`mask`], [`kv_cache`]), [`mlp`] (with [`gelu`]) and [`moe`];
 //! 6. [`model`]: the whole forward pass, logits, softcapping and greedy decoding;
 //! 7. [`dump`]: the activation dump format other ports compare against;
-//! 8. [`faults`]: known porting bugs, switchable for diagnosis and mutation testing, and
+//! 8. [`faults`]: known porting bugs, switchable for diagnosis and mutation testing,
+//!    [`precision`]: runtimes' deliberate precision shortcuts (float16 KV cache, GELU table),
+//!    imitated to tell a port right at its precision from a wrong one, and
 //!    [`forced_routing`]: a MoE port's near-tie expert choices imposed for a fair comparison;
 //! 9. [`parameter_count`]: exact parameter counts from a config alone;
 //! 10. [`weight_stream`] and [`memory_plan`]: verifying checkpoints larger than memory, one
@@ -55,6 +57,7 @@ pub mod model;
 pub mod moe;
 pub mod parameter_count;
 pub mod ple;
+pub mod precision;
 pub mod projector;
 pub mod rms_norm;
 pub mod rope;

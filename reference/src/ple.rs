@@ -60,8 +60,17 @@ pub fn per_layer_inputs(
     } else {
         (hidden_size as f64).powf(-0.5) as f32
     };
-    let context =
-        linear(scaled_embeddings.view(), &weights.model_projection).mapv(|v| v * projection_scale);
+    let context = if fault_active(Fault::PleProjectionScaleFoldedBf16) {
+        // Bug: the scale folded into bfloat16 weights in the checkpoint's dtype, a second
+        // rounding of every weight: bf16(w · bf16(D^(-1/2))).
+        let scale = half::bf16::from_f32(projection_scale).to_f32();
+        let folded = weights
+            .model_projection
+            .mapv(|w| half::bf16::from_f32(w * scale).to_f32());
+        linear(scaled_embeddings.view(), &folded)
+    } else {
+        linear(scaled_embeddings.view(), &weights.model_projection).mapv(|v| v * projection_scale)
+    };
     let context = context
         .into_shape_with_order((tokens * num_layers, width))
         .expect("[T, L·P] is layer-major");

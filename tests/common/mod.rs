@@ -5,6 +5,30 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+/// The text-only golden cases, one or two per family: Hugging Face's dumps made in float32
+/// except `e2b_bf16` (a bf16 computation) and `e4b_bf16_as_f32` (a bf16 checkpoint loaded in
+/// float32).
+pub const TEXT_CASES: [&str; 6] = [
+    "e2b_like",
+    "e4b_like",
+    "31b_like",
+    "26b_a4b_like",
+    "e2b_bf16",
+    "e4b_bf16_as_f32",
+];
+
+/// Only `logits`, `decode_logits` and `greedy_continuation` of a dump: what most runtimes
+/// expose.
+pub fn logits_only(dump: &gemma4_reference::ActivationDump) -> gemma4_reference::ActivationDump {
+    let mut partial = gemma4_reference::ActivationDump::new();
+    for name in ["logits", "decode_logits", "greedy_continuation"] {
+        if let Some(tensor) = dump.get(name) {
+            partial.insert(name, tensor.clone());
+        }
+    }
+    partial
+}
+
 /// The bundled golden case called `name` (panics naming it if there is none).
 pub fn golden_case(name: &str) -> gemma4::golden::GoldenCase {
     gemma4::golden::load_cases(&golden_dir())

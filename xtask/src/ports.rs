@@ -48,6 +48,23 @@ pub struct PortsArgs {
     pub out: PathBuf,
 }
 
+/// Where a port's driver runs.
+pub enum Runtime {
+    /// The oracle virtualenv's Python and torch, with the port's pinned requirements (sha256
+    /// checked) installed with `pip install --no-deps --require-hashes --target` under `--work`;
+    /// empty: nothing to install (the driver fetches and checks what it needs itself).
+    OracleVenv {
+        requirements: &'static [&'static str],
+    },
+    /// Its own virtualenv under `--work`, made with a CPython 3.`minor` (found on PATH as
+    /// `python3.<minor>`, under pyenv, or given as `$GEMMA4_PYTHON_3_<minor>`), installed with
+    /// `pip install --no-deps --require-hashes -r xtask/scripts/ports/<requirements_file>`.
+    OwnVenv {
+        minor: u32,
+        requirements_file: &'static str,
+    },
+}
+
 /// A port of the table.
 pub struct Port {
     /// The table's id (also the driver's name: `driver_<id with - as _>.py`).
@@ -55,9 +72,10 @@ pub struct Port {
     /// The PyPI package whose later releases the report looks up (`None`: the control).
     pub package: Option<&'static str>,
     pub version: &'static str,
-    /// Pinned requirements with their sha256, installed with `--no-deps` (the port's own
-    /// dependencies that the oracle virtualenv lacks included); empty: nothing to install.
-    pub requirements: &'static [&'static str],
+    pub runtime: Runtime,
+    /// The precision profile the port runs at by design (`gemma4 compare --precision`), judged
+    /// in a second column; `None`: float32 only.
+    pub precision: Option<&'static str>,
     /// One sentence for the report.
     pub about: &'static str,
 }
@@ -68,40 +86,85 @@ pub const PORTS: &[Port] = &[
         id: "hf-transformers",
         package: None,
         version: "5.23.0",
-        requirements: &[],
+        runtime: Runtime::OracleVenv { requirements: &[] },
+        precision: None,
         about: "Hugging Face transformers, the oracle's library (golden/requirements.txt), driven by the hook recipe of the conformance guide: the control, which must be conformant everywhere",
     },
     Port {
         id: "gemma4-pt-claude",
         package: Some("gemma4-pt-claude"),
         version: "0.2.0",
-        requirements: &[
-            "gemma4-pt-claude==0.2.0 --hash=sha256:5e3819762a9f74f15005a4ffc13dab133a9f693e25c5dc2f8e0eaae45de3178b",
-        ],
+        runtime: Runtime::OracleVenv {
+            requirements: &[
+                "gemma4-pt-claude==0.2.0 --hash=sha256:5e3819762a9f74f15005a4ffc13dab133a9f693e25c5dc2f8e0eaae45de3178b",
+            ],
+        },
+        precision: None,
         about: "an independent PyTorch port on PyPI; its own Hugging Face loader, its config classes filled from the checkpoint's config",
     },
     Port {
         id: "gemma4-pytorch-codex",
         package: Some("gemma4-pytorch-codex"),
         version: "0.2.0",
-        requirements: &[
-            "gemma4-pytorch-codex==0.2.0 --hash=sha256:81a4da81dfe2dafffb5bfcd6cd3ed6fa6ed88be4959c9b5416f85e8a1707320c",
-            "torchaudio==2.11.0 --hash=sha256:1a07ec72fd6f26a588c39b5f029e0130d16bb40bc4221635580bf8fb18fcbc80",
-            "sentencepiece==0.2.1 --hash=sha256:4f5a3e0d9f445ed9d66c0fec47d4b23d12cfc858b407a03c194c1b26c2ac2a63",
-        ],
+        runtime: Runtime::OracleVenv {
+            requirements: &[
+                "gemma4-pytorch-codex==0.2.0 --hash=sha256:81a4da81dfe2dafffb5bfcd6cd3ed6fa6ed88be4959c9b5416f85e8a1707320c",
+                "torchaudio==2.11.0 --hash=sha256:1a07ec72fd6f26a588c39b5f029e0130d16bb40bc4221635580bf8fb18fcbc80",
+                "sentencepiece==0.2.1 --hash=sha256:4f5a3e0d9f445ed9d66c0fec47d4b23d12cfc858b407a03c194c1b26c2ac2a63",
+            ],
+        },
+        precision: None,
         about: "an independent PyTorch port on PyPI (module `gemma4_pt_codex`); its own config translation and weight conversion from the Hugging Face checkpoint",
+    },
+    Port {
+        id: "deepmind-gemma",
+        package: Some("gemma"),
+        version: "4.0.1",
+        runtime: Runtime::OwnVenv {
+            minor: 12,
+            requirements_file: "requirements-deepmind-gemma.txt",
+        },
+        precision: None,
+        about: "Google DeepMind's JAX library (`gemma.gm.nn.gemma4`), float32 on the CPU, in its own Python 3.12 virtualenv; the Hugging Face weights mapped into its parameter tree by the documented table of `driver_deepmind_gemma.py`, tensors read with flax `capture_intermediates`, decode rows through its own KV cache",
+    },
+    Port {
+        id: "llama-cpp",
+        package: Some("llama-cpp-python"),
+        version: "0.3.36",
+        runtime: Runtime::OracleVenv { requirements: &[] },
+        precision: Some("llama-cpp-cpu"),
+        about: "llama.cpp as vendored by `llama-cpp-python` 0.3.36 (the source package, sha256-checked, built here as a shared library with `GGML_NATIVE=ON`), the checkpoint converted by its own `convert_hf_to_gguf.py --outtype f32`, run through its C API with `llama_context_default_params()` (its CPU defaults: F16 KV cache, flash attention `auto`); tensors from its graph callback, logits of every position, decode rows by single-token steps through its cache",
+    },
+    Port {
+        id: "llama-cpp-no-flash-attention",
+        package: Some("llama-cpp-python"),
+        version: "0.3.36",
+        runtime: Runtime::OracleVenv { requirements: &[] },
+        precision: Some("llama-cpp-cpu-no-flash-attention"),
+        about: "the same llama.cpp with flash attention disabled (`-fa off`), its F16 cache kept: attention as F16 matrix products; a check of the reference's imitation of that path",
+    },
+    Port {
+        id: "llama-cpp-f32",
+        package: Some("llama-cpp-python"),
+        version: "0.3.36",
+        runtime: Runtime::OracleVenv { requirements: &[] },
+        precision: None,
+        about: "the same llama.cpp with its precision shortcuts off: F32 K/V cache, flash attention disabled, and a second build with `#define GGML_GELU_FP16` (ggml-cpu/vec.h) removed, so that GELU is computed, not read from the float16 table",
     },
 ];
 
-/// What a run observed, for matching [`FINDINGS`].
+/// What a run observed, for matching [`FINDINGS`]. A divergence that neither a fault nor a
+/// precision choice names is listed as "not yet located"; once its cause is found in the port,
+/// it joins the fault catalogue (docs/faults.md, "Adding a fault") and its finding names that
+/// diagnosis.
 #[derive(Clone, Copy, Debug)]
 pub enum Observed {
     /// `compare` named this fault.
     Diagnosis(&'static str),
     /// The driver reported the case unsupported with a reason containing this text.
     Unsupported(&'static str),
-    /// Not conformant, no known fault, first divergence at this tensor.
-    Unexplained(&'static str),
+    /// Not conformant at float32, explained by this precision profile (or choice ids).
+    PrecisionChoice(&'static str),
 }
 
 /// A divergence located in a port's source.
@@ -131,15 +194,53 @@ pub const FINDINGS: &[Finding] = &[
     },
     Finding {
         port: "gemma4-pytorch-codex",
-        observed: Observed::Unexplained("per_layer_inputs"),
-        text: "`gemma4_pt_codex/convert.py`, `_convert_hf_text_entry`: the D^-1/2 of the PLE context projection is folded into the projection's weights in the checkpoint's dtype (`value * value.new_tensor(hidden_size**-0.5)`). On a bf16 checkpoint that rounds every weight a second time (relative error up to 2^-9): `per_layer_inputs` is off by 4e-4 relative and the logits by 9e-4. The formula is right; the precision is the converter's, not the checkpoint's (the fault catalogue has no entry for it: the names of precision choices are the next step of this table).",
+        observed: Observed::Diagnosis("ple_projection_scale_folded_bf16"),
+        text: "`gemma4_pt_codex/convert.py`, `_convert_hf_text_entry`: the D^-1/2 of the PLE context projection is folded into the projection's weights in the checkpoint's dtype (`value * value.new_tensor(hidden_size**-0.5)`). On a bf16 checkpoint that rounds every weight a second time (relative error up to 2^-9): `per_layer_inputs` is off by 4e-4 relative and the logits by 9e-4. Found by this table as \"no known fault explains this\"; it joined the catalogue as `ple_projection_scale_folded_bf16` (reference/src/ple.rs), so `compare` now names it in any port that does the same.",
     },
     Finding {
         port: "gemma4-pytorch-codex",
         observed: Observed::Unsupported("NoneType"),
         text: "`gemma4_pt_codex/convert.py`, `_native_text_config_from_hf`: `layer_types: null` (valid in transformers, which then derives the default pattern) is iterated as a list. Only configs with explicit `layer_types` load; the released ones have them.",
     },
+    Finding {
+        port: "deepmind-gemma",
+        observed: Observed::Diagnosis("router_on_normed_input"),
+        text: "`gemma/gm/nn/gemma4/_modules.py`, `Block._forward_moe`: the MoE input is `self.pre_ffw_norm(attn_output)`, and `_moe.py`, `MoERagged.__call__`, routes on it (`self.router_norm(x)`) instead of on the residual stream (shared spec: text §9 step 2). A bug: the expert choices and weights differ from the first MoE layer on, and the greedy continuation from its first token. (The same mistake as `gemma4-pt-claude`'s; the issue that filed this table reports it fixed in DeepMind's repository after the 4.0.1 release, which is still the newest on PyPI.)",
+    },
+    Finding {
+        port: "deepmind-gemma",
+        observed: Observed::Unsupported("KV-sharing producers"),
+        text: "`gemma/gm/nn/gemma4/_config.py`, `create_kv_cache_sharing_patterns`: a KV-shared full layer reads layer `num_unshared − 1` and a shared sliding layer `num_unshared − 2`, the same hard-coded rule as `gemma4-pytorch-codex`'s; harmless on the released layouts, wrong on `e2b_like` and `e4b_like`, whose last unshared layer is sliding (forced past the check, gemma fails in its attention einsum: a sliding layer would read a full layer's K/V of another head dim).",
+    },
+    Finding {
+        port: "llama-cpp",
+        observed: Observed::PrecisionChoice("llama-cpp-cpu"),
+        text: "llama.cpp's CPU defaults, each located in the pinned tree and imitated by the reference's `llama-cpp-cpu` profile (reference/src/precision.rs): (1) an F16 KV cache, `src/llama-context.cpp` `llama_context_default_params` (`type_k`/`type_v` = `GGML_TYPE_F16`), rounded on store by `llama_kv_cache::cpy_k`/`cpy_v`; (2) flash attention `auto`, enabled on the CPU by `llama_context::resolve_fused_ops`, whose kernel for fewer than 64 query rows (every golden prompt and every decode step), `ggml-cpu/ops.cpp` `ggml_compute_forward_flash_attn_ext_f16_one_chunk`, converts the query to F16 and accumulates the values in an F16 accumulator rounded after every key (`build_attn_mha` in `src/llama-graph.cpp` also casts an F32 cache to F16 for it); (3) GELU through a float16 table, `ggml-cpu/vec.h` `#define GGML_GELU_FP16` (unconditional), used by `ggml_vec_gelu_f32` and `ggml_vec_geglu_f32` in the dense MLP, the experts and the PLE gate. Not bugs: with the three off (`llama-cpp-f32`) it is conformant at float32, and judged at `--precision llama-cpp-cpu` its default run is conformant.",
+    },
+    Finding {
+        port: "llama-cpp",
+        observed: Observed::Unsupported("hard-coded producer rule"),
+        text: LLAMA_CPP_PRODUCER_RULE,
+    },
+    Finding {
+        port: "llama-cpp-f32",
+        observed: Observed::Unsupported("hard-coded producer rule"),
+        text: LLAMA_CPP_PRODUCER_RULE,
+    },
+    Finding {
+        port: "llama-cpp-no-flash-attention",
+        observed: Observed::Unsupported("hard-coded producer rule"),
+        text: LLAMA_CPP_PRODUCER_RULE,
+    },
+    Finding {
+        port: "llama-cpp-no-flash-attention",
+        observed: Observed::PrecisionChoice("llama-cpp-cpu-no-flash-attention"),
+        text: "llama.cpp's F16 cache and GELU table as in `llama-cpp`, and, with flash attention off, `build_attn_mha` (`src/llama-graph.cpp`) multiplies the F16 K and V caches with `ggml_mul_mat`, whose CPU kernel (`ggml-cpu/ggml-cpu.c`, `ggml_compute_forward_mul_mat`) converts the F32 operand to the cache's F16 `vec_dot_type`: the queries and the softmax probabilities are rounded to F16. The diagnosis names exactly this profile, not the flash-attention one: an independent check that the reference imitates both attention paths where llama.cpp rounds.",
+    },
 ];
+
+/// llama.cpp's KV-sharing rule (both llama.cpp rows).
+const LLAMA_CPP_PRODUCER_RULE: &str = "`src/llama-model.cpp`, `llama_model::create_memory`: a layer at or after `n_layer_kv_from_start` (set in `src/models/gemma4.cpp`) reads layer `n_layer_kv_from_start − 2` if it is sliding and `− 1` if it is full, the rule of DeepMind's library; harmless on the released E2B/E4B layouts, wrong where the last unshared layer is sliding (`e2b_like`, `e4b_like`), where llama.cpp aborts at a `GGML_ASSERT` of `src/llama-kv-cache.cpp` (the driver checks the rule first and reports the layout unsupported).";
 
 /// Errors of the task.
 #[derive(Debug)]
@@ -149,6 +250,8 @@ pub enum PortsError {
     Golden(String),
     /// `--ports` names a port that is not in the table.
     UnknownPort(String),
+    /// A port's runtime needs an interpreter this machine lacks (reported in its rows).
+    NoInterpreter(String),
     /// A [`FINDINGS`] entry that no run observed any more.
     StaleFinding {
         port: String,
@@ -168,6 +271,7 @@ impl std::fmt::Display for PortsError {
             PortsError::Io(e) => write!(f, "{e}"),
             PortsError::Command(e) => write!(f, "{e}"),
             PortsError::Golden(e) => write!(f, "golden cases: {e}"),
+            PortsError::NoInterpreter(e) => write!(f, "{e}"),
             PortsError::UnknownPort(id) => write!(
                 f,
                 "--ports: unknown port `{id}` (known: {})",
@@ -210,6 +314,10 @@ pub enum Outcome {
         logits_max_rel: Option<f64>,
         /// Tensors compared.
         compared: usize,
+        /// Not conformant at float32, explained by these precision choices (their name).
+        precision_choice: Option<String>,
+        /// Judged again at the port's own precision ([`Port::precision`]): conformant there?
+        at_own_precision: Option<bool>,
     },
     /// The driver could not run the port on the case (its reason).
     Unsupported(String),
@@ -269,11 +377,28 @@ pub fn run(args: &PortsArgs) -> Result<(), PortsError> {
     let mut rows = Vec::new();
     let mut latest = Vec::new();
     for port in &ports {
-        let site = install(port, &python, &work)?;
-        latest.push((port.id, later_release(port, &python)));
+        let (port_python, site) = match install(port, &python, &work) {
+            Ok(installed) => installed,
+            Err(PortsError::NoInterpreter(why)) => {
+                // Every case of this port reports why it could not run.
+                latest.push((port.id, later_release(port, &python)));
+                for case in &cases {
+                    rows.push(Row {
+                        port,
+                        case: case.name.clone(),
+                        family: case.family.clone(),
+                        outcome: Outcome::Failed(why.clone()),
+                    });
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        // Asked with the port's own Python: pip lists the releases that install on it.
+        latest.push((port.id, later_release(port, &port_python)));
         for (case, plan) in cases.iter().zip(&plans) {
             eprintln!("xtask ports: {} on {}", port.id, case.name);
-            let outcome = run_case(port, case, plan, &python, &site, &gemma4, &work)?;
+            let outcome = run_case(port, case, plan, &port_python, &site, &gemma4, &work)?;
             rows.push(Row {
                 port,
                 case: case.name.clone(),
@@ -290,38 +415,120 @@ pub fn run(args: &PortsArgs) -> Result<(), PortsError> {
     Ok(())
 }
 
-/// Installs the port's pinned requirements (hash-checked) under `work`; returns the directory
-/// to put on PYTHONPATH (`None`-like empty path for the control, which needs nothing).
-fn install(port: &Port, python: &Path, work: &Path) -> Result<PathBuf, PortsError> {
+/// Installs the port under `work` ([`Runtime`]); returns the Python that runs its driver and
+/// the directory to put on PYTHONPATH (nothing installed there for a port without
+/// requirements).
+fn install(port: &Port, python: &Path, work: &Path) -> Result<(PathBuf, PathBuf), PortsError> {
     let site = work.join(format!("{}-{}", port.id, port.version));
-    if port.requirements.is_empty() || site.join(".installed").exists() {
-        return Ok(site);
+    match &port.runtime {
+        Runtime::OracleVenv { requirements } => {
+            install_target(requirements, python, &site)?;
+            Ok((python.to_path_buf(), site))
+        }
+        Runtime::OwnVenv {
+            minor,
+            requirements_file,
+        } => {
+            let venv = site.join("venv");
+            let own = venv.join("bin/python");
+            if !site.join(".installed").exists() {
+                let interpreter = find_python(*minor).ok_or_else(|| {
+                    PortsError::NoInterpreter(format!(
+                        "needs CPython 3.{minor}: none found (python3.{minor} on PATH, ~/.pyenv/versions/3.{minor}.*, or $GEMMA4_PYTHON_3_{minor})"
+                    ))
+                })?;
+                if venv.exists() {
+                    fs::remove_dir_all(&venv)
+                        .map_err(io_err(format!("emptying {}", venv.display())))?;
+                }
+                crate::process::run(Command::new(&interpreter).args(["-m", "venv"]).arg(&venv))?;
+                let requirements = repo_root()
+                    .join("xtask/scripts/ports")
+                    .join(requirements_file);
+                crate::process::run(pip_install_pinned(&own).arg("-r").arg(&requirements))?;
+                fs::write(site.join(".installed"), b"")
+                    .map_err(io_err(format!("marking {}", site.display())))?;
+            }
+            Ok((own, site))
+        }
+    }
+}
+
+/// A CPython 3.`minor` interpreter: `$GEMMA4_PYTHON_3_<minor>`, else `python3.<minor>` on PATH,
+/// else the newest `~/.pyenv/versions/3.<minor>.*/bin/python3`; each checked by running it.
+fn find_python(minor: u32) -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(path) = std::env::var_os(format!("GEMMA4_PYTHON_3_{minor}")) {
+        candidates.push(PathBuf::from(path));
+    }
+    candidates.push(PathBuf::from(format!("python3.{minor}")));
+    if let Some(home) = std::env::var_os("HOME") {
+        let versions = PathBuf::from(home).join(".pyenv/versions");
+        if let Ok(entries) = fs::read_dir(&versions) {
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&format!("3.{minor}.")))
+                })
+                .map(|p| p.join("bin/python3"))
+                .collect();
+            found.sort();
+            candidates.extend(found.into_iter().rev());
+        }
+    }
+    candidates.into_iter().find(|candidate| {
+        Command::new(candidate)
+            .args([
+                "-c",
+                &format!("import sys; sys.exit(sys.version_info[:2] != (3, {minor}))"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    })
+}
+
+/// `python -m pip install --quiet --no-deps --require-hashes`: every requirement pinned with its
+/// sha256, nothing resolved beyond them.
+fn pip_install_pinned(python: &Path) -> Command {
+    let mut command = Command::new(python);
+    command.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--require-hashes",
+    ]);
+    command
+}
+
+/// `pip install --no-deps --require-hashes --target site` of pinned requirements, once.
+fn install_target(requirements: &[&str], python: &Path, site: &Path) -> Result<(), PortsError> {
+    if requirements.is_empty() || site.join(".installed").exists() {
+        return Ok(());
     }
     if site.exists() {
-        fs::remove_dir_all(&site).map_err(io_err(format!("emptying {}", site.display())))?;
+        fs::remove_dir_all(site).map_err(io_err(format!("emptying {}", site.display())))?;
     }
-    fs::create_dir_all(&site).map_err(io_err(format!("creating {}", site.display())))?;
-    let requirements = site.join("requirements.txt");
-    fs::write(&requirements, port.requirements.join("\n") + "\n")
-        .map_err(io_err(format!("writing {}", requirements.display())))?;
+    fs::create_dir_all(site).map_err(io_err(format!("creating {}", site.display())))?;
+    let listing = site.join("requirements.txt");
+    fs::write(&listing, requirements.join("\n") + "\n")
+        .map_err(io_err(format!("writing {}", listing.display())))?;
     crate::process::run(
-        Command::new(python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--no-deps",
-                "--require-hashes",
-            ])
+        pip_install_pinned(python)
             .arg("--target")
-            .arg(&site)
+            .arg(site)
             .arg("-r")
-            .arg(&requirements),
+            .arg(&listing),
     )?;
     fs::write(site.join(".installed"), b"")
         .map_err(io_err(format!("marking {}", site.display())))?;
-    Ok(site)
+    Ok(())
 }
 
 /// The newest release of the port's package on PyPI when it is not the pinned one, or a note.
@@ -342,9 +549,22 @@ fn later_release(port: &Port, python: &Path) -> String {
         .and_then(|rest| rest.strip_suffix(')'))
         .map(str::to_string);
     match newest {
-        Some(v) if v == port.version => "no later release on PyPI".to_string(),
-        Some(v) => format!("a later release exists on PyPI: {v} (not judged here)"),
+        Some(v) if is_newer(&v, port.version) => {
+            format!("a later release exists on PyPI: {v} (not judged here)")
+        }
+        Some(_) => "no later release on PyPI".to_string(),
         None => "PyPI not reachable".to_string(),
+    }
+}
+
+/// Is release `candidate` newer than `pinned`? Dotted numbers compared part by part (a part
+/// that is not a number, as in `1.0rc1`, counts as newer when it differs: reported, not
+/// hidden).
+fn is_newer(candidate: &str, pinned: &str) -> bool {
+    let parts = |v: &str| -> Option<Vec<u64>> { v.split('.').map(|p| p.parse().ok()).collect() };
+    match (parts(candidate), parts(pinned)) {
+        (Some(c), Some(p)) => c > p,
+        _ => candidate != pinned,
     }
 }
 
@@ -424,20 +644,26 @@ fn run_case(
         _ => return Ok(Outcome::Failed(last_lines(3))),
     }
     let tokens: Vec<String> = case.tokens.iter().map(usize::to_string).collect();
-    let compared = Command::new(gemma4)
-        .args(["compare", "--json", "--model"])
-        .arg(&model)
-        .args(["--tokens", &tokens.join(",")])
-        .arg("--candidate")
-        .arg(&dump)
-        .output()
-        .map_err(|e| CommandFailure::could_not_start("gemma4 compare", e))?;
-    let report: Value =
+    let judge = |precision: &str| -> Result<Value, PortsError> {
+        let compared = Command::new(gemma4)
+            .args(["compare", "--json", "--precision", precision, "--model"])
+            .arg(&model)
+            .args(["--tokens", &tokens.join(",")])
+            .arg("--candidate")
+            .arg(&dump)
+            .output()
+            .map_err(|e| CommandFailure::could_not_start("gemma4 compare", e))?;
         serde_json::from_slice(&compared.stdout).map_err(|e| PortsError::CompareOutput {
             case: case.name.clone(),
             port: port.id.to_string(),
             detail: format!("{e}; stderr: {}", String::from_utf8_lossy(&compared.stderr)),
-        })?;
+        })
+    };
+    let report = judge("float32")?;
+    let at_own_precision = match port.precision {
+        Some(precision) => Some(judge(precision)?["conformant"].as_bool().unwrap_or(false)),
+        None => None,
+    };
     let text = |key: &str| report.get(key).and_then(Value::as_str).map(str::to_string);
     let logits_max_rel = report
         .get("tensors")
@@ -450,6 +676,10 @@ fn run_case(
         diagnosis: text("diagnosis"),
         logits_max_rel,
         compared: report["compared"].as_u64().unwrap_or(0) as usize,
+        precision_choice: report["precision_choice"]["name"]
+            .as_str()
+            .map(str::to_string),
+        at_own_precision,
     })
 }
 
@@ -464,13 +694,11 @@ fn observes(row: &Row, observed: Observed) -> bool {
         (Outcome::Unsupported(reason), Observed::Unsupported(text)) => reason.contains(text),
         (
             Outcome::Judged {
-                conformant: false,
-                diagnosis: None,
-                first_divergence: Some(tensor),
+                precision_choice: Some(name),
                 ..
             },
-            Observed::Unexplained(at),
-        ) => tensor == at,
+            Observed::PrecisionChoice(profile),
+        ) => name == profile,
         _ => false,
     }
 }
@@ -498,7 +726,9 @@ fn match_findings(rows: &[Row], ports: &[&Port]) -> Result<Vec<&'static Finding>
     Ok(observed)
 }
 
-fn verdict(outcome: &Outcome) -> (String, String, String, String) {
+/// The table's cells of an outcome: verdict, first divergence, diagnosis, logits error, and the
+/// verdict at the port's own precision.
+fn verdict(outcome: &Outcome) -> [String; 5] {
     match outcome {
         Outcome::Judged {
             conformant,
@@ -506,7 +736,9 @@ fn verdict(outcome: &Outcome) -> (String, String, String, String) {
             diagnosis,
             logits_max_rel,
             compared,
-        } => (
+            precision_choice,
+            at_own_precision,
+        } => [
             if *conformant {
                 format!("**conformant** ({compared} tensors)")
             } else {
@@ -515,25 +747,33 @@ fn verdict(outcome: &Outcome) -> (String, String, String, String) {
             first_divergence
                 .clone()
                 .map_or("—".into(), |t| format!("`{t}`")),
-            match (conformant, diagnosis) {
-                (true, _) => "—".into(),
-                (false, Some(d)) => format!("`{d}`"),
-                (false, None) => "no known fault explains this".into(),
+            match (conformant, diagnosis, precision_choice) {
+                (true, _, _) => "—".into(),
+                (false, Some(d), _) => format!("`{d}`"),
+                (false, None, Some(p)) => format!("precision choice `{p}`, not a bug"),
+                (false, None, None) => "no known fault explains this".into(),
             },
             logits_max_rel.map_or("—".into(), |e| format!("{e:.1e}")),
-        ),
-        Outcome::Unsupported(reason) => (
+            match at_own_precision {
+                Some(true) => "**conformant**".into(),
+                Some(false) => "**NOT conformant**".into(),
+                None => "—".into(),
+            },
+        ],
+        Outcome::Unsupported(reason) => [
             "cannot run this case".into(),
             "—".into(),
             table_cell(reason),
             "—".into(),
-        ),
-        Outcome::Failed(detail) => (
+            "—".into(),
+        ],
+        Outcome::Failed(detail) => [
             "driver failed".into(),
             "—".into(),
             table_cell(detail),
             "—".into(),
-        ),
+            "—".into(),
+        ],
     }
 }
 
@@ -570,16 +810,20 @@ fn render(
     out.push_str(
         "Each port below ran on the text-only golden models (tiny Hugging Face-made checkpoints of \
          all four families, every parameter random; [the golden cases](conformance.md)) with the \
-         case's prompt, recording its tensors with forward hooks (its own modules, unmodified), the \
-         logits of every prompt position and the greedy decode rows through its own KV cache. \
+         case's prompt, recording the tensors it exposes without changing its code (forward hooks, \
+         flax intermediates, llama.cpp's graph callback), the logits of every prompt position and \
+         the greedy decode rows through its own KV cache. \
          `gemma4 compare --model <checkpoint> --tokens <ids> --candidate <dump>` judged each dump \
-         with the float32 tolerances of [the conformance guide](conformance.md). The drivers are \
-         `xtask/scripts/ports/driver_<port>.py`; each port is a pinned release installed with its \
-         sha256 outside the repository. Rerun: `cargo xtask ports` (it needs the package registry \
-         and the oracle virtualenv of `cargo xtask golden`).\n\n",
+         with the float32 tolerances of [the conformance guide](conformance.md), and a port that \
+         rounds on purpose again with `--precision <its profile>` \
+         ([precision choices](conformance.md#precision-choices)). The drivers are \
+         `xtask/scripts/ports/driver_<port>.py`; each port is a pinned release (PyPI, sha256-checked) \
+         installed or built outside the repository. Rerun: `cargo xtask ports` (it needs the package \
+         registry, the oracle virtualenv of `cargo xtask golden`, a CPython 3.12 for DeepMind's \
+         library, and about ten minutes the first time to build llama.cpp twice).\n\n",
     );
     out.push_str(
-        "## The ports\n\n| port | version | what it is | later releases |\n|---|---|---|---|\n",
+        "## The ports\n\n| port | version | what it is | its precision | later releases |\n|---|---|---|---|---|\n",
     );
     for port in ports {
         let later = latest
@@ -588,24 +832,31 @@ fn render(
             .map_or("", |(_, text)| text.as_str());
         let _ = writeln!(
             out,
-            "| `{}` | {} | {} | {later} |",
-            port.id, port.version, port.about
+            "| `{}` | {} | {} | {} | {later} |",
+            port.id,
+            port.version,
+            port.about,
+            port.precision
+                .map_or_else(|| "float32".to_string(), |p| format!("`{p}`"))
         );
     }
     out.push_str(
         "\n## The table\n\nVerdict: `compare`'s, over the tensors the port's dump holds. First \
          divergence: the first tensor in model order outside its tolerance. Diagnosis: the \
-         catalogue fault that reproduces the port's dump (see [the fault catalogue](faults.md)), or \
-         why the port could not run the case. Logits error: the largest relative error of the \
-         prompt's logits (to the largest logit).\n\n\
-         | port | case | family | verdict | first divergence | diagnosis | logits error |\n\
-         |---|---|---|---|---|---|---|\n",
+         catalogue fault that reproduces the port's dump (see [the fault catalogue](faults.md)), \
+         the precision choices that do (a port right at a runtime's precision: [precision \
+         choices](conformance.md#precision-choices)), or why the port could not run the case. \
+         Logits error: the largest relative error of the prompt's logits (to the largest logit). \
+         At its precision: the verdict of `compare --precision <the port's profile>`, for a port \
+         that rounds on purpose.\n\n\
+         | port | case | family | verdict (float32) | first divergence | diagnosis | logits error | at its precision |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     for row in rows {
-        let (verdict, first, diagnosis, logits) = verdict(&row.outcome);
+        let [verdict, first, diagnosis, logits, own] = verdict(&row.outcome);
         let _ = writeln!(
             out,
-            "| `{}` | `{}` | {} | {verdict} | {first} | {diagnosis} | {logits} |",
+            "| `{}` | `{}` | {} | {verdict} | {first} | {diagnosis} | {logits} | {own} |",
             row.port.id, row.case, row.family
         );
     }
@@ -644,7 +895,7 @@ fn render(
             );
         }
         for row in unlocated {
-            let (_, first, diagnosis, _) = verdict(&row.outcome);
+            let [_, first, diagnosis, _, _] = verdict(&row.outcome);
             let _ = writeln!(
                 out,
                 "- `{}` (`{}`): not yet located in the port's source — first divergence {first}, {diagnosis}.",
@@ -653,9 +904,8 @@ fn render(
         }
     }
     out.push_str(
-        "\nNot yet in the table: llama.cpp (its converter to an F32 GGUF and its C API), DeepMind's \
-         `gemma` (JAX; its 4.0.1 release needs Python 3.12, newer than this machine's), and the \
-         image and audio cases.\n",
+        "\nNot yet in the table: the image and audio cases (the drivers run the text-only golden \
+         models).\n",
     );
     out
 }
@@ -684,6 +934,8 @@ mod tests {
             diagnosis: diagnosis.map(str::to_string),
             logits_max_rel: Some(1e-6),
             compared: 10,
+            precision_choice: None,
+            at_own_precision: None,
         }
     }
 
@@ -697,14 +949,50 @@ mod tests {
             );
         }
         for port in PORTS {
-            for requirement in port.requirements {
+            let requirements: Vec<String> = match &port.runtime {
+                Runtime::OracleVenv { requirements } => {
+                    requirements.iter().map(|r| r.to_string()).collect()
+                }
+                Runtime::OwnVenv {
+                    requirements_file, ..
+                } => {
+                    let path = repo_root()
+                        .join("xtask/scripts/ports")
+                        .join(requirements_file);
+                    fs::read_to_string(&path)
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+                        .lines()
+                        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+                        .map(str::to_string)
+                        .collect()
+                }
+            };
+            for requirement in requirements {
                 assert!(
                     requirement.contains("==") && requirement.contains("--hash=sha256:"),
                     "{}: unpinned requirement {requirement}",
                     port.id
                 );
             }
+            if let Some(precision) = port.precision {
+                assert!(
+                    precision
+                        .parse::<gemma4_reference::precision::PrecisionSet>()
+                        .is_ok(),
+                    "{}: unknown precision {precision}",
+                    port.id
+                );
+            }
         }
+    }
+
+    #[test]
+    fn only_a_newer_release_is_reported_as_later() {
+        assert!(is_newer("4.0.2", "4.0.1"));
+        assert!(is_newer("4.1", "4.0.1"));
+        assert!(!is_newer("3.3.0", "4.0.1"));
+        assert!(!is_newer("0.3.36", "0.3.36"));
+        assert!(is_newer("0.4.0rc1", "0.3.36"));
     }
 
     #[test]
@@ -752,6 +1040,47 @@ mod tests {
             report.contains("(`e2b_like`): not yet located in the port's source"),
             "{report}"
         );
-        assert!(report.contains("| `gemma4-pt-claude` | `e2b_like` | e2b | **NOT conformant** (10 tensors) | `logits` | no known fault explains this |"), "{report}");
+        assert!(report.contains("| `gemma4-pt-claude` | `e2b_like` | e2b | **NOT conformant** (10 tensors) | `logits` | no known fault explains this | 1.0e-6 | — |"), "{report}");
+    }
+
+    #[test]
+    fn a_precision_choice_is_shown_as_not_a_bug() {
+        let llama = PORTS.iter().find(|p| p.id == "llama-cpp").unwrap();
+        let mut outcome = judged(false, Some("layers.0.attn.output"), None);
+        if let Outcome::Judged {
+            precision_choice,
+            at_own_precision,
+            ..
+        } = &mut outcome
+        {
+            *precision_choice = Some("llama-cpp-cpu".to_string());
+            *at_own_precision = Some(true);
+        }
+        let rows = vec![
+            row(llama, "31b_like", outcome),
+            row(
+                llama,
+                "e2b_like",
+                Outcome::Unsupported("unsupported layout: hard-coded producer rule (...)".into()),
+            ),
+        ];
+        let findings = match_findings(&rows, &[llama]).unwrap();
+        assert_eq!(findings.len(), 2);
+        let report = render(&rows, &[llama], &[], &findings);
+        assert!(
+            report.contains("| `llama-cpp` | `31b_like` | e2b | **NOT conformant** (10 tensors) | `layers.0.attn.output` | precision choice `llama-cpp-cpu`, not a bug | 1.0e-6 | **conformant** |"),
+            "{report}"
+        );
+        assert!(report.contains("GGML_GELU_FP16"), "{report}");
+        // The same divergence without the precision's name is not that finding.
+        let rows = vec![row(
+            llama,
+            "31b_like",
+            judged(false, Some("layers.0.attn.output"), None),
+        )];
+        assert!(matches!(
+            match_findings(&rows, &[llama]),
+            Err(PortsError::StaleFinding { .. })
+        ));
     }
 }

@@ -12,14 +12,14 @@ checkpoint's config.json into the port's own configuration (never to compute any
 computes). A driver that cannot run the port on a case exits with status 3 and a line
 `UNSUPPORTED: <why>` on stderr (an unsupported layout, a load error): the table reports it as
 such.
+
+The torch-free part (the case, the arguments, the `UNSUPPORTED:` exit, the plan's KV producers)
+lives in `port_base` and is re-exported here; a driver whose port runs without torch (the JAX
+port, in its own virtualenv) imports `port_base` and writes its dump with `safetensors.numpy`.
 """
 
-import argparse
-import json
 import os
-import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -27,37 +27,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-UNSUPPORTED = 3
-
-
-class Case:
-    """A golden case: its token ids, decode steps and checkpoint directory."""
-
-    def __init__(self, case_dir: str):
-        self.dir = Path(case_dir)
-        meta = json.loads((self.dir / "case.json").read_text())
-        self.name = meta["name"]
-        self.tokens = [int(t) for t in meta["tokens"]]
-        self.decode_steps = int(meta.get("decode_steps", 0))
-        self.model_dir = (self.dir / meta.get("model_dir", "model")).resolve()
-        self.meta = meta
-
-
-def arguments():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--case", required=True)
-    parser.add_argument("--plan", required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    plan = json.loads(Path(args.plan).read_text())
-    return Case(args.case), plan, args.out
-
-
-def unsupported(reason: str):
-    """Ends the driver: the port cannot run this case (reported, not judged). The reason is one
-    line on stderr after `UNSUPPORTED: ` (the port's own multi-line errors joined)."""
-    print("UNSUPPORTED: " + " ".join(reason.split()), file=sys.stderr)
-    sys.exit(UNSUPPORTED)
+# The torch-free part (re-exported: the PyTorch drivers import everything from here).
+from port_base import (  # noqa: E402,F401
+    UNSUPPORTED,
+    Case,
+    arguments,
+    plan_producers,
+    unsupported,
+)
 
 
 class Recorder:
@@ -72,15 +49,6 @@ class Recorder:
         t = tensor.detach()
         t = t.float() if t.is_floating_point() else t.long()
         self.tensors[name] = t.contiguous().clone()
-
-
-def plan_producers(plan: dict) -> list[int]:
-    """The KV producer of every layer in the case's layer plan (a layer computing its own K/V is
-    its own producer): what a port's KV-sharing rule must reproduce to run the case."""
-    return [
-        layer["index"] if "Own" in layer["kv_source"] else layer["kv_source"]["SharedFrom"]["producer"]
-        for layer in plan["plan"]["layers"]
-    ]
 
 
 @contextmanager

@@ -45,6 +45,7 @@ pub fn all(released: &[(&str, ModelConfig)], root: &Path) -> Result<Vec<Generate
         block("vision.md", "image-budgets", image_budgets()?),
         block("audio.md", "audio-soft-tokens", audio_soft_tokens()),
         block("faults.md", "fault-catalogue", fault_catalogue()),
+        block("faults.md", "precision-choices", precision_choices()),
         block(
             "fault-signatures.md",
             "fault-signatures",
@@ -533,5 +534,39 @@ fn fault_catalogue() -> String {
         "{}\n{} faults.\n",
         table(&["id", "the bug", "shared spec"], rows),
         Fault::ALL.len()
+    )
+}
+
+/// The precision choices (reference/src/precision.rs) and the runtimes' profiles.
+fn precision_choices() -> String {
+    use gemma4_reference::precision::{PrecisionChoice, PROFILES};
+    let choices = PrecisionChoice::ALL
+        .iter()
+        .map(|choice| {
+            vec![
+                format!("`{}`", choice.id()),
+                choice.description().replace('|', "\\|"),
+            ]
+        })
+        .collect();
+    let profiles = PROFILES
+        .iter()
+        .map(|profile| {
+            vec![
+                format!("`{}`", profile.name),
+                profile
+                    .choices
+                    .iter()
+                    .map(|c| format!("`{}`", c.id()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                profile.about.replace('|', "\\|"),
+            ]
+        })
+        .collect();
+    format!(
+        "{}\n{}",
+        table(&["id", "what is held in fewer bits, and where"], choices),
+        table(&["profile", "choices", "the runtime"], profiles)
     )
 }
