@@ -682,7 +682,8 @@ fn not_applicable(fault: Fault, model: &Gemma4TextModel, prompt: &Prompt) -> Opt
         }
         Fault::VisionBidirectionalOnGlobal
         | Fault::VisionBidirectionalMissing
-        | Fault::VisionBlockIncludesBoiEoi => reason(
+        | Fault::VisionBlockIncludesBoiEoi
+        | Fault::SlidingWindowTwoSided => reason(
             !ImageBlocks::of(&model.config, tokens, 0).is_empty(),
             "no bidirectional image block: the model is not a \"vision\" one, or the tokens hold no image placeholder",
         ),

@@ -533,6 +533,14 @@ fn compare(args: CompareArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !args.precision.is_float32() && args.model.is_none() {
+        // The precision is imitated by the reference: an expected dump read from a file has none.
+        eprintln!(
+            "gemma4 compare: --precision {} needs --model and --tokens (the reference rounds where that runtime rounds); an --expected dump is judged at its own precision",
+            args.precision
+        );
+        return ExitCode::from(2);
+    }
     let options = CompareOptions {
         compute_dtype: args.compute_dtype,
         precision: args.precision,

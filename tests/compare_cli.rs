@@ -685,7 +685,8 @@ fn compare_cli_greedy_choice_not_a_tie_reported_as_ids_e4b_like() {
 
 /// `--precision`: a port at llama.cpp's precision (the reference imitating it) is named a
 /// precision choice at float32 (exit 1, no fault) and is conformant judged at that precision
-/// (exit 0); an unknown precision is unusable input (exit 2) naming the known ones.
+/// (exit 0); `--precision` without `--model`, and an unknown precision, are unusable input
+/// (exit 2), the latter naming the known ones.
 #[test]
 fn compare_cli_precision_choice_named_then_judged_31b_like() {
     use gemma4_reference::precision::{with_precision, PrecisionChoice};
@@ -727,6 +728,18 @@ fn compare_cli_precision_choice_named_then_judged_31b_like() {
         run_compare(&[&common[..], &["--json", "--precision", "llama-cpp-cpu"]].concat());
     assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
     assert_eq!(json(&stdout)["judged_at_precision"], "llama-cpp-cpu");
+
+    let expected = write_dump(dir.path(), "expected.safetensors", &at_precision);
+    let (code, _, stderr) = run_compare(&[
+        "--expected",
+        path_str(&expected),
+        "--candidate",
+        path_str(&candidate),
+        "--precision",
+        "llama-cpp-cpu",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("needs --model"), "{stderr}");
 
     let (code, _, stderr) = run_compare(&[&common[..], &["--precision", "fp8_cache"]].concat());
     assert_eq!(code, 2);

@@ -98,6 +98,7 @@ fault_catalogue! {
     AudioProjectThenNorm => ("audio_project_then_norm", "multimodal §2.5, §5 item 6", "audio projector in the other order (project, then norm)"),
     // Faults found in real ports (docs/ports.md).
     PleProjectionScaleFoldedBf16 => ("ple_projection_scale_folded_bf16", "text §4 step 2", "the D^-1/2 of the PLE context projection folded into its bfloat16 weights (each weight times bf16(D^-1/2), rounded to bf16 again) instead of scaling the product"),
+    SlidingWindowTwoSided => ("sliding_window_two_sided", "text §5.5, multimodal §3.3", "the sliding window also bounds keys ahead (|i - j| < W): inside a bidirectional image block a token does not see its block's tokens W or more positions ahead"),
 }
 
 impl Fault {

@@ -102,8 +102,12 @@ pub fn key_is_visible(
             };
             let bidirectional = same_block && !fault_active(Fault::VisionBidirectionalMissing);
             // The window bounds keys below only: i − j < W (j > i is fine inside a block).
+            let ahead_cut = fault_active(Fault::SlidingWindowTwoSided)
+                // Bug: keys ahead bounded too, j − i < W.
+                && (key_position as i64 - query_position as i64) >= window as i64;
             (causal || bidirectional)
                 && (query_position as i64 - key_position as i64) < window as i64
+                && !ahead_cut
         }
     }
 }

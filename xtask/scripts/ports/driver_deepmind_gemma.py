@@ -82,6 +82,63 @@ length with False, as `gm.text`'s prefill does); each step feeds one token at sl
 `end_index` with the step mask of `gm.text`'s sampling loop (`arange(cache) < used + 1`).
 Row 0 is the prefill's last row (gemma's sampler instead re-feeds the last prompt token; the
 contract's convention is `generate`'s).
+
+Images (`run_images`). The library's own multimodal path: `Transformer.__call__` with
+`images=PreprocessedVisionInput` and the prompt's `image_token_id` runs replaced by gemma's
+placeholder id −2 (`vision/_encoder.py`, `TOKEN_PLACEHOLDER`); the model then runs its
+`VisionEncoder` (`vision/_encoder.py`: `VisionEntry`, the scanned `VisionTransformer`,
+`VisionExit` pooling by position and ×√D, `Standardize` when the tower has it),
+`Embedder.encode_vision` (weight-free RMSNorm, then `mm_input_projection`),
+`_token_utils.merge_flat_embeddings` at the placeholders, PLE with id 0 at the placeholders, and
+its own masks (causal; with `use_bidirectional_attention='vision'` a second mask with each
+contiguous image run bidirectional, used on the sliding layers). The prefill is the one
+`gm.text`'s `_prefill.prefill` runs for a first multimodal turn: positions and masks left to the
+model, a cache of the prompt's length, merged into the full-length cache (`_merge_cache`) for the
+decode steps (as in the text path). The `VisionEncoder` is built from the case's vision config
+(`vision_encoder_config`; what gemma hard-codes is checked: θ = 100, head dim `D / heads`, KV
+heads = heads, GELU-tanh, eps 1e-6); its `output_length` is the case's budget.
+
+The patches are the oracle's preprocessed ones (`pixel_values.safetensors`: valid patches only,
+row-major, positions (x, y)), not gemma's own resizing (`vision/_preprocessing.py`, a PIL
+bicubic resize of its own): the comparison is of the tower, the merge and the text model, not
+of resizing. They are padded as gemma pads every image it is given (`patchify_and_pad`: zero
+patches at position (−1, −1) up to `9 · budget` slots; every image of the golden cases leaves
+some slots empty). `GEMMA4_DM_VISION_UNPADDED=1` (diagnostic, not what a gemma user gets) feeds
+the valid patches only (`output_length` = the soft-token count), which takes gemma's padding
+mask out of the comparison.
+
+| Hugging Face (`model.` prefix) | gemma (`params/`) | transform |
+|---|---|---|
+| `vision_tower.patch_embedder.input_proj.weight` `[Dv, 768]` | `vision_encoder/entry/input_projection/w` `[768, Dv]` | transpose |
+| `vision_tower.patch_embedder.position_embedding_table` `[2, S, Dv]` | `vision_encoder/entry/pos_emb` `[S, 2, Dv]` | swap the first two axes (x table at index 0 in both) |
+| `vision_tower.std_bias`, `std_scale` `[Dv]` | `vision_encoder/standardize/bias`, `scale` | as is (`(x − bias) · scale` in both) |
+| `embed_vision.embedding_projection.weight` `[D, Dv]` | `embedder/mm_input_projection/w` `[Dv, D]` | transpose |
+| `vision_tower.encoder.layers.i.input_layernorm.weight` | `…/stacked_layers/block/pre_attention_norm/scale` `[L, Dv]` | stacked over the layers (`nn.scan`), as is |
+| `….post_attention_layernorm`, `pre_feedforward_layernorm`, `post_feedforward_layernorm` | `…/post_attention_norm`, `pre_ffw_norm`, `post_ffw_norm` | stacked, as is |
+| `….self_attn.q_norm.weight`, `k_norm.weight` `[H]` | `…/attn/query_norm/scale`, `key_norm/scale` | stacked, as is (`value_norm` has no scale in either) |
+| `….self_attn.q_proj.linear.weight` `[N·H, Dv]` | `…/attn/q_einsum/w` `[L, N, Dv, H]` | as the text `q_proj`, stacked |
+| `….self_attn.{k,v}_proj.linear.weight` | `…/attn/kv_einsum/w` `[L, 2, N, Dv, H]` | each as `q_proj`, k then v, stacked |
+| `….self_attn.o_proj.linear.weight` `[Dv, N·H]` | `…/attn/attn_vec_einsum/w` `[L, N, H, Dv]` | transpose, reshape, stacked |
+| `….mlp.{gate,up}_proj.linear.weight` `[F, Dv]` | `…/mlp/gating_einsum/w` `[L, 2, F, Dv]` | gate then up (GELU on index 0), stacked |
+| `….mlp.down_proj.linear.weight` `[Dv, F]` | `…/mlp/linear/w` `[L, F, Dv]` | transpose, stacked |
+| `….{q,o}_proj.{input,output}_{min,max}` (clipped towers) | `…/attn/{q,attn_vec}_einsum/clip_{input,output}_{min,max}` `[L]` | stacked scalars |
+| `….{k,v}_proj.*_{min,max}`, `….{gate,up}_proj.*_{min,max}` | `…/attn/kv_einsum/clip_*`, `…/mlp/gating_einsum/clip_*` | one bound for the pair: the pair must agree, else UNSUPPORTED |
+| `….down_proj.*_{min,max}` | `…/mlp/linear/clip_*` | stacked scalars |
+
+Recorded besides the text tensors (with `vision.{i}.` for several images, as the oracle's
+`Recorder`): `vision.pixel_values` (the valid patches fed), `vision.patch_embeddings`
+(`VisionEntry`, valid slots), `vision.layers.{k}.output` (valid slots; the scan keeps no
+per-layer outputs, so the library's own vision `Block` is applied layer by layer with each
+layer's parameter slice and `VisionTransformer`'s mask, the last checked against the captured
+stack output and replaced by it), `vision.soft_tokens` (`Embedder.encode_vision`, split by the
+images' soft-token counts), `embeddings` (`merge_flat_embeddings` of the captured text
+embeddings and soft tokens: layer 0's input). `Transformer.__call__` re-indexes the logits rows
+of a call with images at Gemma 3's `<start_of_image>` id (`remove_mm_logits`): the identity for
+prompts without that id (checked).
+
+Not representable (UNSUPPORTED): clipped towers whose k/v or gate/up bounds differ (gemma's
+`ClippedEinsum` on `kv_einsum` / `gating_einsum`, one set of bounds per fused einsum, as the
+released checkpoints have them; the random tiny on-device tower does not). Audio: not driven.
 """
 
 import os
@@ -89,7 +146,9 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # kauldron.typing imports tensorflow
 
+import dataclasses  # noqa: E402
 import glob  # noqa: E402
+import json  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -101,9 +160,14 @@ from port_base import arguments, plan_producers, unsupported  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from gemma.gm.math import _positional_embeddings  # noqa: E402
+from gemma.gm.math import _pos_utils, _positional_embeddings  # noqa: E402
 from gemma.gm.nn.gemma4 import _config, _layers, _modules, _moe, _transformer  # noqa: E402
+from gemma.gm.nn.gemma4.vision import _encoder as _vision_encoder  # noqa: E402
+from gemma.gm.nn.gemma4.vision import _layers as _vision_layers  # noqa: E402
+from gemma.gm.nn.gemma4.vision import _modules as _vision_modules  # noqa: E402
+from gemma.gm.nn.gemma4.vision import _transformer as _vision_transformer  # noqa: E402
 from gemma.gm.utils import _types  # noqa: E402
+from gemma.gm.vision import _token_utils  # noqa: E402
 
 SLIDING, FULL = _modules.AttentionType.LOCAL_SLIDING, _modules.AttentionType.GLOBAL
 
@@ -235,15 +299,20 @@ def check_prompt(case, plan: dict):
         )
 
 
-def read_checkpoint(model_dir) -> dict:
-    """The text model's tensors as float32 numpy arrays, by name without the layout's prefix."""
+def read_checkpoint(model_dir, vision: dict | None = None) -> dict:
+    """The text model's tensors as float32 numpy arrays, by name without the layout's prefix;
+    with `vision` (a dict), the vision tower's and projector's go there, by full name."""
     files = sorted(glob.glob(str(model_dir / "*.safetensors")))
     prefixes = ("model.language_model.", "model.")
-    skipped = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
+    towers = ("model.vision_tower.", "model.embed_vision.")
+    skipped = towers + ("model.audio_tower.", "model.embed_audio.")
     tensors = {}
     for path in files:
         with safe_open(path, framework="flax") as f:  # flax: bf16 has no numpy dtype
             for name in f.keys():
+                if vision is not None and name.startswith(towers):
+                    vision[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
+                    continue
                 if name.startswith(skipped):
                     continue
                 short = next((name[len(p):] for p in prefixes if name.startswith(p)), name)
@@ -254,25 +323,43 @@ def read_checkpoint(model_dir) -> dict:
     return tensors
 
 
-def gemma_params(plan: dict, hf: dict, shapes) -> dict:
-    """The library's parameter tree filled from the checkpoint by the mapping of the module
-    docstring. `shapes` is the tree of `Transformer.init` (shapes only)."""
-    params = jax.tree.map(lambda s: None, shapes)
-    used = set()
+class Filler:
+    """Fills a parameter tree from checkpoint tensors: `take(name)` reads a tensor and remembers
+    it (every one must be used), `put(path, value)` stores a value at a `/`-separated path after
+    checking it has the shape gemma builds there."""
 
-    def take(name):
-        used.add(name)
-        return hf[name]
+    def __init__(self, params: dict, shapes, hf: dict):
+        self.params, self.shapes, self.hf, self.used = params, shapes, hf, set()
 
-    def put(path: str, value):
+    @classmethod
+    def over(cls, params: dict, shapes, hf: dict):
+        """`(take, put, used)` of a new filler."""
+        filler = cls(params, shapes, hf)
+        return filler.take, filler.put, filler.used
+
+    def take(self, name: str):
+        self.used.add(name)
+        return self.hf[name]
+
+    def put(self, path: str, value):
         keys = path.split("/")
-        node, expected = params, shapes
+        node, expected = self.params, self.shapes
         for key in keys[:-1]:
             node, expected = node[key], expected[key]
         expected = tuple(expected[keys[-1]].shape)
         if tuple(value.shape) != expected:
             raise ValueError(f"{path}: mapped shape {value.shape}, gemma builds {expected}")
         node[keys[-1]] = np.ascontiguousarray(value, dtype=np.float32)
+
+
+def gemma_params(plan: dict, hf: dict, shapes, vision: dict | None = None) -> dict:
+    """The library's parameter tree filled from the checkpoint by the mapping of the module
+    docstring. `shapes` is the tree of `Transformer.init` (shapes only); `vision` (full HF
+    names) fills the vision encoder and the projector (`vision_params`)."""
+    params = jax.tree.map(lambda s: None, shapes)
+    if vision is not None:
+        vision_params(plan, vision, shapes, params)
+    take, put, used = Filler.over(params, shapes, hf)
 
     def heads_in(w, heads):  # [heads·d, D] → [heads, D, d]
         return w.reshape(heads, -1, w.shape[-1]).transpose(0, 2, 1)
@@ -350,7 +437,9 @@ def gemma_params(plan: dict, hf: dict, shapes) -> dict:
 def captured(module, method: str) -> bool:
     """The module outputs `capture_intermediates` keeps (the library's modules, unchanged)."""
     if isinstance(module, _modules.Embedder):
-        return method in ("encode", "encode_per_layer_input")
+        return method in ("encode", "encode_per_layer_input", "encode_vision")
+    if isinstance(module, (_vision_layers.VisionEntry, _vision_transformer.VisionTransformer)):
+        return method == "__call__"
     if isinstance(module, (_modules.Block, _modules.Attention, _modules.FeedForward)):
         return method == "__call__"
     if isinstance(module, _moe.MoERagged):
@@ -417,10 +506,322 @@ def greedy_decode_rows(prefill_last_row: np.ndarray, steps: int, step):
     return rows, tokens
 
 
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+# Diagnostic switch: feed each image's valid patches only (no padding slots), instead of the
+# library's own padding to the budget (`patchify_and_pad`). See `vision_input`.
+UNPADDED = os.environ.get("GEMMA4_DM_VISION_UNPADDED") == "1"
+
+
+def vision_encoder_config(case, plan: dict, counts: list[int], valid: list[int]):
+    """The library's `VisionEncoder` (gemma4/vision/_encoder.py) for the case's tower: what it
+    hard-codes (θ = 100 axial RoPE, gated GELU-tanh, head dim `d_model / num_heads`, as many KV
+    heads as heads, eps 1e-6) checked against the checkpoint's config."""
+    vision = plan["config"].get("vision")
+    if not vision:
+        unsupported("the case has images but the checkpoint has no vision tower")
+    raw = json.loads((case.model_dir / "config.json").read_text()).get("vision_config", {})
+    D, heads = vision["hidden_size"], vision["num_attention_heads"]
+    if vision["head_dim"] * heads != D:
+        unsupported(f"vision head_dim {vision['head_dim']} × {heads} heads != hidden {D}: gemma's `VisionTransformer.setup` (gemma4/vision/_transformer.py) uses key_size = d_model // num_heads")
+    if vision["num_key_value_heads"] != heads:
+        unsupported("vision KV heads differ from heads: gemma's `VisionTransformer.setup` sets num_kv_heads = num_heads")
+    if vision["rope_theta"] != 100.0:
+        unsupported(f"vision RoPE θ {vision['rope_theta']}: gemma's `VisionBlock.setup` (gemma4/vision/_transformer.py) hard-codes 100")
+    if (raw.get("rope_parameters") or {}).get("rope_type", "axial") != "axial":
+        unsupported(f"vision RoPE {raw['rope_parameters']}: gemma's vision `Attention` only has axial 2D RoPE")
+    if raw.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        unsupported(f"vision activation {raw['hidden_activation']}: gemma's vision `FeedForward` uses `nn.gelu` (tanh)")
+    if vision["rms_norm_eps"] != 1e-6:
+        unsupported(f"vision rms_norm_eps {vision['rms_norm_eps']}: gemma's vision `_norms.RMSNorm` hard-codes 1e-6")
+    if vision["patch_size"] ** 2 * 3 != 768:
+        unsupported(f"patch size {vision['patch_size']}: the case's patches are 16×16×3")
+    k = vision["pooling_kernel_size"]
+    if UNPADDED:
+        if len(set(valid)) != 1:
+            unsupported(f"GEMMA4_DM_VISION_UNPADDED with images of {valid} patches: `Transformer._encode_vision` batches images of one length")
+        output_length = counts[0]
+    else:
+        output_length = max(img["budget"] for img in case.meta["images"])
+    return _vision_encoder.VisionEncoder(
+        d_model=D,
+        num_layers=vision["num_hidden_layers"],
+        num_heads=heads,
+        ffw_hidden=vision["intermediate_size"],
+        patch_size=vision["patch_size"],
+        output_length=output_length,
+        pos_emb_shape_yx=(vision["position_embedding_size"], 2),
+        pooling_kernel_size=k,
+        use_clipped_linears=vision["use_clipped_linears"],
+        standardize_embeddings=vision["standardize"],
+    )
+
+
+def vision_params(plan: dict, hf: dict, shapes, params: dict):
+    """The vision tower and projector of the mapping table (module docstring, "Images") put
+    into `params`; every tensor must be used, every parameter set. The encoder's layers are
+    stacked on a leading axis (`nn.scan` in `VisionTransformer.setup`)."""
+    vision = plan["config"]["vision"]
+    L, D, heads = vision["num_hidden_layers"], vision["hidden_size"], vision["num_attention_heads"]
+    take, put, used = Filler.over(params, shapes, hf)
+
+    def heads_in(w):  # [N·H, D] → [N, D, H]
+        return w.reshape(heads, -1, w.shape[-1]).transpose(0, 2, 1)
+
+    tower, blocks = "model.vision_tower.", "vision_encoder/transformer/stacked_layers/block/"
+    put("vision_encoder/entry/input_projection/w", take(tower + "patch_embedder.input_proj.weight").T)
+    put("vision_encoder/entry/pos_emb", take(tower + "patch_embedder.position_embedding_table").transpose(1, 0, 2))
+    if vision["standardize"]:
+        put("vision_encoder/standardize/bias", take(tower + "std_bias"))
+        put("vision_encoder/standardize/scale", take(tower + "std_scale"))
+    put("embedder/mm_input_projection/w", take("model.embed_vision.embedding_projection.weight").T)
+
+    def stacked(fn):
+        return np.stack([fn(f"{tower}encoder.layers.{i}.") for i in range(L)])
+
+    put(blocks + "pre_attention_norm/scale", stacked(lambda s: take(s + "input_layernorm.weight")))
+    put(blocks + "post_attention_norm/scale", stacked(lambda s: take(s + "post_attention_layernorm.weight")))
+    put(blocks + "pre_ffw_norm/scale", stacked(lambda s: take(s + "pre_feedforward_layernorm.weight")))
+    put(blocks + "post_ffw_norm/scale", stacked(lambda s: take(s + "post_feedforward_layernorm.weight")))
+    put(blocks + "attn/query_norm/scale", stacked(lambda s: take(s + "self_attn.q_norm.weight")))
+    put(blocks + "attn/key_norm/scale", stacked(lambda s: take(s + "self_attn.k_norm.weight")))
+    put(blocks + "attn/q_einsum/w", stacked(lambda s: heads_in(take(s + "self_attn.q_proj.linear.weight"))))
+    put(blocks + "attn/kv_einsum/w", stacked(lambda s: np.stack(
+        [heads_in(take(s + "self_attn.k_proj.linear.weight")), heads_in(take(s + "self_attn.v_proj.linear.weight"))])))
+    put(blocks + "attn/attn_vec_einsum/w", stacked(lambda s: take(s + "self_attn.o_proj.linear.weight").T.reshape(heads, -1, D)))
+    put(blocks + "mlp/gating_einsum/w", stacked(lambda s: np.stack(
+        [take(s + "mlp.gate_proj.linear.weight"), take(s + "mlp.up_proj.linear.weight")])))
+    put(blocks + "mlp/linear/w", stacked(lambda s: take(s + "mlp.down_proj.linear.weight").T))
+    if vision["use_clipped_linears"]:
+        # gemma: one `ClippedEinsum` per einsum, so k/v (one `kv_einsum`) and gate/up (one
+        # `gating_einsum`) share one set of bounds; a checkpoint whose pairs differ cannot be
+        # represented.
+        pairs = {
+            "attn/q_einsum": ("self_attn.q_proj",),
+            "attn/kv_einsum": ("self_attn.k_proj", "self_attn.v_proj"),
+            "attn/attn_vec_einsum": ("self_attn.o_proj",),
+            "mlp/gating_einsum": ("mlp.gate_proj", "mlp.up_proj"),
+            "mlp/linear": ("mlp.down_proj",),
+        }
+        for dst, sources in pairs.items():
+            for bound in ("input_min", "input_max", "output_min", "output_max"):
+                values = []
+                for i in range(L):
+                    found = [float(take(f"{tower}encoder.layers.{i}.{src}.{bound}")) for src in sources]
+                    if len(set(found)) != 1:
+                        unsupported(
+                            f"vision layer {i}: {' and '.join(sources)} have different {bound} clip bounds {found}: gemma "
+                            f"computes them in one clipped einsum (gemma4/vision/_modules.py, `Attention.setup` / `FeedForward.setup`: "
+                            f"one `ClippedEinsum` for `kv_einsum` and for `gating_einsum`, gemma4/_layers.py) with one set of bounds"
+                        )
+                    values.append(found[0])
+                put(blocks + f"{dst}/clip_{bound}", np.asarray(values, dtype=np.float32))
+    left = [n for n in hf if n not in used]
+    if left:
+        raise ValueError(f"vision checkpoint tensors without a gemma parameter: {left}")
+
+
+def vision_input(case, counts: list[int]):
+    """The oracle's preprocessed patches (valid patches only, row-major, positions (x, y)) as
+    the library's `PreprocessedVisionInput` (gemma4/_transformer.py): each image padded to
+    `9 · budget` slots with zero patches at position (−1, −1), as gemma's own
+    `patchify_and_pad` (gemma4/vision/_encoder.py) pads them, flattened over the images as
+    `Gemma4Sampler._preprocess_images` does. With GEMMA4_DM_VISION_UNPADDED=1, no padding."""
+    path = case.dir / case.meta.get("pixel_values", "pixel_values.safetensors")
+    files = {}
+    with safe_open(str(path), framework="numpy") as f:
+        for name in f.keys():
+            files[name] = f.get_tensor(name)
+    n = len(counts)
+    patches, positions, valid = [], [], []
+    for i in range(n):
+        suffix = "" if n == 1 and "pixel_values" in files else f".{i}"
+        p = np.asarray(files["pixel_values" + suffix], dtype=np.float32)
+        xy = np.asarray(files["image_position_ids" + suffix], dtype=np.int32)
+        if (xy < 0).any():
+            raise ValueError(f"{path}: image {i} holds padding positions (valid patches only expected)")
+        if len(p) != 9 * counts[i]:
+            raise ValueError(f"image {i}: {len(p)} patches for {counts[i]} soft tokens")
+        patches.append(p)
+        positions.append(xy)
+        valid.append(len(p))
+    return patches, positions, valid
+
+
+def pad_images(patches, positions, max_patches: int):
+    out_p, out_xy = [], []
+    for p, xy in zip(patches, positions):
+        pad = max_patches - len(p)
+        if pad < 0:
+            raise ValueError(f"{len(p)} patches exceed the {max_patches} slots")
+        out_p.append(np.concatenate([p, np.zeros((pad, p.shape[1]), np.float32)]))
+        out_xy.append(np.concatenate([xy, np.full((pad, 2), _vision_layers.POSITIONS_PAD_VALUE, np.int32)]))
+    return np.stack(out_p), np.stack(out_xy)
+
+
+def vision_layer_outputs(bound_model, params: dict, entry_out, positions_xy, L: int):
+    """Every encoder layer's output: the library's own vision `Block` (the module
+    `VisionBlock` wraps) applied layer by layer with that layer's slice of the stacked
+    parameters and `VisionTransformer.__call__`'s mask; `nn.scan` keeps no per-layer outputs.
+    The caller checks the last against the captured `VisionTransformer` output."""
+    encoder = bound_model.config.vision_encoder
+    block = _vision_modules.Block(
+        num_heads=encoder.num_heads, num_kv_heads=encoder.num_heads, embed_dim=encoder.d_model,
+        head_dim=encoder.d_model // encoder.num_heads, hidden_dim=encoder.ffw_hidden,
+        rope_base_frequency=100, rope_scale_factor=1.0, use_qk_norm=True,
+        use_clipped_linears=encoder.use_clipped_linears,
+    )
+    stacked = params["vision_encoder"]["transformer"]["stacked_layers"]["block"]
+    input_mask = jnp.logical_not((positions_xy == _vision_layers.POSITIONS_PAD_VALUE).all(axis=-1))
+    attn_mask = input_mask[:, :, None] * input_mask[:, None, :]
+    x, outs = entry_out, []
+    apply = jax.jit(lambda p, x: block.apply({"params": p}, x, positions_xy, attn_mask))
+    for i in range(L):
+        x = apply(jax.tree.map(lambda a: a[i], stacked), x)
+        outs.append(np.asarray(x))
+    return outs
+
+
+def run_images(case, plan: dict, out: str):
+    """An image case through the library's multimodal path: `Transformer.__call__` with
+    `images=PreprocessedVisionInput` (the vision encoder, `Embedder.encode_vision`,
+    `merge_flat_embeddings` at the placeholders, gemma's own masks including the bidirectional
+    sliding mask of `use_bidirectional_attention='vision'`), prefilled as `gm.text`'s
+    `_prefill.prefill` does a first multimodal turn (positions and masks left to the model, a
+    cache of the prompt's length, then merged into the full cache)."""
+    special = plan["config"]["special_tokens"]
+    image_id = special["image_token_id"]
+    counts = [int(img["soft_tokens"]) for img in case.meta["images"]]
+    tokens_list = list(case.tokens)
+    for other in ("audio_token_id", "video_token_id"):
+        if special.get(other) is not None and special[other] in tokens_list:
+            unsupported(f"the prompt holds {other} {special[other]} in an image case")
+    if tokens_list.count(image_id) != sum(counts):
+        raise ValueError(f"{tokens_list.count(image_id)} placeholders for {sum(counts)} soft tokens")
+    if 0 in tokens_list:
+        unsupported("the prompt holds token id 0: gemma's multimodal path (`Transformer._encode_and_get_inputs`) takes id 0 for padding and masks it out")
+    if tokens_list[0] == image_id:
+        unsupported("the prompt starts with an image placeholder: gemma's `merge_flat_embeddings` (gm/vision/_token_utils.py) restores row 0's text embedding")
+    # `Transformer.__call__` re-indexes the logits rows of a call with images by Gemma 3's
+    # `<start_of_image>` (`remove_mm_logits`); with no such id in the prompt it is the identity.
+    start_of_image = _token_utils._tokenizer.Gemma3Tokenizer.special_tokens.START_OF_IMAGE
+    if start_of_image in tokens_list:
+        unsupported(f"the prompt holds id {start_of_image}: `Transformer.__call__` (gemma4/_transformer.py) re-indexes the logits rows at Gemma 3's <start_of_image> (`_token_utils.remove_mm_logits`)")
+
+    patches, positions, valid = vision_input(case, counts)
+    encoder = vision_encoder_config(case, plan, counts, valid)
+    config = dataclasses.replace(transformer_config(plan), vision_encoder=encoder)
+    model = _transformer.Transformer(config=config, dtype=jnp.float32)
+    check_layout(config, plan, model.bind({}))
+
+    padded_p, padded_xy = pad_images(patches, positions, encoder.max_patches)
+    n = len(counts)
+    images = _transformer.PreprocessedVisionInput(
+        patches=jnp.asarray(padded_p.reshape(1, n * encoder.max_patches, -1)),
+        positions_xy=jnp.asarray(padded_xy.reshape(1, n * encoder.max_patches, 2)),
+        soft_token_counts=tuple(counts),
+    )
+    # gemma's placeholder id for an image soft token (`SOFT_TOKEN_PLACEHOLDER`, −2), where the
+    # checkpoint's `image_token_id` stands.
+    mm_ids = [_vision_encoder.TOKEN_PLACEHOLDER if t == image_id else t for t in tokens_list]
+    tokens = jnp.asarray([mm_ids], dtype=jnp.int32)
+    T, steps = len(mm_ids), case.decode_steps
+
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, images=images))["params"]
+    hf_vision = {}
+    hf = read_checkpoint(case.model_dir, vision=hf_vision)
+    params = gemma_params(plan, hf, shapes, vision=hf_vision)
+    variables = {"params": params}
+
+    prefill_cache = config.init_cache(batch_size=1, dtype=jnp.float32, cache_length=T)
+    result, state = model.apply(
+        variables, tokens, images=images, cache=prefill_cache,
+        capture_intermediates=captured, mutable=["intermediates"],
+    )
+    logits = np.asarray(result.logits[0], dtype=np.float32)
+    if logits.shape[0] != T:
+        raise ValueError(f"{logits.shape[0]} logits rows for {T} tokens")
+    inter = state["intermediates"]
+    # The positions the multimodal path derives (`_pos_utils.build_positions_from_mask`).
+    positions_text = _pos_utils.build_positions_from_mask(tokens != 0)
+    bound = model.bind(variables)
+    tensors = record(inter, params, bound, positions_text, result.cache, T, plan)
+
+    # The merged embeddings: `Transformer._merge_mm_embeddings` on the captured text
+    # embeddings and projected soft tokens (the input of layer 0).
+    text_embeddings = inter["embedder"]["encode"][0]
+    soft = inter["embedder"]["encode_vision"][0][:, 0]  # [1, S, D]
+    merged = _token_utils.merge_flat_embeddings(
+        text_embeddings=text_embeddings, multimodal_embeddings=soft,
+        mask=tokens == _vision_encoder.TOKEN_PLACEHOLDER,
+    )
+    tensors["embeddings"] = np.asarray(merged[0], dtype=np.float32)
+
+    entry = np.asarray(inter["vision_encoder"]["entry"]["__call__"][0])
+    last = np.asarray(inter["vision_encoder"]["transformer"]["__call__"][0])
+    layers = vision_layer_outputs(bound, params, jnp.asarray(entry), jnp.asarray(padded_xy), config.vision_encoder.num_layers)
+    # Same module, same weights, another XLA program than the scan: float32 rounding only.
+    drift = np.abs(layers[-1] - last).max() / max(1.0, np.abs(last).max())
+    if drift > 1e-5:
+        raise ValueError(f"layer-by-layer vision blocks differ from the scanned stack by {drift} (relative)")
+    layers[-1] = last  # the last layer as the stack computed it (what the exit pooled)
+    prefix = (lambda i: "vision.") if n == 1 else (lambda i: f"vision.{i}.")
+    start = 0
+    soft = np.asarray(soft[0])
+    for i in range(n):
+        tensors[prefix(i) + "pixel_values"] = patches[i]  # what the encoder is fed (before its 2p − 1)
+        tensors[prefix(i) + "patch_embeddings"] = entry[i, : valid[i]].astype(np.float32)
+        for k, layer in enumerate(layers):
+            tensors[prefix(i) + f"layers.{k}.output"] = layer[i, : valid[i]].astype(np.float32)
+        tensors[prefix(i) + "soft_tokens"] = soft[start : start + counts[i]].astype(np.float32)
+        start += counts[i]
+    if start != soft.shape[0]:
+        raise ValueError(f"{soft.shape[0]} soft tokens for {start}")
+    tensors["logits"] = logits
+    tensors["input_ids"] = np.asarray(case.tokens, dtype=np.int64)
+
+    # The prefill cache merged into the full-length cache (`_prefill._merge_cache`).
+    cache_length = T + steps
+    full = config.init_cache(batch_size=1, dtype=jnp.float32, cache_length=cache_length)
+    for name, layer in full.items():
+        filled = result.cache[name]
+        for key in ("k", "v", "positions"):
+            layer[key] = layer[key].at[:, :T].set(filled[key])
+        layer["end_index"] = filled["end_index"]
+    decode(model, variables, full, T, cache_length, steps, logits, tensors)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, out)
+
+
+def decode(model, variables, cache, T: int, cache_length: int, steps: int, logits, tensors: dict):
+    """Greedy decode rows through the library's cache (see the module docstring)."""
+    run = {"cache": cache, "used": T}
+
+    def step(token):
+        # `_sampler_loop.SamplingState.attention_mask_for_step`: the slots written so far and
+        # this token's own (the prompt has no padding, so the full mask is all True).
+        slot = run["used"]
+        step_mask = (jnp.arange(cache_length) < slot + 1)[None, None, :]
+        res = model.apply(
+            variables, jnp.asarray([[token]], dtype=jnp.int32), cache=run["cache"],
+            positions=jnp.asarray([[slot]], dtype=jnp.int32), attention_mask=step_mask,
+        )
+        run["cache"], run["used"] = res.cache, slot + 1
+        return np.asarray(res.logits[0, -1], dtype=np.float32)
+
+    if steps:
+        rows, generated = greedy_decode_rows(logits[-1], steps, step)
+        tensors["decode_logits"] = np.stack(rows)
+        tensors["greedy_continuation"] = np.asarray(generated, dtype=np.int64)
+
+
 def main():
     case, plan, out = arguments()
-    if case.meta.get("images") or case.meta.get("audio"):
-        unsupported("multimodal cases are not driven yet")
+    if case.meta.get("audio"):
+        unsupported("audio cases are not driven yet")
+    if case.meta.get("images"):
+        return run_images(case, plan, out)
     config = transformer_config(plan)
     model = _transformer.Transformer(config=config, dtype=jnp.float32)
     check_layout(config, plan, model.bind({}))
@@ -448,24 +849,7 @@ def main():
     tensors["logits"] = logits
     tensors["input_ids"] = np.asarray(case.tokens, dtype=np.int64)
 
-    run = {"cache": result.cache, "used": T}
-
-    def step(token):
-        # `_sampler_loop.SamplingState.attention_mask_for_step`: the slots written so far and
-        # this token's own (the prompt has no padding, so the full mask is all True).
-        slot = run["used"]
-        step_mask = (jnp.arange(cache_length) < slot + 1)[None, None, :]
-        res = model.apply(
-            variables, jnp.asarray([[token]], dtype=jnp.int32), cache=run["cache"],
-            positions=jnp.asarray([[slot]], dtype=jnp.int32), attention_mask=step_mask,
-        )
-        run["cache"], run["used"] = res.cache, slot + 1
-        return np.asarray(res.logits[0, -1], dtype=np.float32)
-
-    if steps:
-        rows, generated = greedy_decode_rows(logits[-1], steps, step)
-        tensors["decode_logits"] = np.stack(rows)
-        tensors["greedy_continuation"] = np.asarray(generated, dtype=np.int64)
+    decode(model, variables, result.cache, T, cache_length, steps, logits, tensors)
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, out)
 
 

@@ -5,7 +5,11 @@ gives a dump `compare` accepts. float32, eager attention; forward hooks on the u
 modules for every tensor of the recipe; the decode rows from `generate(output_logits=True)`.
 """
 
+import sys
+from pathlib import Path
+
 import torch
+from safetensors.torch import save_file
 from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 from transformers.models.gemma4 import modeling_gemma4 as hf
 
@@ -15,7 +19,7 @@ from port_common import Recorder, arguments, save_dump, unsupported
 def main():
     case, _plan, out = arguments()
     if case.meta.get("images") or case.meta.get("audio"):
-        unsupported("multimodal cases are not driven yet")
+        return media_case(case, out)
     model_class = Gemma4ForCausalLM if case.meta["layout"] == "causal_lm" else Gemma4ForConditionalGeneration
     model = model_class.from_pretrained(
         case.model_dir, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
@@ -79,6 +83,34 @@ def main():
         rows = [row[0].float() for row in result.logits]
         tokens = result.sequences[0, len(case.tokens):].tolist()
     save_dump(recorder, case, rows, tokens, out)
+
+
+def media_case(case, out: str):
+    """Image and audio cases: the oracle's own recording, `golden/generate.py` (its Hugging Face
+    image processor and audio feature extractor on the case's sources, its `Recorder`, whose
+    hooks add the tower tensors of contracts §2, and its greedy decode with the media inputs).
+    The recipe is the one the conformance guide's "Images" section describes; as the control,
+    the table shows that `compare` accepts such a dump, the tower tensors, the merge and the
+    decode rows after the media included, with `--pixel-values` / `--audio-features`."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "golden"))
+    import generate as oracle
+
+    oracle_case = next((c for c in oracle.CASES if c.name == case.name), None)
+    if oracle_case is None:
+        unsupported(f"golden/generate.py has no case {case.name}")
+    oracle.set_determinism()
+    images = audio = None
+    if oracle_case.images:
+        (budget,) = {budget for _, budget in oracle_case.images}
+        images = oracle.preprocess([oracle.image_of(name) for name, _ in oracle_case.images], budget)
+    if oracle_case.clips:
+        audio = oracle.extract_audio(oracle_case.clips)
+    model = oracle.load_model(oracle_case, case.model_dir)
+    with torch.no_grad():
+        dump = oracle.run_case(oracle_case, model, case.tokens, images, audio)
+    if dump["input_ids"].tolist() != case.tokens:
+        raise AssertionError(f"{case.name}: the oracle's prompt differs from case.json's")
+    save_file({name: tensor.contiguous() for name, tensor in dump.items()}, out)
 
 
 if __name__ == "__main__":
