@@ -29,7 +29,7 @@ use gemma4_reference::forced_routing::{with_forced_routing, with_refereed_routin
 use gemma4_reference::merge::Prompt;
 use gemma4_reference::model::{argmax, LoadOptions};
 use gemma4_reference::precision::{
-    active_precision_set, precision_about, with_precision, PrecisionScope, PrecisionSet,
+    active_precision_set, with_precision, PrecisionScope, PrecisionSet,
 };
 use gemma4_reference::weight_stream::Residence;
 use gemma4_reference::{ComputeDtype, Gemma4TextModel, ModelPlan};
@@ -615,16 +615,11 @@ fn explain_by_precision(
         return Ok(None);
     };
     let misfit_at_first = |report: &CompareReport| {
-        let name_only = CompareReport {
-            tensors: report
-                .tensors
-                .iter()
-                .filter(|r| r.name == first)
-                .cloned()
-                .collect(),
-            ..report.clone()
-        };
-        reproduction_misfit(&name_only, facts.noise_envelope.as_ref()).0
+        report
+            .tensors
+            .iter()
+            .find(|r| r.name == first && !is_index_tensor(&r.name))
+            .map_or(0.0, |r| tensor_misfit(r, facts.noise_envelope.as_ref()))
     };
     let judged_misfit = misfit_at_first(report);
     let mut runs = Vec::new();
@@ -674,7 +669,7 @@ fn explain_by_precision(
     Ok(named.map(|best| PrecisionVerdict {
         name: best.name(),
         choices: best.choices().iter().map(|c| c.id()).collect(),
-        about: precision_about(best),
+        about: best.about(),
         ranking,
     }))
 }
@@ -689,25 +684,28 @@ fn reproduction_misfit(
         .tensors
         .iter()
         .filter(|r| r.status != Status::Missing && !is_index_tensor(&r.name))
-        .map(|r| {
-            let noise = envelope
-                .and_then(|e| e.get(&r.name))
-                .copied()
-                .unwrap_or(0.0);
-            let allowance = r.tolerance.max(noise);
-            let misfit = if allowance > 0.0 {
-                r.max_rel / allowance
-            } else if r.max_rel == 0.0 {
-                0.0
-            } else {
-                f64::INFINITY
-            };
-            (misfit, Some(r.name.clone()))
-        })
+        .map(|r| (tensor_misfit(r, envelope), Some(r.name.clone())))
         .fold(
             (0.0, None),
             |best, next| if next.0 > best.0 { next } else { best },
         )
+}
+
+/// One tensor's `max_rel` in units of its float32 allowance (tolerance, or the noise envelope
+/// where larger).
+fn tensor_misfit(r: &TensorReport, envelope: Option<&HashMap<String, f64>>) -> f64 {
+    let noise = envelope
+        .and_then(|e| e.get(&r.name))
+        .copied()
+        .unwrap_or(0.0);
+    let allowance = r.tolerance.max(noise);
+    if allowance > 0.0 {
+        r.max_rel / allowance
+    } else if r.max_rel == 0.0 {
+        0.0
+    } else {
+        f64::INFINITY
+    }
 }
 
 /// Is there a divergence for the diagnosis to explain? (Not when the dumps are of different

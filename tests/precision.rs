@@ -35,6 +35,16 @@ fn profile(name: &str) -> Vec<PrecisionChoice> {
 /// An independent port of a golden case at `choices`, with `faults`: the reference imitating
 /// both, on weights perturbed by [`PORT_NOISE`].
 fn port(case: &str, choices: &[PrecisionChoice], faults: &[Fault]) -> ActivationDump {
+    port_with_seed(case, choices, faults, 0x9047)
+}
+
+/// [`port`] with its weight noise drawn from `seed`.
+fn port_with_seed(
+    case: &str,
+    choices: &[PrecisionChoice],
+    faults: &[Fault],
+    seed: u64,
+) -> ActivationDump {
     let case = common::golden_case(case);
     let prompt = case.prompt().expect("golden prompt");
     with_precision(choices, || {
@@ -42,7 +52,7 @@ fn port(case: &str, choices: &[PrecisionChoice], faults: &[Fault]) -> Activation
             let mut model = Gemma4TextModel::load_for(&case.model_dir(), &prompt)
                 .expect("golden model loads")
                 .with_compute_dtype(case.compute_dtype());
-            perturb_weights(&mut model, PORT_NOISE, 0x9047);
+            perturb_weights(&mut model, PORT_NOISE, seed);
             model
                 .dump_prompt(&prompt, case.decode_steps)
                 .expect("reference runs")
@@ -272,20 +282,10 @@ fn precision_margin_calibration() {
     let choices = profile("llama-cpp-cpu");
     let mut worst: (f64, String) = (0.0, String::new());
     for case in ["31b_like", "26b_a4b_like", "e2b_bf16", "e4b_bf16_as_f32"] {
-        let golden = common::golden_case(case);
-        let prompt = golden.prompt().expect("golden prompt");
         let at = at_precision(case, &choices);
         let envelope = at.facts.noise_envelope.as_ref().expect("measured");
         for seed in 0..5u64 {
-            let candidate = with_precision(&choices, || {
-                let mut model = Gemma4TextModel::load_for(&golden.model_dir(), &prompt)
-                    .expect("golden model loads")
-                    .with_compute_dtype(golden.compute_dtype());
-                perturb_weights(&mut model, PORT_NOISE, 0xca1 + seed);
-                model
-                    .dump_prompt(&prompt, golden.decode_steps)
-                    .expect("runs")
-            });
+            let candidate = port_with_seed(case, &choices, &[], 0xca1 + seed);
             let report = compare(&at.imitated, &candidate, &ModelFacts::default());
             for r in report.tensors.iter().filter(|r| r.tolerance > 0.0) {
                 if r.name.contains("router") {

@@ -132,11 +132,12 @@ pub fn attention(
             n / group_size
         };
         for (i, &query_position) in positions.iter().enumerate() {
+            // The visible keys; masked keys are left out of the softmax entirely.
+            let visible: Vec<usize> = (0..key_count)
+                .filter(|&j| key_is_visible(layer, query_position, j, blocks))
+                .collect();
             if flash_vector_path {
                 // Precision choice: ggml's flash-attention vector path (precision.rs).
-                let visible: Vec<usize> = (0..key_count)
-                    .filter(|&j| key_is_visible(layer, query_position, j, blocks))
-                    .collect();
                 let rows = |cache: &Array3<f32>| -> Vec<Vec<f32>> {
                     visible
                         .iter()
@@ -160,14 +161,13 @@ pub fn attention(
                 // Precision choice: q meets a float16 cache as a float16 operand.
                 query.mapv_inplace(round_f16);
             }
-            // Scores of the visible keys; masked keys are left out of the softmax entirely.
-            let mut scores: Vec<(usize, f32)> = Vec::with_capacity(key_count);
-            for j in 0..key_count {
-                if key_is_visible(layer, query_position, j, blocks) {
+            let scores: Vec<(usize, f32)> = visible
+                .iter()
+                .map(|&j| {
                     let key = all_keys.slice(ndarray::s![j, kv_head, ..]);
-                    scores.push((j, query.dot(&key) * scale));
-                }
-            }
+                    (j, query.dot(&key) * scale)
+                })
+                .collect();
             let max = scores
                 .iter()
                 .map(|&(_, s)| s)

@@ -143,17 +143,7 @@ pub fn parse_precision(text: &str) -> Result<(String, Vec<PrecisionChoice>), Str
 
 /// The name of a set of choices: its profile's, else its ids joined by `+`.
 pub fn precision_name(choices: &[PrecisionChoice]) -> String {
-    let set: BTreeSet<_> = choices.iter().copied().collect();
-    if set.is_empty() {
-        return "float32".to_string();
-    }
-    PROFILES
-        .iter()
-        .find(|p| p.choices.iter().copied().collect::<BTreeSet<_>>() == set)
-        .map_or_else(
-            || set.iter().map(|c| c.id()).collect::<Vec<_>>().join("+"),
-            |p| p.name.to_string(),
-        )
+    PrecisionSet::of(choices).name()
 }
 
 /// A set of precision choices, small and `Copy` (for options structs): empty is float32.
@@ -188,9 +178,43 @@ impl PrecisionSet {
         self.0 == 0
     }
 
+    /// The profile of exactly these choices, if there is one.
+    pub fn profile(self) -> Option<&'static PrecisionProfile> {
+        PROFILES
+            .iter()
+            .find(|p| PrecisionSet::of(p.choices) == self)
+    }
+
     /// Its profile's name, else its ids joined by `+` (`float32` when empty).
     pub fn name(self) -> String {
-        precision_name(&self.choices())
+        if self.is_float32() {
+            return "float32".to_string();
+        }
+        self.profile().map_or_else(
+            || {
+                self.choices()
+                    .iter()
+                    .map(|c| c.id())
+                    .collect::<Vec<_>>()
+                    .join("+")
+            },
+            |p| p.name.to_string(),
+        )
+    }
+
+    /// What it imitates, in one sentence: its profile's `about`, else the choices'
+    /// descriptions.
+    pub fn about(self) -> String {
+        self.profile().map_or_else(
+            || {
+                self.choices()
+                    .iter()
+                    .map(|c| format!("{}: {}", c.id(), c.description()))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            },
+            |p| p.about.to_string(),
+        )
     }
 
     /// The hypotheses a diagnosis tries: every profile, then every single choice not already a
@@ -218,26 +242,6 @@ impl std::fmt::Display for PrecisionSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.name())
     }
-}
-
-/// What a set of choices imitates, in one sentence (its profile's `about`, else the choices'
-/// descriptions).
-pub fn precision_about(set: PrecisionSet) -> String {
-    let choices = set.choices();
-    let as_set: BTreeSet<_> = choices.iter().copied().collect();
-    PROFILES
-        .iter()
-        .find(|p| p.choices.iter().copied().collect::<BTreeSet<_>>() == as_set)
-        .map_or_else(
-            || {
-                choices
-                    .iter()
-                    .map(|c| format!("{}: {}", c.id(), c.description()))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            },
-            |p| p.about.to_string(),
-        )
 }
 
 thread_local! {
@@ -380,12 +384,6 @@ pub fn store_cache_row(row: &mut [f32]) {
     } else if precision_active(PrecisionChoice::KvCacheF16) {
         row.iter_mut().for_each(|v| *v = round_f16(*v));
     }
-}
-
-/// Does the cache hold fewer bits than float32 (so that attention's operands meet a float16 or
-/// Q8_0 cache)?
-pub fn cache_is_reduced() -> bool {
-    precision_active(PrecisionChoice::KvCacheF16) || precision_active(PrecisionChoice::KvCacheQ8_0)
 }
 
 /// ggml's flash attention takes its float16 (or Q8_0) vector path for passes of fewer query

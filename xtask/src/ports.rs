@@ -425,31 +425,27 @@ pub fn run(args: &PortsArgs) -> Result<(), PortsError> {
     let mut rows = Vec::new();
     let mut latest = Vec::new();
     for port in &ports {
-        let (port_python, site) = match install(port, &python, &work) {
-            Ok(installed) => installed,
-            Err(PortsError::NoInterpreter(why)) => {
-                // Every case of this port reports why it could not run.
-                latest.push((port.id, later_release(port, &python)));
-                for case in cases.iter().filter(|case| takes(port, case)) {
-                    rows.push(Row {
-                        port,
-                        case: case.name.clone(),
-                        family: case.family.clone(),
-                        outcome: Outcome::Failed(why.clone()),
-                    });
-                }
-                continue;
-            }
+        let installed = match install(port, &python, &work) {
+            Ok(installed) => Ok(installed),
+            // Every case of this port reports why it could not run.
+            Err(PortsError::NoInterpreter(why)) => Err(why),
             Err(e) => return Err(e),
         };
-        // Asked with the port's own Python: pip lists the releases that install on it.
-        latest.push((port.id, later_release(port, &port_python)));
+        // Asked with the port's own Python where it has one: pip lists the releases that
+        // install on it.
+        let asking = installed.as_ref().map_or(python.as_path(), |(own, _)| own);
+        latest.push((port.id, later_release(port, asking)));
         for (case, plan) in cases.iter().zip(&plans) {
             if !takes(port, case) {
                 continue;
             }
-            eprintln!("xtask ports: {} on {}", port.id, case.name);
-            let outcome = run_case(port, case, plan, &port_python, &site, &gemma4, &work)?;
+            let outcome = match &installed {
+                Ok((port_python, site)) => {
+                    eprintln!("xtask ports: {} on {}", port.id, case.name);
+                    run_case(port, case, plan, port_python, site, &gemma4, &work)?
+                }
+                Err(why) => Outcome::Failed(why.clone()),
+            };
             rows.push(Row {
                 port,
                 case: case.name.clone(),
